@@ -1,0 +1,44 @@
+# esacl_jax: the two commands a newcomer needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXP ?= split_digits
+WORKDIR ?= runs/$(EXP)
+ARGS ?=
+RUNS ?= runs
+
+.PHONY: install run test lint bench ablation compare report clean
+
+install: $(STAMP)
+
+# Re-installs only when the package metadata changes, so repeated `make run` is instant.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+run: install
+	$(PY) -m experiments.main --config=experiments/configs/$(EXP).py --workdir=$(WORKDIR) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check esacl_jax experiments tests
+
+bench: install
+	$(PY) -m experiments.bench $(ARGS)
+
+ablation: install
+	$(PY) -m experiments.ablation $(ARGS)
+
+compare: install
+	$(PY) -m experiments.compare $(ARGS)
+
+report: install
+	$(PY) -m experiments.report --runs=$(RUNS) $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
