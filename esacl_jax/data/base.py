@@ -54,6 +54,9 @@ class Benchmark:
       mean, std: per-channel normalisation applied after scaling uint8 inputs to [0, 1].
       augment: "none" or "crop_flip" (pad-4 random crop + horizontal flip, CIFAR protocol).
       source: where the data came from (a path, "tfds", "sklearn"), recorded in results.json.
+      eval_split: what the tasks' x_test/y_test hold: "test" (the official test split) or
+        "validation" (a stratified hold-out of each task's training set, for tuning
+        hyper-parameters without touching the test set).
     """
 
     name: str
@@ -65,6 +68,7 @@ class Benchmark:
     std: tuple[float, ...] = (1.0,)
     augment: str = "none"
     source: str = ""
+    eval_split: str = "test"
 
     @property
     def num_tasks(self) -> int:
