@@ -1,0 +1,95 @@
+"""Continual-learning metrics, all computed from one accuracy matrix.
+
+``A[i][j]`` is the accuracy on task j after training task i (a T x T array; every task is
+evaluated after every task, so entries with j > i are zero-shot accuracies on future tasks).
+Indices are 0-based here: the final row is ``A[T-1]``.
+
+* average accuracy  ACC = mean_j A[T-1][j]
+* learning accuracy LA  = mean_j A[j][j]                 (accuracy right after learning j)
+* backward transfer BWT = mean_{j<T-1} (A[T-1][j] - A[j][j])
+* forgetting        FGT = mean_{j<T-1} (max_{j<=i<=T-2} A[i][j] - A[T-1][j])
+  (Chaudhry et al. 2018 / avalanche: the best accuracy reached on j at any evaluation after
+  learning it and before the last task, minus the final accuracy)
+* forward transfer  FWT = mean_{j>=1} (A[j-1][j] - b_j)   (GEM; b = baseline accuracies of a
+  randomly initialised model, zeros when not given)
+
+With T = 1 there is no earlier task: BWT, forgetting and FWT are defined as 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _as_matrix(acc_matrix: Any) -> np.ndarray:
+    a = np.asarray(acc_matrix, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] == 0:
+        raise ValueError(f"accuracy matrix must be a non-empty T x T array, got shape {a.shape}")
+    return a
+
+
+def average_accuracy(acc_matrix: Any) -> float:
+    """Mean accuracy over all tasks after training the last one: mean_j A[T-1][j]."""
+    a = _as_matrix(acc_matrix)
+    return float(np.mean(a[-1]))
+
+
+def learning_accuracy(acc_matrix: Any) -> float:
+    """Mean accuracy on each task right after learning it: mean_j A[j][j]."""
+    a = _as_matrix(acc_matrix)
+    return float(np.mean(np.diag(a)))
+
+
+def backward_transfer(acc_matrix: Any) -> float:
+    """mean_{j<T-1} (A[T-1][j] - A[j][j]); negative means forgetting. 0 when T = 1."""
+    a = _as_matrix(acc_matrix)
+    t = a.shape[0]
+    if t == 1:
+        return 0.0
+    return float(np.mean(a[-1, : t - 1] - np.diag(a)[: t - 1]))
+
+
+def forgetting(acc_matrix: Any) -> float:
+    """mean_{j<T-1} (max_{j<=i<=T-2} A[i][j] - A[T-1][j]). 0 when T = 1."""
+    a = _as_matrix(acc_matrix)
+    t = a.shape[0]
+    if t == 1:
+        return 0.0
+    drops = [np.max(a[j : t - 1, j]) - a[t - 1, j] for j in range(t - 1)]
+    return float(np.mean(drops))
+
+
+def forward_transfer(acc_matrix: Any, baseline: Any = None) -> float:
+    """mean_{j>=1} (A[j-1][j] - b_j), b = ``baseline`` (per-task accuracies of a randomly
+    initialised model; zeros when None). 0 when T = 1."""
+    a = _as_matrix(acc_matrix)
+    t = a.shape[0]
+    if t == 1:
+        return 0.0
+    b = np.zeros(t) if baseline is None else np.asarray(baseline, dtype=np.float64)
+    return float(np.mean([a[j - 1, j] - b[j] for j in range(1, t)]))
+
+
+def summarize(acc_matrix: Any, baseline: Any = None) -> dict[str, Any]:
+    """All metrics of one accuracy matrix, as plain Python floats (JSON-ready)."""
+    a = _as_matrix(acc_matrix)
+    return {
+        "average_accuracy": average_accuracy(a),
+        "learning_accuracy": learning_accuracy(a),
+        "backward_transfer": backward_transfer(a),
+        "forgetting": forgetting(a),
+        "forward_transfer": forward_transfer(a, baseline),
+        "final_accuracies": [float(v) for v in a[-1]],
+        "num_tasks": int(a.shape[0]),
+    }
+
+
+def summarize_run(class_il: Any, task_il: Any | None = None) -> dict[str, Any]:
+    """Metrics of a run's class-IL and task-IL matrices: ``{"class_il": ..., "task_il": ...}``
+    (``task_il`` is None when not given, e.g. domain-IL runs)."""
+    return {
+        "class_il": summarize(class_il),
+        "task_il": None if task_il is None else summarize(task_il),
+    }
