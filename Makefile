@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXP ?= split_digits
-WORKDIR ?= runs/$(EXP)
+METHOD ?=
+WORKDIR ?= runs/$(EXP)$(if $(METHOD),_$(METHOD))
 ARGS ?=
 RUNS ?= runs
 
@@ -20,7 +21,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(PY) -m experiments.main --config=experiments/configs/$(EXP).py --workdir=$(WORKDIR) $(ARGS)
+	$(PY) -m experiments.main --config=experiments/configs/$(EXP).py$(if $(METHOD),:$(METHOD)) --workdir=$(WORKDIR) $(ARGS)
 
 test: install
 	$(PY) -m pytest -q tests

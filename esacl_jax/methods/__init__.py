@@ -1,0 +1,32 @@
+"""Method registry: one file per continual-learning method."""
+
+from __future__ import annotations
+
+import importlib
+
+from esacl_jax.methods.base import (Batch, Method, StepMetrics, TaskContext, TrainState,
+                                    make_optimizer)
+
+# name -> "module:Class"; imported lazily so a method's dependencies load only when used.
+METHODS = {
+    "finetune": "esacl_jax.methods.finetune:Finetune",
+    "joint": "esacl_jax.methods.joint:Joint",
+    "er": "esacl_jax.methods.er:ER",
+    "derpp": "esacl_jax.methods.derpp:DERPP",
+    "esacl": "esacl_jax.methods.esacl:EsaCL",
+}
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    module_name, class_name = METHODS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_method(config, model, benchmark) -> Method:
+    return method_class(config.method)(config, model, benchmark)
+
+
+__all__ = ["Batch", "METHODS", "Method", "StepMetrics", "TaskContext", "TrainState",
+           "build_method", "make_optimizer", "method_class"]

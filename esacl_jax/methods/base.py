@@ -1,0 +1,188 @@
+"""The small interface between a continual-learning method and the training loop.
+
+A method owns: how the train state is initialised, one pure (jit-compiled) train step, and
+host-side hooks at task and epoch boundaries. The loop never knows which method it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from esacl_jax import losses
+from esacl_jax.data.augment import augment_batch
+from esacl_jax.data.base import Benchmark, preprocess
+from esacl_jax.models import forward, init_variables
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a run carries from step to step, as one pytree (checkpointable, shardable)."""
+
+    step: jax.Array  # int32, global step counter (drives per-step PRNG keys)
+    task_id: jax.Array  # int32, position in the task sequence
+    params: Any
+    batch_stats: Any  # {} for models without BatchNorm
+    opt_state: Any
+    method_state: Any  # replay buffer, per-example statistics, Fisher, ... ({} if none)
+    rng: jax.Array  # typed PRNG key of the run
+
+
+class Batch(NamedTuple):
+    """One training minibatch as the step sees it."""
+
+    x: jax.Array  # preprocessed (and augmented) float inputs
+    x_raw: jax.Array  # un-augmented inputs in their compact dtype (what the replay buffer stores)
+    y: jax.Array  # int32 global labels
+    index: jax.Array  # int32 positions in the task's training set (per-example statistics)
+
+
+class TaskContext(NamedTuple):
+    """Per-task arrays passed into the compiled step (arguments, so no recompilation per task)."""
+
+    task_id: jax.Array  # int32 scalar
+    task_classes: jax.Array  # bool [num_classes]: classes of the task being trained
+    seen_classes: jax.Array  # bool [num_classes]: classes of tasks 0..task_id
+
+
+class StepMetrics(NamedTuple):
+    loss: jax.Array
+    accuracy: jax.Array
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The base optimizer named by config.optimizer (the protocols use plain SGD)."""
+    name, lr = config.optimizer, config.learning_rate
+    if name == "sgd":
+        return optax.sgd(lr, momentum=config.momentum or None)
+    if name == "adam":
+        return optax.adam(lr)
+    if name == "adamw":
+        return optax.adamw(lr, weight_decay=config.weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose sgd, adam or adamw")
+
+
+class Method:
+    """Base class: plain SGD on the current task (finetune). Subclasses override the hooks.
+
+    Hooks, in the order the loop calls them:
+      init -> per task: training_data, begin_task, per epoch: [epoch_indices, begin_epoch,
+      train_step (compiled, scanned over the epoch)], end_task -> eval_variables for evaluation.
+    """
+
+    name = "finetune"
+    scenarios: tuple[str, ...] = ("class_il", "domain_il")
+
+    def __init__(self, config: ml_collections.ConfigDict, model, benchmark: Benchmark):
+        if benchmark.scenario not in self.scenarios:
+            raise ValueError(f"method {self.name!r} does not support scenario {benchmark.scenario!r}")
+        self.config = config
+        self.model = model
+        self.benchmark = benchmark
+        self.num_classes = benchmark.num_classes
+        self.use_task_logit_mask = bool(config.current_task_logit_mask)
+        self.tx = self.make_optimizer()
+
+    # ----- state -----
+    def make_optimizer(self) -> optax.GradientTransformation:
+        return make_optimizer(self.config)
+
+    def init_method_state(self, params: Any) -> Any:
+        del params
+        return {}
+
+    def init(self, key: jax.Array) -> TrainState:
+        init_key, run_key = jax.random.split(key)
+        sample = jnp.zeros((1, *self.benchmark.input_shape), jnp.float32)
+        params, batch_stats = init_variables(self.model, init_key, sample)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            task_id=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=self.tx.init(params),
+            method_state=self.init_method_state(params),
+            rng=run_key,
+        )
+
+    # ----- the compiled step -----
+    def prepare_inputs(self, key: jax.Array, x_raw: jax.Array) -> jax.Array:
+        """Augments (per the benchmark's protocol) and normalises compact inputs, inside jit."""
+        b = self.benchmark
+        return preprocess(augment_batch(key, x_raw, b.augment), b.mean, b.std)
+
+    def current_loss_mask(self, ctx: TaskContext) -> jax.Array | None:
+        """Logit mask for the current-task cross-entropy (SparCL's use_cl_mask when enabled)."""
+        return ctx.task_classes if self.use_task_logit_mask else None
+
+    def replay_loss(self, params: Any, batch_stats: Any, state: TrainState, key: jax.Array) -> jax.Array:
+        """Extra loss terms (replay, regularisers). Zero for finetune."""
+        del params, batch_stats, state, key
+        return jnp.zeros((), jnp.float32)
+
+    def after_step(self, state: TrainState, batch: Batch, ctx: TaskContext, logits: jax.Array,
+                   per_example_loss: jax.Array, key: jax.Array) -> Any:
+        """New method_state after a step (e.g. reservoir insertion). Identity by default."""
+        del batch, ctx, logits, per_example_loss, key
+        return state.method_state
+
+    def train_step(self, state: TrainState, batch: Batch, ctx: TaskContext,
+                   key: jax.Array) -> tuple[TrainState, StepMetrics]:
+        """One SGD step on current-task CE + replay_loss; pure, runs inside lax.scan."""
+        replay_key, after_key = jax.random.split(key)
+        mask = self.current_loss_mask(ctx)
+
+        def loss_fn(params):
+            logits, new_stats = forward(self.model, params, state.batch_stats, batch.x, train=True)
+            per_example = losses.cross_entropy(logits, batch.y, mask)
+            total = per_example.mean() + self.replay_loss(params, state.batch_stats, state, replay_key)
+            return total, (logits, new_stats, per_example)
+
+        (loss, (logits, new_stats, per_example)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        method_state = self.after_step(state, batch, ctx, logits, per_example, after_key)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                                  opt_state=opt_state, method_state=method_state)
+        accuracy = losses.correct(logits, batch.y, mask).mean()
+        return new_state, StepMetrics(loss, accuracy)
+
+    # ----- host-side hooks -----
+    def training_data(self, task_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """The (x, y) arrays trained on during task `task_id`."""
+        task = self.benchmark.tasks[task_id]
+        return task.x_train, task.y_train
+
+    def begin_task(self, state: TrainState, task_id: int) -> TrainState:
+        if self.config.reset_optimizer_per_task:
+            state = state.replace(opt_state=self.tx.init(state.params))
+        return state
+
+    def epoch_indices(self, state: TrainState, task_id: int, epoch: int,
+                      num_examples: int) -> np.ndarray | None:
+        """Positions of the examples used this epoch (None: all). Data-removal methods override."""
+        del state, task_id, epoch, num_examples
+        return None
+
+    def begin_epoch(self, state: TrainState, task_id: int, epoch: int) -> TrainState:
+        del task_id, epoch
+        return state
+
+    def end_task(self, state: TrainState, task_id: int, x: np.ndarray, y: np.ndarray) -> TrainState:
+        del task_id, x, y
+        return state
+
+    def eval_variables(self, state: TrainState) -> tuple[Any, Any]:
+        """(params, batch_stats) used for evaluation."""
+        return state.params, state.batch_stats
+
+    def summary(self, state: TrainState) -> dict:
+        """Extra per-task facts for results.json (e.g. sparsity). Host-side."""
+        del state
+        return {}

@@ -1,0 +1,7 @@
+"""finetune: plain SGD on each task in turn, the lower bound that shows catastrophic forgetting."""
+
+from esacl_jax.methods.base import Method
+
+
+class Finetune(Method):
+    name = "finetune"

@@ -1,0 +1,301 @@
+"""The continual loop: for each task, train compiled epochs, then evaluate every task.
+
+Data flows one way: config -> benchmark -> method (state + pure step) -> this loop -> results.json.
+The loop knows nothing about which method it runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from esacl_jax import metrics as metrics_lib
+from esacl_jax import results as results_lib
+from esacl_jax.data import Benchmark, augment_batch, class_mask, load_benchmark, preprocess
+from esacl_jax.methods import (Batch, Method, StepMetrics, TaskContext, TrainState, build_method,
+                               method_class)
+from esacl_jax.models import MODELS, build_model, forward
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN). The message says what to do."""
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Rejects impossible values with one line saying what is wrong and what to do."""
+    from esacl_jax.data import BENCHMARKS
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    need(config.benchmark in BENCHMARKS,
+         f"unknown benchmark {config.benchmark!r}; choose one of {', '.join(sorted(BENCHMARKS))}")
+    method_class(config.method)  # raises for an unknown method
+    need(config.model in MODELS, f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
+    need(config.batch_size > 0, f"batch_size must be > 0, got {config.batch_size}")
+    need(config.eval_batch_size > 0, f"eval_batch_size must be > 0, got {config.eval_batch_size}")
+    need(config.epochs >= 1, f"epochs must be >= 1, got {config.epochs}")
+    need(config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}")
+    need(config.num_tasks >= 0, f"num_tasks must be >= 0 (0 = the protocol's), got {config.num_tasks}")
+    need(config.steps_per_call > 0, f"steps_per_call must be > 0, got {config.steps_per_call}")
+    need(0.0 <= config.validation_fraction < 1.0,
+         f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
+
+
+def load_config_benchmark(config: ml_collections.ConfigDict) -> Benchmark:
+    return load_benchmark(
+        config.benchmark,
+        data_dir=config.data_dir or None,
+        seed=config.seed,
+        class_order_seed=None if config.class_order_seed < 0 else config.class_order_seed,
+        num_tasks=config.num_tasks or None,
+        max_train_per_task=config.max_train_per_task or None,
+        max_test_per_task=config.max_test_per_task or None,
+        validation_fraction=config.validation_fraction,
+    )
+
+
+def build_model_for(config: ml_collections.ConfigDict, benchmark: Benchmark):
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    return build_model(config.model, benchmark.num_classes, widths=tuple(config.mlp_widths),
+                       nf=config.resnet_nf, dtype=dtype)
+
+
+def task_context(benchmark: Benchmark, task_id: int) -> TaskContext:
+    k = benchmark.num_classes
+    return TaskContext(
+        task_id=jnp.asarray(task_id, jnp.int32),
+        task_classes=jnp.asarray(class_mask(benchmark.tasks[task_id].classes, k)),
+        seen_classes=jnp.asarray(class_mask(benchmark.classes_up_to(task_id), k)),
+    )
+
+
+def make_train_chunk(method: Method, benchmark: Benchmark):
+    """A jit-compiled function running a fixed-size chunk of steps as one lax.scan.
+
+    Steps past the end of the epoch (padding of the last chunk) are skipped with lax.cond, so
+    every chunk has the same shape and the whole run compiles once.
+    """
+    mean, std, augment = benchmark.mean, benchmark.std, benchmark.augment
+
+    def step(state: TrainState, x_all, y_all, idx, ctx):
+        key = jax.random.fold_in(state.rng, state.step)
+        aug_key, step_key = jax.random.split(key)
+        x_raw = x_all[idx]
+        x = preprocess(augment_batch(aug_key, x_raw, augment), mean, std)
+        return method.train_step(state, Batch(x=x, x_raw=x_raw, y=y_all[idx], index=idx),
+                                 ctx, step_key)
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def run_chunk(state, x_all, y_all, batch_idx, valid, ctx):
+        def body(state, inputs):
+            idx, ok = inputs
+            nan = jnp.full((), jnp.nan, jnp.float32)
+            return jax.lax.cond(
+                ok,
+                lambda s: step(s, x_all, y_all, idx, ctx),
+                lambda s: (s, StepMetrics(nan, nan)),
+                state)
+
+        return jax.lax.scan(body, state, (batch_idx, valid))
+
+    return run_chunk
+
+
+def make_predict(method: Method, benchmark: Benchmark):
+    mean, std = benchmark.mean, benchmark.std
+
+    @jax.jit
+    def predict(params, batch_stats, x_raw):
+        logits, _ = forward(method.model, params, batch_stats, preprocess(x_raw, mean, std),
+                            train=False)
+        return logits.astype(jnp.float32)
+
+    return predict
+
+
+def predict_logits(predict, params, batch_stats, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits for a whole test set in fixed-size chunks (the last one padded): one compilation."""
+    n = x.shape[0]
+    out = []
+    for start in range(0, n, batch_size):
+        chunk = x[start:start + batch_size]
+        pad = batch_size - chunk.shape[0]
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        out.append(np.asarray(predict(params, batch_stats, chunk))[: batch_size - pad])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def masked_accuracy(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> float:
+    if labels.shape[0] == 0:
+        return float("nan")
+    masked = np.where(mask[None, :], logits, -np.inf)
+    return float(np.mean(np.argmax(masked, axis=-1) == labels))
+
+
+def evaluate(method: Method, predict, state: TrainState, benchmark: Benchmark, trained_up_to: int,
+             batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class-IL and task-IL accuracy on every task after training task `trained_up_to`.
+
+    Class-IL: argmax over the classes seen so far. Task-IL: argmax over the evaluated task's
+    classes. Domain-IL: both are the argmax over all classes.
+    """
+    params, batch_stats = method.eval_variables(state)
+    k = benchmark.num_classes
+    seen = class_mask(benchmark.classes_up_to(trained_up_to), k)
+    class_il, task_il = [], []
+    for task in benchmark.tasks:
+        logits = predict_logits(predict, params, batch_stats, task.x_test, batch_size)
+        if benchmark.scenario == "domain_il":
+            acc = masked_accuracy(logits, task.y_test, np.ones((k,), bool))
+            class_il.append(acc)
+            task_il.append(acc)
+        else:
+            class_il.append(masked_accuracy(logits, task.y_test, seen))
+            task_il.append(masked_accuracy(logits, task.y_test, class_mask(task.classes, k)))
+    return np.asarray(class_il), np.asarray(task_il)
+
+
+def epoch_batches(key: jax.Array, indices: np.ndarray, batch_size: int,
+                  steps_per_call: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Shuffles `indices`, drops the incomplete last batch, pads to whole chunks.
+
+    Returns (batch_idx [chunks*steps_per_call, B], valid [same leading dim], real step count).
+    """
+    order = np.asarray(jax.random.permutation(key, indices.shape[0]))
+    shuffled = indices[order]
+    steps = shuffled.shape[0] // batch_size
+    if steps == 0:
+        raise ValueError(f"batch_size {batch_size} is larger than the {indices.shape[0]} examples "
+                         "of the task: lower --config.batch_size")
+    batch_idx = shuffled[: steps * batch_size].reshape(steps, batch_size)
+    padded = math.ceil(steps / steps_per_call) * steps_per_call
+    valid = np.zeros((padded,), bool)
+    valid[:steps] = True
+    batch_idx = np.concatenate([batch_idx, np.zeros((padded - steps, batch_size), batch_idx.dtype)])
+    return batch_idx.astype(np.int32), valid, steps
+
+
+def format_matrix(name: str, matrix: np.ndarray) -> str:
+    t = matrix.shape[1]
+    lines = [f"{name} accuracy (%) — row i: after task i, column j: task j",
+             "        " + " ".join(f"{'T' + str(j):>6}" for j in range(t))]
+    for i, row in enumerate(matrix):
+        lines.append(f"after {i:<2}" + " ".join(f"{100 * v:6.1f}" for v in row))
+    return "\n".join(lines)
+
+
+def format_summary(result: dict) -> str:
+    m = result["metrics"]
+    lines = [format_matrix("class-IL", np.asarray(result["class_il_matrix"])), "",
+             format_matrix("task-IL", np.asarray(result["task_il_matrix"])), "",
+             f"{'':14}{'ACC':>8}{'learn':>8}{'BWT':>8}{'forget':>8}"]
+    for setting in ("class_il", "task_il"):
+        s = m[setting]
+        lines.append(f"{setting:14}{100 * s['average_accuracy']:8.2f}{100 * s['learning_accuracy']:8.2f}"
+                     f"{100 * s['backward_transfer']:8.2f}{100 * s['forgetting']:8.2f}")
+    lines.append(f"wall time {result['wall_time_s']:.1f} s "
+                 f"(train {sum(result['train_time_per_task_s']):.1f} s)")
+    return "\n".join(lines)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                       *, progress: bool = True) -> dict[str, Any]:
+    """Runs the whole continual experiment and writes workdir/results.json atomically.
+
+    Returns the results dict. Raises ValueError (bad config), DataError (data) or TrainingError.
+    """
+    start = time.perf_counter()
+    validate_config(config)
+    benchmark = load_config_benchmark(config)
+    model = build_model_for(config, benchmark)
+    method = build_method(config, model, benchmark)
+    key = jax.random.key(config.seed)
+    state = method.init(key)
+    run_chunk = make_train_chunk(method, benchmark)
+    predict = make_predict(method, benchmark)
+
+    t_count = benchmark.num_tasks
+    class_il = np.full((t_count, t_count), np.nan)
+    task_il = np.full((t_count, t_count), np.nan)
+    train_times, eval_times, per_task = [], [], []
+    for task_id in range(t_count):
+        task_start = time.perf_counter()
+        x_np, y_np = method.training_data(task_id)
+        x_dev, y_dev = jax.device_put(x_np), jax.device_put(y_np.astype(np.int32))
+        ctx = task_context(benchmark, task_id)
+        state = state.replace(task_id=jnp.asarray(task_id, jnp.int32))
+        state = method.begin_task(state, task_id)
+        bar = tqdm.tqdm(desc=f"task {task_id + 1}/{t_count}", unit="step", disable=not progress,
+                        file=sys.stdout, leave=True, dynamic_ncols=True)
+        examples_seen = 0
+        for epoch in range(config.epochs):
+            indices = method.epoch_indices(state, task_id, epoch, x_np.shape[0])
+            if indices is None:
+                indices = np.arange(x_np.shape[0], dtype=np.int32)
+            state = method.begin_epoch(state, task_id, epoch)
+            epoch_key = jax.random.fold_in(jax.random.fold_in(state.rng, 1_000_003 + task_id), epoch)
+            batch_idx, valid, steps = epoch_batches(epoch_key, indices, config.batch_size,
+                                                    config.steps_per_call)
+            if epoch == 0:
+                bar.reset(total=steps * config.epochs)
+            losses_, accs = [], []
+            for c in range(0, batch_idx.shape[0], config.steps_per_call):
+                sl = slice(c, c + config.steps_per_call)
+                state, step_metrics = run_chunk(state, x_dev, y_dev, batch_idx[sl], valid[sl], ctx)
+                ok = valid[sl]
+                chunk_loss = np.asarray(step_metrics.loss)[ok]
+                if not np.all(np.isfinite(chunk_loss)):
+                    raise TrainingError(
+                        f"loss became NaN/inf in task {task_id} epoch {epoch}: lower "
+                        f"--config.learning_rate (now {config.learning_rate}) or check the data")
+                losses_.append(chunk_loss)
+                accs.append(np.asarray(step_metrics.accuracy)[ok])
+                bar.set_postfix(loss=f"{np.mean(chunk_loss):.3f}",
+                                acc=f"{100 * np.mean(accs[-1]):.1f}%", refresh=False)
+                bar.update(int(ok.sum()))
+            examples_seen += steps * config.batch_size
+        bar.close()
+        state = method.end_task(state, task_id, x_np, y_np)
+        jax.block_until_ready(state)
+        train_times.append(time.perf_counter() - task_start)
+        eval_start = time.perf_counter()
+        class_il[task_id], task_il[task_id] = evaluate(method, predict, state, benchmark, task_id,
+                                                       config.eval_batch_size)
+        eval_times.append(time.perf_counter() - eval_start)
+        per_task.append({"task": task_id, "classes": list(benchmark.tasks[task_id].classes),
+                         "train_examples_seen": examples_seen, **method.summary(state)})
+        if progress:
+            print(f"  after task {task_id + 1}: class-IL {100 * np.nanmean(class_il[task_id, :task_id + 1]):.2f}% "
+                  f"task-IL {100 * np.nanmean(task_il[task_id, :task_id + 1]):.2f}%", flush=True)
+
+    result = {
+        "config": config.to_dict(),
+        "seed": config.seed,
+        "benchmark": {"name": benchmark.name, "scenario": benchmark.scenario,
+                      "num_tasks": t_count, "num_classes": benchmark.num_classes,
+                      "source": benchmark.source},
+        "method": method.name,
+        "class_il_matrix": class_il,
+        "task_il_matrix": task_il,
+        "metrics": metrics_lib.summarize_run(class_il, task_il),
+        "train_time_per_task_s": train_times,
+        "eval_time_per_task_s": eval_times,
+        "per_task": per_task,
+        "wall_time_s": time.perf_counter() - start,
+        "environment": results_lib.environment(),
+    }
+    results_lib.write_json_atomic(pathlib.Path(workdir) / "results.json", result)
+    return result

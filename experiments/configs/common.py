@@ -1,0 +1,121 @@
+"""The shared config schema and the per-method protocol settings every benchmark config uses.
+
+A benchmark config file defines `PROTOCOL` (benchmark-wide values) and `METHODS` (per-method
+hyperparameters from PROTOCOLS.md) and calls `make_config`. Select a method with the config-file
+argument, which applies that method's protocol row: `--config=experiments/configs/split_mnist.py:esacl`
+(`make run EXP=split_mnist METHOD=esacl`). Any field is then overridable as `--config.field=value`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # data
+    c.benchmark = "split_digits"
+    c.data_dir = ""  # empty: $ESACL_DATA_DIR, then tensorflow-datasets (see README "Data")
+    c.seed = 0
+    c.class_order_seed = -1  # -1: classes go to tasks in label order
+    c.num_tasks = 0  # 0: the protocol's number of tasks
+    c.max_train_per_task = 0  # 0: all (a positive value takes a seeded subset, for quick runs)
+    c.max_test_per_task = 0
+    c.validation_fraction = 0.0  # > 0: evaluate on a held-out part of train (for tuning)
+    # model
+    c.model = "mlp"
+    c.mlp_widths = (100, 100)
+    c.resnet_nf = 64
+    c.dtype = "float32"
+    # method and optimisation
+    c.method = "finetune"
+    c.optimizer = "sgd"
+    c.learning_rate = 0.03
+    c.momentum = 0.0
+    c.weight_decay = 0.0
+    c.reset_optimizer_per_task = False
+    c.epochs = 1
+    c.batch_size = 10
+    c.eval_batch_size = 1000
+    c.steps_per_call = 250  # steps per compiled lax.scan call (progress-bar granularity)
+    c.current_task_logit_mask = False  # SparCL's use_cl_mask for the current-task CE
+    # replay (er, derpp, esacl, sparcl_er, sparcl_derpp)
+    c.buffer_size = 500
+    c.replay_batch_size = 10
+    c.der_alpha = 1.0  # logit (MSE) replay weight
+    c.der_beta = 0.5  # label (CE) replay weight
+    # EsaCL (METHOD.md defaults)
+    c.esacl = ml_collections.ConfigDict(dict(
+        sparsity=0.9, distribution="uniform", rho=0.05, gamma=0.5,
+        step_variant="B",  # A: clean pass on current+replay; B: current only; C: score table
+        ids_score="sharpness",  # sharpness | loss (variant C reads the table's loss or sharpness)
+        replay="derpp",  # derpp | er | none
+        mask_update_every=5,  # epochs; masks also update at every task start
+        prune_fraction=0.01, score="magnitude_gradient", score_lambda=0.5, ema_decay=0.9,
+        regrow="gradient", sdp=True,  # sdp=False: magnitude masks fixed at init (ablation)
+    ))
+    # online EWC
+    c.ewc = ml_collections.ConfigDict(dict(ewc_lambda=90.0, gamma=1.0))
+    # SparCL
+    c.sparcl = ml_collections.ConfigDict(dict(
+        sparsity=0.75, distribution="uniform", base="derpp",  # ewc | er | derpp
+        tdm_every=5, tdm_extra=0.01, tdm_freeze_fraction=0.9, score_lambda=0.5,
+        dgm_keep=0.2, dgm_every=30, ddr_epochs=(5, 10, 15, 20), ddr_fraction=0.075,
+        ddr=True, dgm=True,
+    ))
+    # magnitude prune-then-retrain
+    c.prune_retrain = ml_collections.ConfigDict(dict(sparsity=0.9, retrain_epochs=1))
+    # output
+    c.progress = True
+    c.tensorboard = True
+    return c
+
+
+def make_config(protocol: dict, methods: dict, method: str) -> ml_collections.ConfigDict:
+    """base_config + the benchmark's protocol + the chosen method's protocol row."""
+    c = base_config()
+    method = method or "finetune"
+    if method not in methods:
+        raise ValueError(f"no protocol row for method {method!r}; known: {', '.join(methods)}")
+    for source in (protocol, methods[method]):
+        for key, value in source.items():
+            if isinstance(value, dict):
+                c[key].update(value)
+            else:
+                c[key] = value
+    c.method = method
+    return c
+
+
+# Per-method rows shared by the MNIST-family protocols (PROTOCOLS.md, "Split MNIST").
+MNIST_METHODS = {
+    "finetune": dict(learning_rate=0.03),
+    "joint": dict(learning_rate=0.03),
+    "ewc": dict(learning_rate=0.03, ewc=dict(ewc_lambda=90.0, gamma=1.0)),
+    "er": dict(learning_rate=0.1, buffer_size=500, replay_batch_size=10),
+    "derpp": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=10, der_alpha=1.0,
+                  der_beta=0.5),
+    # EsaCL starts from the benchmark's DER++ settings plus rho 0.05, gamma 0.5.
+    "esacl": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=10, der_alpha=1.0,
+                  der_beta=0.5, current_task_logit_mask=True),
+    "sparcl": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=10, der_alpha=1.0,
+                   der_beta=0.5, current_task_logit_mask=True),
+    "prune_retrain": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=10,
+                          der_alpha=1.0, der_beta=0.5),
+}
+
+CIFAR_METHODS = {
+    "finetune": dict(learning_rate=0.1),
+    "joint": dict(learning_rate=0.1),
+    "ewc": dict(learning_rate=0.03, ewc=dict(ewc_lambda=10.0, gamma=1.0)),
+    "er": dict(learning_rate=0.1, buffer_size=500, replay_batch_size=32),
+    "derpp": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=32, der_alpha=0.2,
+                  der_beta=0.5),
+    "esacl": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=32, der_alpha=0.2,
+                  der_beta=0.5, current_task_logit_mask=True),
+    # SparCL-DER++ official script: lr 0.03, alpha 0.1, beta 0.5 (METHOD.md).
+    "sparcl": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=32, der_alpha=0.1,
+                   der_beta=0.5, current_task_logit_mask=True),
+    "prune_retrain": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=32,
+                          der_alpha=0.2, der_beta=0.5),
+}

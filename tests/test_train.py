@@ -1,0 +1,129 @@
+"""End-to-end tests of the continual loop and the experiment entry point, on real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from esacl_jax.train import TrainingError, train_and_evaluate
+from experiments.configs import split_digits, split_mnist
+from tests.conftest import REPO_ROOT
+
+
+def digits_config(method: str = "finetune", **overrides):
+    config = split_digits.get_config(method)
+    config.progress = False
+    config.tensorboard = False
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def finetune_result(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("finetune")
+    return train_and_evaluate(digits_config(), workdir, progress=False), workdir
+
+
+def test_finetune_forgets_but_learns_each_task(finetune_result):
+    result, workdir = finetune_result
+    saved = json.loads((workdir / "results.json").read_text())
+    class_il = np.asarray(saved["class_il_matrix"])
+    task_il = np.asarray(saved["task_il_matrix"])
+    assert class_il.shape == task_il.shape == (5, 5)
+    # Each task is learned when it is trained (the diagonal) ...
+    assert np.diag(task_il).min() > 0.9
+    # ... and class-IL collapses to roughly the last task: catastrophic forgetting.
+    assert saved["metrics"]["class_il"]["average_accuracy"] < 0.4
+    assert saved["metrics"]["task_il"]["average_accuracy"] > saved["metrics"]["class_il"]["average_accuracy"] + 0.2
+    assert class_il[-1, -1] > 0.9 and class_il[-1, 0] < 0.2
+    for key in ("config", "seed", "environment", "train_time_per_task_s", "metrics"):
+        assert key in saved
+    assert saved["environment"]["git_commit"]
+
+
+def test_joint_is_the_upper_bound(tmp_path, finetune_result):
+    result = train_and_evaluate(digits_config("joint"), tmp_path, progress=False)
+    assert result["metrics"]["class_il"]["average_accuracy"] > 0.85
+    assert result["metrics"]["class_il"]["average_accuracy"] > finetune_result[0]["metrics"]["class_il"]["average_accuracy"] + 0.4
+
+
+def test_same_seed_gives_identical_matrices(tmp_path, finetune_result):
+    again = train_and_evaluate(digits_config(), tmp_path / "again", progress=False)
+    np.testing.assert_array_equal(np.asarray(again["class_il_matrix"]),
+                                  np.asarray(finetune_result[0]["class_il_matrix"]))
+    np.testing.assert_array_equal(np.asarray(again["task_il_matrix"]),
+                                  np.asarray(finetune_result[0]["task_il_matrix"]))
+    other = train_and_evaluate(digits_config(seed=1), tmp_path / "other", progress=False)
+    assert not np.array_equal(np.asarray(other["class_il_matrix"]),
+                              np.asarray(finetune_result[0]["class_il_matrix"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(batch_size=0), "batch_size"),
+    (dict(epochs=0), "epochs"),
+    (dict(method="nope"), "unknown method"),
+    (dict(benchmark="nope"), "unknown benchmark"),
+    (dict(learning_rate=-1.0), "learning_rate"),
+])
+def test_impossible_values_are_rejected_before_any_output(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(digits_config(**overrides), tmp_path, progress=False)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_nan_loss_stops_the_run_without_results(tmp_path):
+    with pytest.raises(TrainingError, match="NaN"):
+        train_and_evaluate(digits_config(learning_rate=1e30), tmp_path, progress=False)
+    assert not (tmp_path / "results.json").exists()
+
+
+def run_main(args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_cli_prints_summary_and_writes_results(tmp_path):
+    proc = run_main(["--config=experiments/configs/split_digits.py", f"--workdir={tmp_path}",
+                     "--config.epochs=1", "--config.progress=False"])
+    assert proc.returncode == 0, proc.stderr
+    assert "class_il" in proc.stdout and "task_il" in proc.stdout
+    assert (tmp_path / "results.json").exists()
+
+
+def test_cli_bad_value_is_one_line_error(tmp_path):
+    proc = run_main(["--config=experiments/configs/split_digits.py", f"--workdir={tmp_path}",
+                     "--config.batch_size=-3"])
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "batch_size" in lines[0]
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_cli_missing_data_is_one_line_error_and_fast(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_main(["--config=experiments/configs/split_mnist.py", f"--workdir={tmp_path / 'w'}"],
+                    env={"ESACL_DATA_DIR": str(empty)}, timeout=60)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "mnist" in lines[0].lower()
+    assert not (tmp_path / "w" / "results.json").exists()
+
+
+def test_split_mnist_slice_learns_on_real_data(tmp_path, shared_data_dir):
+    config = split_mnist.get_config("finetune")
+    config.data_dir = str(shared_data_dir)
+    config.max_train_per_task = 2000
+    config.progress = False
+    config.tensorboard = False
+    result = train_and_evaluate(config, tmp_path, progress=False)
+    task_il = np.asarray(result["task_il_matrix"])
+    assert np.diag(task_il).min() > 0.9
+    assert result["metrics"]["class_il"]["average_accuracy"] < 0.5
