@@ -1,0 +1,114 @@
+"""Scalar logging for a training run: TensorBoard event files (via tensorboardX) or nothing.
+
+The training loop logs loss, per-task accuracy, sparsity and cumulative FLOPs through the small
+`RunLogger` interface, so it never depends on TensorBoard being wanted or installed.
+Named run_logger (not logging) so it never shadows the standard library module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _to_float(tag: str, value: Any) -> float:
+    """A Python float from a number, numpy scalar or 0-d (jax) array; ValueError otherwise."""
+    arr = np.asarray(value)
+    if arr.size != 1:
+        raise ValueError(f"scalar {tag!r} must be a single number, got shape {arr.shape}")
+    return float(arr.reshape(()))
+
+
+class RunLogger:
+    """Scalar logger interface; the base class logs nothing (see `NullLogger`).
+
+    Use as a context manager (``with make_logger(workdir, True) as logger:``) so the writer is
+    flushed and closed even when training fails.
+    """
+
+    def __init__(self) -> None:
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__} is closed")
+
+    def _write(self, tag: str, value: float, step: int) -> None:
+        del tag, value, step
+
+    def scalar(self, tag: str, value: Any, step: int) -> None:
+        """Records `value` (any scalar, incl. numpy/jax 0-d arrays) under `tag` at `step`."""
+        self._check_open()
+        self._write(tag, _to_float(tag, value), int(step))
+
+    def scalars(self, values: Mapping[str, Any], step: int) -> None:
+        """Records each ``tag: value`` of `values` at the same `step`."""
+        for tag, value in values.items():
+            self.scalar(tag, value, step)
+
+    def flush(self) -> None:
+        """Makes everything logged so far visible on disk."""
+
+    def close(self) -> None:
+        """Flushes and releases the writer; logging afterwards raises RuntimeError."""
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NullLogger(RunLogger):
+    """Discards everything (logging disabled)."""
+
+
+class TensorBoardLogger(RunLogger):
+    """Writes TensorBoard event files into `logdir` with tensorboardX (no TensorFlow needed)."""
+
+    def __init__(self, logdir: str | os.PathLike, flush_secs: int = 30) -> None:
+        super().__init__()
+        from tensorboardX import SummaryWriter
+
+        self.logdir = pathlib.Path(logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._writer = SummaryWriter(logdir=str(self.logdir), flush_secs=flush_secs)
+
+    def _write(self, tag: str, value: float, step: int) -> None:
+        self._writer.add_scalar(tag, value, global_step=step)
+
+    def flush(self) -> None:
+        if not self._closed:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._writer.close()
+        super().close()
+
+
+def make_logger(workdir: str | os.PathLike, enabled: bool) -> RunLogger:
+    """A `TensorBoardLogger` writing into `workdir` when enabled, else a `NullLogger`.
+
+    If tensorboardX cannot be imported, logs a warning and returns a `NullLogger`: a missing
+    optional dependency must not stop a training run.
+    """
+    if not enabled:
+        return NullLogger()
+    try:
+        return TensorBoardLogger(workdir)
+    except ImportError as err:
+        log.warning("TensorBoard logging disabled: %s", err)
+        return NullLogger()

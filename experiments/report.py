@@ -1,0 +1,83 @@
+"""Summarises a directory of runs: `python -m experiments.report --runs=DIR [--out=DIR]`.
+
+Collects every results.json under --runs, aggregates over seeds and writes into --out
+(default RUNS/report): table.md, table.csv, accuracy_vs_flops.png (one per benchmark when there
+are several: accuracy_vs_flops_<benchmark>.png) and accuracy_matrix_<label>.png (class-IL, the
+first seed of each group; prefixed by the benchmark when there are several, suffixed by
+sparsity/buffer when a label has several groups). Prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+from collections import defaultdict
+
+from absl import app, flags
+
+from esacl_jax import reporting
+
+_RUNS = flags.DEFINE_string("runs", None, "Directory searched (recursively) for results.json.")
+_OUT = flags.DEFINE_string("out", None, "Output directory (default: RUNS/report).")
+_BENCHMARK = flags.DEFINE_string("benchmark", None, "Only report runs of this benchmark.")
+flags.mark_flag_as_required("runs")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    runs_dir = pathlib.Path(_RUNS.value)
+    if not runs_dir.is_dir():
+        fail(f"--runs={runs_dir} is not a directory")
+    runs = reporting.load_runs(runs_dir)
+    if not runs:
+        fail(f"no readable results.json under {runs_dir}")
+    if _BENCHMARK.value:
+        runs = [r for r in runs if reporting.benchmark_of(r) == _BENCHMARK.value]
+        if not runs:
+            fail(f"no runs of benchmark {_BENCHMARK.value!r} under {runs_dir}")
+    out = pathlib.Path(_OUT.value) if _OUT.value else runs_dir / "report"
+
+    rows = reporting.aggregate(runs)
+    table = reporting.to_markdown(rows)
+    reporting.write_text_atomic(out / "table.md", table)
+    reporting.to_csv(rows, out / "table.csv")
+
+    benchmarks = reporting.benchmarks_of(rows)
+    several = len(benchmarks) > 1
+    for bench in benchmarks:
+        name = f"accuracy_vs_flops_{reporting.slug(bench)}.png" if several else \
+            "accuracy_vs_flops.png"
+        reporting.plot_accuracy_vs_flops(rows, out / name, benchmark=bench)
+
+    groups = reporting.group_runs(runs)
+    sparsities, buffers = defaultdict(set), defaultdict(set)
+    for row in rows:
+        sparsities[(row.benchmark, row.label)].add(row.sparsity)
+        buffers[(row.benchmark, row.label)].add(row.buffer)
+    for row in rows:
+        first = groups[(row.benchmark, row.label, row.sparsity, row.buffer)][0]
+        # a label with several sparsities/buffers gets one file per value, never overwritten
+        stem = reporting.slug(row.label)
+        if len(sparsities[(row.benchmark, row.label)]) > 1:
+            stem += f"_s{row.sparsity:g}"
+        if len(buffers[(row.benchmark, row.label)]) > 1:
+            stem += f"_b{row.buffer}"
+        if several:
+            stem = f"{reporting.slug(row.benchmark)}_{stem}"
+        try:
+            reporting.plot_accuracy_matrix(first, out / f"accuracy_matrix_{stem}.png")
+        except ValueError as err:
+            print(f"warning: {err}", file=sys.stderr)
+
+    print(table, end="")
+    print(f"report: {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
