@@ -25,6 +25,8 @@ def _nbytes(leaf: Any) -> int:
     """Bytes of an array or ``jax.ShapeDtypeStruct`` leaf (0 for non-array leaves)."""
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
         return 0
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # typed keys: their key data
+        return int(math.prod(leaf.shape)) * int(np.prod(jax.random.key_data(leaf).shape[-1:])) * 4
     return int(math.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
 
 

@@ -49,7 +49,7 @@ _SPARSITY_KEY = {
 # experiments/configs/common.py:base_config (tests/test_reporting.py checks it).
 VARIANT_KNOBS: dict[str, tuple[str, dict[str, Any]]] = {
     "esacl": ("esacl", {"step_variant": "B", "gamma": 0.5, "rho": 0.05, "sdp": True,
-                        "replay": "derpp", "ids_score": "sharpness"}),
+                        "replay": "derpp", "ids_score": "sharpness", "replay_at": "perturbed"}),
     "sparcl": ("sparcl", {"base": "derpp", "ddr": True, "dgm": True}),
     "sparcl_ewc": ("sparcl", {"ddr": True, "dgm": True}),
     "sparcl_er": ("sparcl", {"ddr": True, "dgm": True}),

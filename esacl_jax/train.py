@@ -19,10 +19,13 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from esacl_jax import flops as flops_lib
+from esacl_jax import memory as memory_lib
 from esacl_jax import metrics as metrics_lib
 from esacl_jax import results as results_lib
+from esacl_jax.run_logger import make_logger
 from esacl_jax.data import Benchmark, augment_batch, class_mask, load_benchmark, preprocess
-from esacl_jax.methods import (Batch, Method, StepMetrics, TaskContext, TrainState, build_method,
+from esacl_jax.methods import (Batch, Method, Pass, StepMetrics, TaskContext, TrainState, build_method,
                                method_class)
 from esacl_jax.models import MODELS, build_model, forward
 
@@ -188,6 +191,66 @@ def epoch_batches(key: jax.Array, indices: np.ndarray, batch_size: int,
     return batch_idx.astype(np.int32), valid, steps
 
 
+def count_passes(counter: flops_lib.FlopsCounter, passes: list[Pass], repeats: int) -> None:
+    """Adds `repeats` executions of `passes` to the training-FLOPs counter."""
+    for p in passes:
+        if p.kind == "fwd":
+            counter.forward(p.examples * repeats)
+        else:
+            counter.forward_backward(p.examples * repeats)
+
+
+def log_task(logger, summary: dict, class_il_row: np.ndarray, task_il_row: np.ndarray,
+             flops: float) -> None:
+    """TensorBoard scalars after a task: accuracy on each task so far, sparsity, FLOPs."""
+    task_id = summary["task"]
+    values = {"eval/class_il_acc": np.mean(class_il_row[: task_id + 1]),
+              "eval/task_il_acc": np.mean(task_il_row[: task_id + 1]),
+              "eval/cumulative_flops": flops}
+    for j in range(task_id + 1):
+        values[f"eval_class_il/task_{j}"] = class_il_row[j]
+        values[f"eval_task_il/task_{j}"] = task_il_row[j]
+    if "sparsity" in summary:
+        values["sparsity/global"] = summary["sparsity"]["global_sparsity"]
+    logger.scalars(values, task_id)
+
+
+def memory_footprint(method: Method, state: TrainState, benchmark: Benchmark,
+                     batch_size: int) -> dict[str, Any]:
+    """Analytic bytes (sparse weights + mask bits, optimizer state, buffer, one step's
+    activations) and the measured peak (host RSS; device memory statistics on GPU/TPU)."""
+    sample = jnp.zeros((1, *benchmark.input_shape), jnp.float32)
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    activations = memory_lib.activation_bytes_per_example(method.model, variables, sample)
+    buffer = state.method_state.get("buffer") if isinstance(state.method_state, dict) else None
+    analytic = memory_lib.analytic_footprint(
+        state.params, masks=method.sparse_masks(state), opt_state=state.opt_state, buffer=buffer,
+        activation_bytes=activations * batch_size)
+    return {"analytic": analytic, "measured": memory_lib.peak_memory()}
+
+
+def make_data_mesh(num_devices: int, batch_size: int) -> jax.sharding.Mesh | None:
+    """A 1-D ("data",) mesh over the first `num_devices` devices (0: all); None for one device.
+
+    Data parallelism is plain jit + NamedSharding: the train state is replicated, each batch is
+    split along its leading axis, and XLA inserts the gradient all-reduce (the documented
+    successor of pmap). Works the same on CPU devices, GPUs and TPU slices.
+    """
+    available = jax.device_count()
+    n = available if num_devices == 0 else num_devices
+    if n > available:
+        raise ValueError(f"num_devices={n} but only {available} devices are visible")
+    if n <= 1:
+        return None
+    if batch_size % n:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the {n} devices "
+                         "of the data-parallel mesh: change --config.batch_size or num_devices")
+    return jax.make_mesh((n,), ("data",), devices=jax.devices()[:n],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def format_matrix(name: str, matrix: np.ndarray) -> str:
     t = matrix.shape[1]
     lines = [f"{name} accuracy (%) — row i: after task i, column j: task j",
@@ -206,6 +269,8 @@ def format_summary(result: dict) -> str:
         s = m[setting]
         lines.append(f"{setting:14}{100 * s['average_accuracy']:8.2f}{100 * s['learning_accuracy']:8.2f}"
                      f"{100 * s['backward_transfer']:8.2f}{100 * s['forgetting']:8.2f}")
+    lines.append(f"training FLOPs {result['training_flops']:.4g}; peak host RSS "
+                 f"{result['memory']['measured']['host_peak_rss_bytes'] / 2**20:.0f} MiB")
     lines.append(f"wall time {result['wall_time_s']:.1f} s "
                  f"(train {sum(result['train_time_per_task_s']):.1f} s)")
     return "\n".join(lines)
@@ -222,19 +287,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     benchmark = load_config_benchmark(config)
     model = build_model_for(config, benchmark)
     method = build_method(config, model, benchmark)
+    mesh = make_data_mesh(config.num_devices, config.batch_size)
     key = jax.random.key(config.seed)
     state = method.init(key)
+    replicated = batch_sharding = None
+    if mesh is not None:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+        state = jax.device_put(state, replicated)
     run_chunk = make_train_chunk(method, benchmark)
     predict = make_predict(method, benchmark)
 
+    sample = jnp.zeros((1, *benchmark.input_shape), jnp.float32)
+    counter = flops_lib.FlopsCounter(flops_lib.layer_forward_flops(
+        method.model, {"params": state.params, "batch_stats": state.batch_stats} if
+        state.batch_stats else {"params": state.params}, sample))
+    flops_per_task = []
+
     t_count = benchmark.num_tasks
+    logger = make_logger(workdir, bool(config.tensorboard))
     class_il = np.full((t_count, t_count), np.nan)
     task_il = np.full((t_count, t_count), np.nan)
     train_times, eval_times, per_task = [], [], []
     for task_id in range(t_count):
         task_start = time.perf_counter()
         x_np, y_np = method.training_data(task_id)
-        x_dev, y_dev = jax.device_put(x_np), jax.device_put(y_np.astype(np.int32))
+        x_dev = jax.device_put(x_np, replicated)
+        y_dev = jax.device_put(y_np.astype(np.int32), replicated)
         ctx = task_context(benchmark, task_id)
         state = state.replace(task_id=jnp.asarray(task_id, jnp.int32))
         state = method.begin_task(state, task_id)
@@ -246,6 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             if indices is None:
                 indices = np.arange(x_np.shape[0], dtype=np.int32)
             state = method.begin_epoch(state, task_id, epoch)
+            counter.set_densities(*method.flops_densities(state))
             epoch_key = jax.random.fold_in(jax.random.fold_in(state.rng, 1_000_003 + task_id), epoch)
             batch_idx, valid, steps = epoch_batches(epoch_key, indices, config.batch_size,
                                                     config.steps_per_call)
@@ -254,7 +334,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             losses_, accs = [], []
             for c in range(0, batch_idx.shape[0], config.steps_per_call):
                 sl = slice(c, c + config.steps_per_call)
-                state, step_metrics = run_chunk(state, x_dev, y_dev, batch_idx[sl], valid[sl], ctx)
+                chunk_idx = jax.device_put(batch_idx[sl], batch_sharding)
+                state, step_metrics = run_chunk(state, x_dev, y_dev, chunk_idx, valid[sl], ctx)
                 ok = valid[sl]
                 chunk_loss = np.asarray(step_metrics.loss)[ok]
                 if not np.all(np.isfinite(chunk_loss)):
@@ -266,9 +347,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 bar.set_postfix(loss=f"{np.mean(chunk_loss):.3f}",
                                 acc=f"{100 * np.mean(accs[-1]):.1f}%", refresh=False)
                 bar.update(int(ok.sum()))
+                count_passes(counter, method.step_passes(), int(ok.sum()))
+                global_step = int(state.step)
+                logger.scalars({"train/loss": float(np.mean(chunk_loss)),
+                                "train/accuracy": float(np.mean(accs[-1])),
+                                "train/flops": counter.total}, global_step)
             examples_seen += steps * config.batch_size
         bar.close()
         state = method.end_task(state, task_id, x_np, y_np)
+        count_passes(counter, method.end_task_passes(x_np.shape[0]), 1)
+        flops_per_task.append(counter.total)
         jax.block_until_ready(state)
         train_times.append(time.perf_counter() - task_start)
         eval_start = time.perf_counter()
@@ -277,10 +365,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         eval_times.append(time.perf_counter() - eval_start)
         per_task.append({"task": task_id, "classes": list(benchmark.tasks[task_id].classes),
                          "train_examples_seen": examples_seen, **method.summary(state)})
+        log_task(logger, per_task[-1], class_il[task_id], task_il[task_id], counter.total)
         if progress:
             print(f"  after task {task_id + 1}: class-IL {100 * np.nanmean(class_il[task_id, :task_id + 1]):.2f}% "
                   f"task-IL {100 * np.nanmean(task_il[task_id, :task_id + 1]):.2f}%", flush=True)
 
+    logger.close()
     result = {
         "config": config.to_dict(),
         "seed": config.seed,
@@ -294,6 +384,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         "train_time_per_task_s": train_times,
         "eval_time_per_task_s": eval_times,
         "per_task": per_task,
+        "training_flops": counter.total,
+        "training_flops_cumulative_per_task": flops_per_task,
+        "dense_forward_flops_per_example": counter.dense_forward,
+        "memory": memory_footprint(method, state, benchmark, config.batch_size),
+        "num_devices": 1 if mesh is None else mesh.size,
         "wall_time_s": time.perf_counter() - start,
         "environment": results_lib.environment(),
     }

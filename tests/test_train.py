@@ -15,8 +15,8 @@ from experiments.configs import split_digits, split_mnist
 from tests.conftest import REPO_ROOT
 
 
-def digits_config(method: str = "finetune", **overrides):
-    config = split_digits.get_config(method)
+def digits_config(protocol_row: str = "finetune", **overrides):
+    config = split_digits.get_config(protocol_row)
     config.progress = False
     config.tensorboard = False
     for key, value in overrides.items():

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from esacl_jax import flops as flops_lib
 from esacl_jax import losses
 from esacl_jax.data.augment import augment_batch
 from esacl_jax.data.base import Benchmark, preprocess
@@ -53,6 +54,13 @@ class TaskContext(NamedTuple):
 class StepMetrics(NamedTuple):
     loss: jax.Array
     accuracy: jax.Array
+
+
+class Pass(NamedTuple):
+    """One pass a step executes, for the training-FLOPs count (METHOD.md accounting)."""
+
+    kind: str  # "fwd" (forward only) or "fwd_bwd" (forward + activation and weight gradients)
+    examples: int  # examples the pass touches
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -181,6 +189,33 @@ class Method:
     def eval_variables(self, state: TrainState) -> tuple[Any, Any]:
         """(params, batch_stats) used for evaluation."""
         return state.params, state.batch_stats
+
+    # ----- training-FLOPs accounting (host-side, counted as the run executes) -----
+    def step_passes(self) -> list[Pass]:
+        """The passes one train step executes. Finetune: one forward+backward on the batch."""
+        return [Pass("fwd_bwd", self.config.batch_size)]
+
+    def sparse_masks(self, state: TrainState) -> Any | None:
+        """The weight masks of a sparse method (bool pytree like params), None for dense ones."""
+        del state
+        return None
+
+    def flops_densities(self, state: TrainState) -> tuple[dict | None, dict | None]:
+        """(weight densities, gradient densities) by kernel path for the FLOPs count.
+
+        None means dense. By default both follow `sparse_masks` (gradients masked by weights,
+        g = s in METHOD.md's accounting); DGM-style methods override the gradient densities.
+        """
+        weight_masks = self.sparse_masks(state)
+        if weight_masks is None:
+            return None, None
+        densities = flops_lib.densities_from_masks(weight_masks)
+        return densities, densities
+
+    def end_task_passes(self, num_examples: int) -> list[Pass]:
+        """Extra passes at the end of a task (e.g. EWC's Fisher estimate). None by default."""
+        del num_examples
+        return []
 
     def summary(self, state: TrainState) -> dict:
         """Extra per-task facts for results.json (e.g. sparsity). Host-side."""

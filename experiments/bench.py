@@ -1,0 +1,137 @@
+"""Speed benchmark: whole-run wall time and peak RSS per method, and per-step cost ratios.
+
+    python -m experiments.bench --data_dir=../shared/data [--out=docs/bench.md]
+
+1. Whole runs: `python -m experiments.main` for each method on split_mnist, in a fresh process
+   (import, data load, compilation, 5 tasks, evaluation), timed from outside, with the child's
+   peak RSS.
+2. Step cost: the compiled training chunk of each method on the same task-0 batches, after
+   compilation, reported in microseconds per step and as a ratio to dense DER++.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with mnist/ (else $ESACL_DATA_DIR).")
+_OUT = flags.DEFINE_string("out", None, "Also write the markdown report to this file.")
+_RUNS = flags.DEFINE_list("runs", ["finetune", "derpp", "esacl"], "Methods for whole runs.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Repetitions of each measurement (best is kept).")
+_STEPS = flags.DEFINE_integer("steps", 1000, "Steps timed per step-cost measurement.")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# (label, method row, esacl overrides) for the step-cost table.
+STEP_VARIANTS = [
+    ("finetune", "finetune", {}),
+    ("DER++ (dense)", "derpp", {}),
+    ("EsaCL B (default)", "esacl", {}),
+    ("EsaCL A", "esacl", {"step_variant": "A"}),
+    ("EsaCL C", "esacl", {"step_variant": "C"}),
+    ("EsaCL B, no IDS (gamma=1)", "esacl", {"gamma": 1.0}),
+    ("EsaCL B, IDS score=clean_loss", "esacl", {"ids_score": "clean_loss"}),
+]
+
+
+def whole_run(method: str, data_dir: str, workdir: pathlib.Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one `experiments.main` split_mnist run in a new process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.main",
+         f"--config=experiments/configs/split_mnist.py:{method}", f"--workdir={workdir}",
+         f"--config.data_dir={data_dir}", "--config.progress=False", "--config.tensorboard=False"],
+        cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"{method} run failed: {proc.stderr.strip().splitlines()[-1]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, max(peak, before) / 1024
+
+
+def step_cost_us(method: str, overrides: dict, data_dir: str, steps: int, repeats: int) -> float:
+    """Best-of-`repeats` microseconds per compiled train step on split_mnist task 0 batches."""
+    import jax
+    import numpy as np
+
+    from esacl_jax import train
+    from esacl_jax.methods import build_method
+    from experiments.configs import split_mnist
+
+    config = split_mnist.get_config(method)
+    config.data_dir = data_dir
+    config.esacl.update(overrides)
+    benchmark = train.load_config_benchmark(config)
+    m = build_method(config, train.build_model_for(config, benchmark), benchmark)
+    run_chunk = train.make_train_chunk(m, benchmark)
+    task = benchmark.tasks[0]
+    x, y = jax.device_put(task.x_train), jax.device_put(task.y_train.astype(np.int32))
+    ctx = train.task_context(benchmark, 0)
+    chunk = config.steps_per_call
+    batch_idx, valid, _ = train.epoch_batches(
+        jax.random.key(1), np.arange(task.num_train, dtype=np.int32), config.batch_size, chunk)
+    state = m.init(jax.random.key(0))
+    state, _ = run_chunk(state, x, y, batch_idx[:chunk], valid[:chunk], ctx)  # compile
+    jax.block_until_ready(state)
+    best = float("inf")
+    for _ in range(repeats):
+        start, done = time.perf_counter(), 0
+        while done < steps:
+            i = chunk + done % (batch_idx.shape[0] - 2 * chunk)
+            i -= i % chunk
+            state, _ = run_chunk(state, x, y, batch_idx[i:i + chunk], valid[i:i + chunk], ctx)
+            done += chunk
+        jax.block_until_ready(state)
+        best = min(best, (time.perf_counter() - start) / done * 1e6)
+    return best
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    data_dir = _DATA_DIR.value or os.environ.get("ESACL_DATA_DIR")
+    if not data_dir:
+        print("error: pass --data_dir or set ESACL_DATA_DIR (a directory holding mnist/)",
+              file=sys.stderr)
+        sys.exit(1)
+    from esacl_jax.results import environment
+
+    env = environment()
+    lines = [f"# Speed benchmark (split_mnist, batch 10, buffer 500, sparsity 0.9)", "",
+             f"- command: `python -m experiments.bench {' '.join(sys.argv[1:])}`",
+             f"- commit: {env['git_commit']}",
+             f"- machine: {env['platform']}, {env['cpu_count']} CPUs, jax {env['packages']['jax']}"
+             f" on {env['backend']} ({', '.join(env['devices'])})", "",
+             "## Whole runs (fresh process: import, data, compile, 5 tasks, evaluation)", "",
+             "| method | wall time (s), best of runs | peak RSS (MiB) |", "|---|---|---|"]
+    tmp = REPO / "runs" / "bench"
+    for method in _RUNS.value:
+        results = [whole_run(method, data_dir, tmp / method) for _ in range(_REPEATS.value)]
+        wall = min(r[0] for r in results)
+        rss = max(r[1] for r in results)
+        lines.append(f"| {method} | {wall:.2f} (all: {', '.join(f'{r[0]:.2f}' for r in results)})"
+                     f" | {rss:.0f} |")
+        print(lines[-1], flush=True)
+    lines += ["", "## Step cost (compiled chunk, same batches, best of repeats)", "",
+              "| step | us/step | ratio to DER++ |", "|---|---|---|"]
+    costs = {}
+    for label, method, overrides in STEP_VARIANTS:
+        costs[label] = step_cost_us(method, overrides, data_dir, _STEPS.value, _REPEATS.value)
+    for label, cost in costs.items():
+        lines.append(f"| {label} | {cost:.0f} | {cost / costs['DER++ (dense)']:.2f} |")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if _OUT.value:
+        from esacl_jax.reporting import write_text_atomic
+
+        write_text_atomic(_OUT.value, report)
+
+
+if __name__ == "__main__":
+    app.run(main)
