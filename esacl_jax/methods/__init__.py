@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from esacl_jax.methods.base import (Batch, Method, StepMetrics, TaskContext, TrainState,
+from esacl_jax.methods.base import (Batch, Method, Pass, StepMetrics, TaskContext, TrainState,
                                     make_optimizer)
 
 # name -> "module:Class"; imported lazily so a method's dependencies load only when used.
@@ -14,6 +14,12 @@ METHODS = {
     "er": "esacl_jax.methods.er:ER",
     "derpp": "esacl_jax.methods.derpp:DERPP",
     "esacl": "esacl_jax.methods.esacl:EsaCL",
+    "ewc": "esacl_jax.methods.ewc:EWC",
+    "sparcl": "esacl_jax.methods.sparcl:SparCL",
+    "sparcl_ewc": "esacl_jax.methods.sparcl:SparCLEWC",
+    "sparcl_er": "esacl_jax.methods.sparcl:SparCLER",
+    "sparcl_derpp": "esacl_jax.methods.sparcl:SparCLDERPP",
+    "prune_retrain": "esacl_jax.methods.prune_retrain:PruneRetrain",
 }
 
 
@@ -28,5 +34,5 @@ def build_method(config, model, benchmark) -> Method:
     return method_class(config.method)(config, model, benchmark)
 
 
-__all__ = ["Batch", "METHODS", "Method", "StepMetrics", "TaskContext", "TrainState",
+__all__ = ["Batch", "METHODS", "Method", "Pass", "StepMetrics", "TaskContext", "TrainState",
            "build_method", "make_optimizer", "method_class"]
