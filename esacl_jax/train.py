@@ -355,6 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             examples_seen += steps * config.batch_size
         bar.close()
         state = method.end_task(state, task_id, x_np, y_np)
+        counter.set_densities(*method.flops_densities(state))  # e.g. retraining after pruning
         count_passes(counter, method.end_task_passes(x_np.shape[0]), 1)
         flops_per_task.append(counter.total)
         jax.block_until_ready(state)

@@ -48,23 +48,45 @@ def base_config() -> ml_collections.ConfigDict:
     c.esacl = ml_collections.ConfigDict(dict(
         sparsity=0.9, distribution="uniform", rho=0.05, gamma=0.5,
         step_variant="B",  # A: clean pass on current+replay; B: current only; C: score table
-        ids_score="sharpness",  # sharpness | loss (variant C reads the table's loss or sharpness)
+        ids_score="sharpness",  # sharpness | perturbed_loss | clean_loss | random
         replay="derpp",  # derpp | er | none
+        replay_at="perturbed",  # B: replay gradient at w + eps (METHOD.md) or at the clean w
         mask_update_every=5,  # epochs; masks also update at every task start
         prune_fraction=0.01, score="magnitude_gradient", score_lambda=0.5, ema_decay=0.9,
         regrow="gradient", sdp=True,  # sdp=False: magnitude masks fixed at init (ablation)
     ))
-    # online EWC
-    c.ewc = ml_collections.ConfigDict(dict(ewc_lambda=90.0, gamma=1.0))
-    # SparCL
+    # online EWC (ewc, sparcl_ewc): penalty ewc_lambda * sum(F * (w - w*)^2), F <- gamma F + new
+    c.ewc = ml_collections.ConfigDict(dict(
+        ewc_lambda=90.0, gamma=1.0,
+        fisher_batch_size=32,  # examples per vmapped per-example-gradient chunk
+        fisher_prob_weight=False,  # True: weight each squared gradient by p(y|x) (mammoth)
+    ))
+    # SparCL (sparcl with base below; sparcl_ewc / sparcl_er / sparcl_derpp fix the base)
     c.sparcl = ml_collections.ConfigDict(dict(
         sparsity=0.75, distribution="uniform", base="derpp",  # ewc | er | derpp
-        tdm_every=5, tdm_extra=0.01, tdm_freeze_fraction=0.9, score_lambda=0.5,
-        dgm_keep=0.2, dgm_every=30, ddr_epochs=(5, 10, 15, 20), ddr_fraction=0.075,
-        ddr=True, dgm=True,
+        # TDM: updates at epochs 0, tdm_every, ... before the freeze epoch
+        # F = floor(tdm_freeze_fraction * epochs + 0.5) (45 of 50): prune to s + tdm_extra, regrow
+        # at random to s; at F: prune to s, no regrowth, mask fixed for the rest of the task.
+        # 1-epoch tasks: F = 1, so one prune-and-regrow at epoch 0 of every task (set
+        # tdm_freeze_fraction=0 for a freeze at epoch 0 instead: no regrowth at all).
+        tdm=True, tdm_every=5, tdm_extra=0.01, tdm_freeze_fraction=0.9, score_lambda=0.5,
+        # DGM: keep the top dgm_keep of |grad| per prunable layer, refreshed at each epoch's first
+        # step and every dgm_every steps after it.
+        dgm=True, dgm_keep=0.2, dgm_every=30,
+        # DDR: at epochs ddr_epochs of a ddr_reference_epochs-epoch task, scaled to
+        # max(1, floor(e * epochs / ddr_reference_epochs + 0.5)) (coinciding events add up, events
+        # at or past the last epoch are dropped: never with 1-epoch tasks), drop ddr_fraction of
+        # the task's examples with the fewest forgetting events.
+        ddr=True, ddr_epochs=(5, 10, 15, 20), ddr_reference_epochs=50, ddr_fraction=0.075,
     ))
-    # magnitude prune-then-retrain
-    c.prune_retrain = ml_collections.ConfigDict(dict(sparsity=0.9, retrain_epochs=1))
+    # magnitude prune-then-retrain: dense base training, per-task magnitude pruning to sparsity
+    # and retrain_epochs of masked retraining on the task's data (mask refreshed every task)
+    c.prune_retrain = ml_collections.ConfigDict(dict(
+        sparsity=0.9, distribution="uniform", retrain_epochs=1,
+        base="derpp",  # finetune | ewc | er | derpp
+    ))
+    # devices: 0 = data-parallel over every visible device (batch split along a "data" mesh axis)
+    c.num_devices = 0
     # output
     c.progress = True
     c.tensorboard = True
@@ -97,9 +119,18 @@ MNIST_METHODS = {
                   der_beta=0.5),
     # EsaCL starts from the benchmark's DER++ settings plus rho 0.05, gamma 0.5.
     "esacl": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=10, der_alpha=1.0,
-                  der_beta=0.5, current_task_logit_mask=True),
+                  der_beta=0.5),
     "sparcl": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=10, der_alpha=1.0,
-                   der_beta=0.5, current_task_logit_mask=True),
+                   der_beta=0.5),
+    # SparCL variants: the dense base's protocol row. SparCL's official use_cl_mask (masking the
+    # current-task logits) is kept only for SparCL-EWC, which has no buffer and needs it; for every
+    # replay method it cost 12-20 points of class-IL in this harness, so it is off for all of them.
+    "sparcl_ewc": dict(learning_rate=0.03, buffer_size=0, current_task_logit_mask=True,
+                       ewc=dict(ewc_lambda=90.0, gamma=1.0), sparcl=dict(base="ewc")),
+    "sparcl_er": dict(learning_rate=0.1, buffer_size=500, replay_batch_size=10,
+                      sparcl=dict(base="er")),
+    "sparcl_derpp": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=10,
+                         der_alpha=1.0, der_beta=0.5, sparcl=dict(base="derpp")),
     "prune_retrain": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=10,
                           der_alpha=1.0, der_beta=0.5),
 }
@@ -112,10 +143,17 @@ CIFAR_METHODS = {
     "derpp": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=32, der_alpha=0.2,
                   der_beta=0.5),
     "esacl": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=32, der_alpha=0.2,
-                  der_beta=0.5, current_task_logit_mask=True),
+                  der_beta=0.5),
     # SparCL-DER++ official script: lr 0.03, alpha 0.1, beta 0.5 (METHOD.md).
     "sparcl": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=32, der_alpha=0.1,
-                   der_beta=0.5, current_task_logit_mask=True),
+                   der_beta=0.5),
+    # The official script's lr 0.03 for every SparCL variant (buffer minibatch = batch 32).
+    "sparcl_ewc": dict(learning_rate=0.03, buffer_size=0, current_task_logit_mask=True,
+                       ewc=dict(ewc_lambda=10.0, gamma=1.0), sparcl=dict(base="ewc")),
+    "sparcl_er": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=32,
+                      sparcl=dict(base="er")),
+    "sparcl_derpp": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=32,
+                         der_alpha=0.1, der_beta=0.5, sparcl=dict(base="derpp")),
     "prune_retrain": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=32,
                           der_alpha=0.2, der_beta=0.5),
 }

@@ -1,0 +1,150 @@
+"""Magnitude prune-then-retrain: the expensive retraining EsaCL avoids, as a baseline.
+
+Per task: train the base method (`config.prune_retrain.base`, DER++ by default) densely; at the
+task end prune every prunable layer (`masks.default_prunable`) to `sparsity` by weight magnitude
+and retrain the surviving weights for `retrain_epochs` epochs on the task's data with the mask
+fixed (masked gradients and updates, pruned weights exactly zero), running the same train step
+(base loss, replay insertion, per-step PRNG keys as the loop) inside a jit-compiled `lax.scan`.
+Evaluation uses the sparse weights.
+
+Mask policy (a choice): the mask is refreshed per task, not accumulated. The next task starts
+from the sparse weights and trains densely again (pruned weights restart from zero), and its end
+prunes afresh by magnitude. This is the plain "dense training + one-shot pruning + fine-tuning"
+pipeline applied at every task boundary; it keeps the network's capacity for later tasks, and
+forgetting is handled by the base method's replay, as in the dense baseline.
+
+FLOPs: training epochs are dense (`flops_densities` -> None until the task ends); after the task
+end `flops_densities` gives the mask densities, and `end_task_passes` counts the retraining
+(every base pass, for each retraining step) plus the base's own end-of-task passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from esacl_jax import flops as flops_lib
+from esacl_jax import losses
+from esacl_jax import masks as masks_lib
+from esacl_jax.data.base import class_mask
+from esacl_jax.methods.base import Batch, Pass, StepMetrics, TaskContext, TrainState
+from esacl_jax.methods.sparcl import WrappedBase
+
+PRUNE_RETRAIN_BASES = ("finetune", "ewc", "er", "derpp")
+
+
+class PruneRetrain(WrappedBase):
+    """Dense base training, then per-task magnitude pruning + masked retraining."""
+
+    name = "prune_retrain"
+    allowed_bases = PRUNE_RETRAIN_BASES
+
+    def __init__(self, config, model, benchmark):
+        c = config.prune_retrain
+        if not 0.0 <= c.sparsity < 1.0:
+            raise ValueError(f"prune_retrain.sparsity must be in [0, 1), got {c.sparsity}")
+        if c.retrain_epochs < 0:
+            raise ValueError(f"prune_retrain.retrain_epochs must be >= 0, got {c.retrain_epochs}")
+        self.pr = c
+        super().__init__(config, model, benchmark, base_name=c.base)
+        self._retrain_epoch = jax.jit(self._scan_epoch, donate_argnums=(0,))
+
+    # ----- state -----
+    def dense_masks(self, params: Any) -> Any:
+        """All-True masks in the masks convention (full arrays on prunable leaves)."""
+        prunable = masks_lib.prunable_tree(params)
+        return jax.tree.map(lambda w, p: jnp.ones(w.shape, bool) if p else jnp.ones((), bool),
+                            params, prunable)
+
+    def init_method_state(self, params: Any) -> Any:
+        return {**self.base.init_method_state(params), "masks": self.dense_masks(params),
+                "pruned": jnp.zeros((), bool)}
+
+    # ----- the compiled step (dense while masks are all True, masked while retraining) -----
+    def train_step(self, state: TrainState, batch: Batch, ctx: TaskContext,
+                   key: jax.Array) -> tuple[TrainState, StepMetrics]:
+        replay_key, after_key = jax.random.split(key)
+        loss, (logits, new_stats, per_example), grads = self.loss_and_grads(state, batch, ctx,
+                                                                            replay_key)
+        weight_masks = state.method_state["masks"]
+        params, opt_state = self.masked_update(
+            state, masks_lib.apply_masks(grads, weight_masks), weight_masks)
+        method_state = self.base.after_step(state, batch, ctx, logits, per_example, after_key)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                                  opt_state=opt_state, method_state=method_state)
+        accuracy = losses.correct(logits, batch.y, self.current_loss_mask(ctx)).mean()
+        return new_state, StepMetrics(loss, accuracy)
+
+    def _scan_epoch(self, state: TrainState, x_all: jax.Array, y_all: jax.Array,
+                    batch_idx: jax.Array, ctx: TaskContext) -> tuple[TrainState, StepMetrics]:
+        """One retraining epoch: the loop's per-step keys, augmentation and train step."""
+        def body(state, idx):
+            key = jax.random.fold_in(state.rng, state.step)
+            aug_key, step_key = jax.random.split(key)
+            x_raw = x_all[idx]
+            batch = Batch(x=self.prepare_inputs(aug_key, x_raw), x_raw=x_raw, y=y_all[idx],
+                          index=idx)
+            return self.train_step(state, batch, ctx, step_key)
+
+        return jax.lax.scan(body, state, batch_idx)
+
+    # ----- host-side hooks -----
+    def begin_task(self, state: TrainState, task_id: int) -> TrainState:
+        state = self.base.begin_task(state, task_id)
+        ms = {**state.method_state, "masks": self.dense_masks(state.params),
+              "pruned": jnp.zeros((), bool)}
+        return state.replace(method_state=ms)
+
+    def task_context(self, task_id: int) -> TaskContext:
+        b = self.benchmark
+        return TaskContext(
+            task_id=jnp.asarray(task_id, jnp.int32),
+            task_classes=jnp.asarray(class_mask(b.tasks[task_id].classes, b.num_classes)),
+            seen_classes=jnp.asarray(class_mask(b.classes_up_to(task_id), b.num_classes)))
+
+    def prune(self, state: TrainState) -> TrainState:
+        """Per-layer magnitude pruning of the current weights to `prune_retrain.sparsity`."""
+        sparsities = masks_lib.layer_sparsities(state.params, self.pr.sparsity,
+                                                self.pr.distribution)
+        weight_masks = masks_lib.magnitude_masks(state.params, sparsities)
+        return state.replace(params=masks_lib.apply_masks(state.params, weight_masks),
+                             method_state={**state.method_state, "masks": weight_masks,
+                                           "pruned": jnp.ones((), bool)})
+
+    def retrain_steps(self, num_examples: int) -> int:
+        return (num_examples // self.config.batch_size) * int(self.pr.retrain_epochs)
+
+    def end_task(self, state: TrainState, task_id: int, x: np.ndarray, y: np.ndarray) -> TrainState:
+        state = self.prune(state)
+        steps = x.shape[0] // self.config.batch_size
+        if self.pr.retrain_epochs > 0 and steps > 0:
+            ctx = self.task_context(task_id)
+            x_dev, y_dev = jax.device_put(x), jax.device_put(np.asarray(y, np.int32))
+            for epoch in range(int(self.pr.retrain_epochs)):
+                key = jax.random.fold_in(jax.random.fold_in(state.rng, 3_000_017 + task_id), epoch)
+                order = np.asarray(jax.random.permutation(key, x.shape[0]), np.int32)
+                batch_idx = order[: steps * self.config.batch_size].reshape(steps, -1)
+                state, _ = self._retrain_epoch(state, x_dev, y_dev, batch_idx, ctx)
+        return self.base.end_task(state, task_id, x, y)
+
+    # ----- accounting -----
+    def flops_densities(self, state: TrainState) -> tuple[dict | None, dict | None]:
+        if not bool(state.method_state["pruned"]):
+            return None, None
+        weight = flops_lib.densities_from_masks(state.method_state["masks"])
+        return weight, weight
+
+    def end_task_passes(self, num_examples: int) -> list[Pass]:
+        steps = self.retrain_steps(num_examples)
+        retrain = [Pass(p.kind, p.examples * steps) for p in self.base.step_passes()]
+        return [p for p in retrain if p.examples > 0] + self.base.end_task_passes(num_examples)
+
+    def summary(self, state: TrainState) -> dict:
+        return {"sparsity": masks_lib.sparsity_summary(state.method_state["masks"]),
+                **self.base.summary(state)}
+
+
+__all__ = ["PRUNE_RETRAIN_BASES", "PruneRetrain"]
