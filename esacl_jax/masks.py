@@ -1,0 +1,433 @@
+"""Sparse masks as pure functions of pytrees: which weights are prunable, how sparse each layer
+is, the initial magnitude masks, the SDP scores, and the prune-and-regrow mask update.
+
+Conventions (shared with `sdp.py` and `sharpness.py`):
+- A mask tree has the structure of the params. Prunable leaves get a boolean array of the leaf's
+  shape; non-prunable leaves get a scalar `True` (broadcastable, never `None`). Hence "is this leaf
+  prunable" can always be read off the mask tree: `mask.ndim > 0`.
+- Counts are exact: a layer of `size` weights at sparsity `s` has exactly `round(s * size)` pruned
+  weights (round half to even), and prune-and-regrow keeps the active count unchanged.
+- Everything works under `jit` and with traced hyper-parameters (sparsity, fraction) so the
+  functions compose with `optax.inject_hyperparams`. Selections use `lax.top_k` when the count is
+  static (fast: a mask update touches ~1% of a layer) and a rank from one stable argsort when it
+  is traced; both give the same masks (ties go to the lower index).
+- Explicitly sharded leaves (sharding in types) are gathered for the per-layer ranking and the
+  results get the leaf's sharding back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+PyTree = Any
+KeyPath = tuple[Any, ...]
+PrunableFn = Callable[[KeyPath, Any], bool]
+
+EXCLUDED_NAME_PARTS = ("stem", "classifier", "shortcut", "head", "embed")
+SCORE_KINDS = ("magnitude_gradient", "taylor")
+REGROW_KINDS = ("gradient", "random")
+DISTRIBUTIONS = ("uniform", "erk")
+
+
+# ----------------------------------------------------------------------------- paths, filters
+
+
+def _key_name(key: Any) -> str:
+    """The name of one path entry, whatever its kind (dict key, attribute, sequence index)."""
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return str(key.name)
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def path_names(path: KeyPath) -> tuple[str, ...]:
+    """Names of the entries of a key path, e.g. `("params", "Dense_0", "kernel")`.
+
+    A trailing `.value` attribute (how a `flax.nnx.Variable` appears in a key path) is dropped, so
+    an nnx `State` of `Param`s and its pure-array version give the same names.
+    """
+    names = [_key_name(k) for k in path]
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
+        names = names[:-1]
+    return tuple(names)
+
+
+def path_string(path: KeyPath) -> str:
+    """`"/".join(path_names(path))`: the layer name used in summaries."""
+    return "/".join(path_names(path))
+
+
+def default_prunable(path: KeyPath, leaf: Any) -> bool:
+    """True for conv/dense kernels (ndim >= 2, last name "kernel") outside the excluded layers.
+
+    Excluded: any path component whose name contains "stem", "classifier", "shortcut", "head" or
+    "embed" (first layer, classifier, ResNet 1x1 projections, heads, embeddings). For the CIFAR
+    ResNet-18 this leaves exactly the 16 3x3 convolutions of the residual blocks.
+    """
+    names = path_names(path)
+    if not names or names[-1] != "kernel" or len(np.shape(leaf)) < 2:
+        return False
+    lowered = [n.lower() for n in names]
+    return not any(part in name for name in lowered for part in EXCLUDED_NAME_PARTS)
+
+
+def _flat_with_prunable(
+    params: PyTree, prunable: PrunableFn | PyTree
+) -> tuple[list[tuple[KeyPath, Any]], list[bool], Any]:
+    """Flattened (path, leaf) pairs, their prunable flags and the treedef.
+
+    `prunable` is a filter `(path, leaf) -> bool` or an already computed tree of bools. Scalar
+    leaves are never prunable (their mask would be indistinguishable from the placeholder).
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    if callable(prunable):
+        flags = [bool(prunable(p, x)) for p, x in flat]
+    else:
+        flags = [bool(f) for f in treedef.flatten_up_to(prunable)]
+    flags = [f and len(np.shape(x)) > 0 for f, (_, x) in zip(flags, flat, strict=True)]
+    return flat, flags, treedef
+
+
+def prunable_tree(params: PyTree, prunable: PrunableFn = default_prunable) -> PyTree:
+    """A tree of Python bools (static) saying which leaves of `params` are pruned."""
+    _, flags, treedef = _flat_with_prunable(params, prunable)
+    return treedef.unflatten(flags)
+
+
+def _mask_flags(masks: PyTree, prunable: PrunableFn | PyTree | None) -> tuple[list, list, Any]:
+    """Flattened masks and prunable flags; with `prunable=None` a leaf is prunable iff its mask
+    is not the scalar placeholder (the convention of `magnitude_masks`)."""
+    leaves, treedef = jax.tree.flatten(masks)
+    flags = [jnp.ndim(m) > 0 for m in leaves]
+    if prunable is not None:
+        _, extra, _ = _flat_with_prunable(masks, prunable)
+        flags = [a and b for a, b in zip(flags, extra, strict=True)]
+    return leaves, flags, treedef
+
+
+# ----------------------------------------------------------------------------- sparsity levels
+
+
+def _concrete_float(x: Any) -> float | None:
+    """`float(x)` when `x` is a concrete number, `None` when it is traced."""
+    try:
+        return float(x)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _erk_sparsities(shapes: list[tuple[int, ...]], sparsity: Any, xp: Any) -> list[Any]:
+    """ERK (RigL, Evci et al. 2020) per-layer sparsities hitting the global target `sparsity`.
+
+    Density of layer l is eps * (sum of dims)/(prod of dims); eps is set so the total number of
+    active weights is (1 - sparsity) * total. Layers whose density would exceed 1 are made dense
+    and eps is recomputed for the rest (at most one round per layer, so a fixed-length loop works
+    with a traced `sparsity` too). `xp` is numpy (static) or jax.numpy (traced).
+    """
+    sizes = np.array([math.prod(s) for s in shapes], dtype=np.float64)
+    raw = np.array([sum(s) / math.prod(s) for s in shapes], dtype=np.float64)
+    target_active = (1.0 - sparsity) * sizes.sum()
+    dense = xp.zeros(len(shapes), dtype=bool)
+
+    def eps_of(dense: Any) -> Any:
+        rhs = target_active - xp.sum(xp.where(dense, sizes, 0.0))
+        divisor = xp.sum(xp.where(dense, 0.0, raw * sizes))
+        return xp.where(divisor > 0, rhs / xp.where(divisor > 0, divisor, 1.0), 0.0)
+
+    for _ in range(len(shapes)):
+        eps = eps_of(dense)
+        max_raw = xp.max(xp.where(dense, -np.inf, raw))
+        dense = dense | ((~dense) & (raw == max_raw) & (max_raw * eps > 1.0))
+    eps = eps_of(dense)
+    density = xp.where(dense, 1.0, xp.clip(eps * raw, 0.0, 1.0))
+    return [1.0 - density[i] for i in range(len(shapes))]
+
+
+def layer_sparsities(
+    params: PyTree,
+    sparsity: Any,
+    distribution: str = "uniform",
+    prunable: PrunableFn | PyTree = default_prunable,
+) -> PyTree:
+    """Per-leaf target sparsity: a tree of Python floats (0.0 for non-prunable leaves).
+
+    `distribution="uniform"` gives every prunable layer `sparsity`; `"erk"` distributes the same
+    global number of pruned weights by Erdos-Renyi-Kernel. A traced `sparsity` (abstract init,
+    `inject_hyperparams` under `jit`) gives traced scalars instead of Python floats.
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    flat, flags, treedef = _flat_with_prunable(params, prunable)
+    static = _concrete_float(sparsity)
+    shapes = [tuple(np.shape(x)) for (_, x), f in zip(flat, flags, strict=True) if f]
+    if distribution == "uniform" or not shapes:
+        values = [static if static is not None else sparsity] * len(shapes)
+    elif static is not None:
+        values = [float(v) for v in _erk_sparsities(shapes, static, np)]
+    else:
+        values = _erk_sparsities(shapes, jnp.asarray(sparsity, jnp.float32), jnp)
+    it = iter(values)
+    return treedef.unflatten([next(it) if f else 0.0 for f in flags])
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def _explicit_sharding(x: jax.Array) -> Any:
+    """The array's sharding type when it is sharded over explicit mesh axes, else None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(axis is None for axis in spec):
+        return None
+    return sharding
+
+
+def _flatten(x: jax.Array) -> jax.Array:
+    """x as a 1-D array; an explicitly sharded x is gathered (replicated) first, because an exact
+    per-layer ranking needs the whole layer."""
+    x = jnp.asarray(x)
+    sharding = _explicit_sharding(x)
+    if sharding is None:
+        return jnp.reshape(x, (-1,))
+    return jax.lax.reshape(x, (x.size,), out_sharding=sharding.update(spec=PartitionSpec()))
+
+
+def _unflatten(flat: jax.Array, like: jax.Array) -> jax.Array:
+    """Inverse of `_flatten`: the shape and (explicit) sharding of `like`."""
+    sharding = _explicit_sharding(jnp.asarray(like))
+    if sharding is None:
+        return jnp.reshape(flat, jnp.shape(like))
+    return jax.lax.reshape(flat, jnp.shape(like), out_sharding=sharding)
+
+
+def _concrete_int(x: Any) -> int | None:
+    """`int(x)` when `x` is a concrete number, `None` when it is traced."""
+    try:
+        return int(x)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _top_k_mask(flat: jax.Array, k: int, take: Any = None) -> jax.Array:
+    """Mask of the first `take` (default all k) of `lax.top_k(flat, k)` (static k; ties go to
+    the lower index). Cheaper than a full sort when k is small (the 1% of a mask update)."""
+    if k == 0:
+        return jnp.zeros(flat.shape, bool)
+    _, idx = jax.lax.top_k(flat, k)
+    chosen = True if take is None else jnp.arange(k) < take
+    return jnp.zeros(flat.shape, bool).at[idx].set(chosen)
+
+
+def _keep_top_flat(flat: jax.Array, num_keep: Any) -> jax.Array:
+    """`keep_top` on a 1-D array: `lax.top_k` for a static count, a rank otherwise."""
+    flat = jnp.where(jnp.isnan(flat), -jnp.inf, flat)
+    static = _concrete_int(num_keep)
+    if static is not None:
+        return _top_k_mask(flat, min(max(static, 0), flat.size))
+    order = jnp.argsort(flat, descending=True, stable=True)
+    rank = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
+    return rank < jnp.clip(jnp.asarray(num_keep, jnp.int32), 0, flat.size)
+
+
+def keep_top(scores: jax.Array, num_keep: Any) -> jax.Array:
+    """Boolean mask (shape of `scores`) with exactly `num_keep` True at the highest scores.
+
+    Ties are broken by flat index (lower index kept first); NaN scores rank lowest. `num_keep` may
+    be a traced integer: the selection is then `rank < num_keep` with the rank from one stable
+    argsort (and a scatter), so no static k is needed; a concrete `num_keep` uses `lax.top_k`
+    (same result, faster). `num_keep` is clipped to [0, scores.size].
+    """
+    return _unflatten(_keep_top_flat(_flatten(scores), num_keep), scores)
+
+
+def _num_pruned(sparsity: Any, size: int) -> Any:
+    """round(sparsity * size): a Python int when static, an int32 scalar when traced."""
+    static = _concrete_float(sparsity)
+    if static is not None:
+        return int(round(static * size))
+    return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
+
+
+def magnitude_masks(
+    params: PyTree, sparsities: PyTree, prunable: PrunableFn | PyTree = default_prunable
+) -> PyTree:
+    """Initial masks: per prunable leaf keep the `size - round(s * size)` largest |w|.
+
+    Non-prunable leaves get a scalar `True`. `sparsities` is a tree like params (e.g. from
+    `layer_sparsities`); its entries may be traced.
+    """
+    flat, flags, treedef = _flat_with_prunable(params, prunable)
+    sparse_leaves = treedef.flatten_up_to(sparsities)
+    out = []
+    for (_, w), flag, s in zip(flat, flags, sparse_leaves, strict=True):
+        if not flag:
+            out.append(jnp.ones((), bool))
+            continue
+        size = math.prod(np.shape(w))
+        magnitude = jnp.abs(jnp.asarray(w, jnp.float32))
+        out.append(keep_top(magnitude, size - _num_pruned(s, size)))
+    return treedef.unflatten(out)
+
+
+def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
+    """Zero the pruned weights: `where(mask, w, 0)`, dtype preserved (exact zeros, even for NaN)."""
+    return jax.tree.map(lambda w, m: jnp.where(m, w, jnp.zeros((), w.dtype)), params, masks)
+
+
+# ----------------------------------------------------------------------------- scores, updates
+
+
+def sdp_scores(
+    params: PyTree,
+    grad_ema: PyTree,
+    *,
+    kind: str = "magnitude_gradient",
+    score_lambda: Any = 0.5,
+    curvature: PyTree | None = None,
+) -> PyTree:
+    """Importance of each weight for SDP pruning (higher = keep), in float32.
+
+    - `"magnitude_gradient"`: |w| + lambda * |G|, G the EMA of the sharpness-aware gradient.
+    - `"taylor"`: |w * G| + 0.5 * h * w**2 (first- plus second-order loss change of zeroing w,
+      h a diagonal curvature estimate such as an EMA of squared gradients); needs `curvature`.
+    Leaves whose `grad_ema` is a scalar placeholder get the placeholder shape back (not scored).
+    """
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"score must be one of {SCORE_KINDS}, got {kind!r}")
+
+    def one(w: jax.Array, g: jax.Array, h: jax.Array | None) -> jax.Array:
+        w = jnp.asarray(w, jnp.float32)
+        g = jnp.asarray(g, jnp.float32)
+        if jnp.ndim(g) == 0 and jnp.ndim(w) > 0:  # non-prunable placeholder
+            return jnp.zeros((), jnp.float32)
+        if kind == "magnitude_gradient":
+            return jnp.abs(w) + score_lambda * jnp.abs(g)
+        h = jnp.asarray(h, jnp.float32)
+        return jnp.abs(w * g) + 0.5 * h * jnp.square(w)
+
+    if kind == "taylor":
+        if curvature is None:
+            raise ValueError('score="taylor" needs a curvature tree (e.g. an EMA of g**2)')
+        return jax.tree.map(one, params, grad_ema, curvature)
+    return jax.tree.map(lambda w, g: one(w, g, None), params, grad_ema)
+
+
+def _finite(x: jax.Array) -> jax.Array:
+    """Map NaN/-inf to the lowest finite value, +inf to the highest and -0.0 to 0.0, so that the
+    -inf used to exclude coordinates from a selection always ranks strictly last (exact counts)
+    and both selection paths (top_k and rank) order equal values identically."""
+    big = float(jnp.finfo(jnp.float32).max)
+    x = jnp.nan_to_num(x, nan=-big, posinf=big, neginf=-big)
+    return jnp.where(x == 0, 0.0, x)
+
+
+def prune_and_regrow(
+    masks: PyTree,
+    scores: PyTree,
+    regrow_scores: PyTree,
+    *,
+    fraction: Any = 0.01,
+    key: jax.Array,
+    regrow: str = "gradient",
+    prunable: PrunableFn | PyTree | None = None,
+) -> tuple[PyTree, PyTree]:
+    """One SDP mask update at constant sparsity. Returns `(new_masks, regrown)`.
+
+    Per prunable layer with `size` weights: n = round(fraction * size), capped by the active and
+    the inactive counts. The n ACTIVE weights with the lowest `scores` are pruned, and n weights
+    that were INACTIVE before this update (so never the ones just pruned) are regrown: those with
+    the largest `regrow_scores` (`regrow="gradient"`, e.g. |G| of the dense sharpness-aware
+    gradient) or uniformly at random (`"random"`, using `key`). The active count is unchanged.
+    `regrown` is a bool tree (scalar False on non-prunable leaves) marking the regrown weights.
+    `prunable=None` treats every leaf with a non-scalar mask as prunable.
+    """
+    if regrow not in REGROW_KINDS:
+        raise ValueError(f"regrow must be one of {REGROW_KINDS}, got {regrow!r}")
+    leaves, flags, treedef = _mask_flags(masks, prunable)
+    score_leaves = treedef.flatten_up_to(scores)
+    regrow_leaves = treedef.flatten_up_to(regrow_scores)
+    keys = jax.random.split(key, len(leaves))
+    static_fraction = _concrete_float(fraction)
+    if static_fraction is not None and not 0.0 <= static_fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {static_fraction}")
+    new_masks, regrown = [], []
+    for i, (m, flag, s, r) in enumerate(
+        zip(leaves, flags, score_leaves, regrow_leaves, strict=True)
+    ):
+        if not flag:
+            new_masks.append(m)
+            regrown.append(jnp.zeros((), bool))
+            continue
+        like = jnp.asarray(m, bool)
+        m = _flatten(like)
+        size = m.size
+        active = jnp.sum(m, dtype=jnp.int32)
+        k = None if static_fraction is None else int(round(static_fraction * size))
+        if k is None:
+            n = jnp.round(jnp.asarray(fraction, jnp.float32) * size).astype(jnp.int32)
+        else:
+            n = jnp.asarray(k, jnp.int32)
+        n = jnp.minimum(n, jnp.minimum(active, size - active))
+        s = _finite(_flatten(jnp.asarray(s, jnp.float32)))
+        if regrow == "random":
+            r = jax.random.uniform(keys[i], m.shape, jnp.float32)
+        else:
+            r = _finite(jnp.abs(_flatten(jnp.asarray(r, jnp.float32))))
+        if k is not None:
+            # Static k = round(fraction * size) >= n: two partial top-k instead of two sorts. The
+            # pruned are the first n of the k lowest active scores; the reversal makes equal
+            # scores prune the higher index first, exactly as the rank path below.
+            lowest = _top_k_mask(jnp.where(m, -s, -jnp.inf)[::-1], k, n)[::-1]
+            kept = m & ~lowest
+            grown = _top_k_mask(jnp.where(m, -jnp.inf, r), k, n)
+        else:
+            kept = _keep_top_flat(jnp.where(m, s, -jnp.inf), active - n)
+            grown = _keep_top_flat(jnp.where(m, -jnp.inf, r), n)
+        new_masks.append(_unflatten(kept | grown, like))
+        regrown.append(_unflatten(grown, like))
+    return treedef.unflatten(new_masks), treedef.unflatten(regrown)
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def sparsity_summary(masks: PyTree, prunable: PrunableFn | PyTree | None = None) -> dict[str, Any]:
+    """Host-side summary of a mask tree (call outside `jit`).
+
+    Returns `{"global_sparsity", "num_active", "num_prunable", "layers": {name: {"sparsity",
+    "active", "size"}}}` over the prunable leaves (names are `"/".join(path_names(path))`).
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(masks)
+    _, flags, _ = _mask_flags(masks, prunable)
+    layers: dict[str, dict[str, Any]] = {}
+    total_active = total_size = 0
+    for (path, m), flag in zip(flat, flags, strict=True):
+        if not flag:
+            continue
+        arr = np.asarray(jax.device_get(m))
+        active, size = int(arr.sum()), int(arr.size)
+        layers[path_string(path)] = {
+            "sparsity": 1.0 - active / size,
+            "active": active,
+            "size": size,
+        }
+        total_active += active
+        total_size += size
+    return {
+        "global_sparsity": 1.0 - total_active / total_size if total_size else 0.0,
+        "num_active": total_active,
+        "num_prunable": total_size,
+        "layers": layers,
+    }

@@ -1,0 +1,70 @@
+"""Sharpness-aware pieces as pure functions: the masked SAM perturbation and per-example sharpness.
+
+The perturbation lives on the active (unpruned) coordinates only: the adversarial point w + eps
+stays inside the sparse subspace, so the sharpness we minimise is the sharpness of the sparse model
+(and eps is exactly zero where the mask is False).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def masked_global_norm(tree: PyTree, masks: PyTree) -> jax.Array:
+    """L2 norm (float32) of `tree` over the coordinates where `masks` is True.
+
+    `masks` is a tree like `tree` whose leaves broadcast against it (scalar `True` for unmasked
+    leaves, the `magnitude_masks` convention).
+    """
+    sq = jax.tree.map(
+        lambda x, m: jnp.sum(jnp.square(jnp.where(m, jnp.asarray(x, jnp.float32), 0.0))),
+        tree,
+        masks,
+    )
+    return jnp.sqrt(sum(jax.tree.leaves(sq), jnp.zeros((), jnp.float32)))
+
+
+def sam_perturbation(grads: PyTree, masks: PyTree, rho: Any) -> PyTree:
+    """SAM ascent step on the active coordinates: eps = rho * (g * m) / ||g * m||.
+
+    Exactly zero on pruned coordinates; all zeros (never NaN) when the masked gradient is zero.
+    Math in float32, result in each gradient leaf's dtype (the param dtype under `jax.grad`).
+    """
+    norm = masked_global_norm(grads, masks)
+    positive = norm > 0
+    scale = jnp.where(positive, jnp.asarray(rho, jnp.float32) / jnp.where(positive, norm, 1.0), 0.0)
+
+    def one(g: jax.Array, m: jax.Array) -> jax.Array:
+        g32 = jnp.where(m, jnp.asarray(g, jnp.float32), 0.0)
+        return (g32 * scale).astype(jnp.result_type(g))
+
+    return jax.tree.map(one, grads, masks)
+
+
+def add_perturbation(params: PyTree, eps: PyTree) -> PyTree:
+    """w + eps, each leaf kept in the param's dtype."""
+    return jax.tree.map(lambda w, e: (w + jnp.asarray(e, w.dtype)).astype(w.dtype), params, eps)
+
+
+def per_example_sharpness(
+    per_example_loss_fn: Callable[..., jax.Array],
+    params: PyTree,
+    eps: PyTree,
+    *args: Any,
+    clean_losses: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-example sharpness a_i = l_i(w + eps) - l_i(w) (float32) and the perturbed losses.
+
+    `per_example_loss_fn(params, *args)` returns a vector of per-example losses. Pass the clean
+    losses the training step already computed as `clean_losses` to save a forward pass.
+    """
+    perturbed = jnp.asarray(per_example_loss_fn(add_perturbation(params, eps), *args), jnp.float32)
+    if clean_losses is None:
+        clean_losses = per_example_loss_fn(params, *args)
+    return perturbed - jnp.asarray(clean_losses, jnp.float32), perturbed

@@ -1,0 +1,336 @@
+"""Tests of esacl_jax.masks: prunable filter, sparsity levels, exact-count masks, prune/regrow."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.tree_util import DictKey, GetAttrKey, SequenceKey
+
+from esacl_jax import masks
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def resnet18_shapes() -> dict:
+    """A linen-style parameter tree with the names and shapes of the CIFAR ResNet-18."""
+    params = {"stem": {"kernel": (3, 3, 3, 64)}, "stem_bn": {"scale": (64,), "bias": (64,)}}
+    cin = 64
+    for stage, cout in enumerate((64, 128, 256, 512)):
+        for block in range(2):
+            name = f"stage{stage}_block{block}"
+            layer = {
+                "conv1": {"kernel": (3, 3, cin, cout)},
+                "bn1": {"scale": (cout,), "bias": (cout,)},
+                "conv2": {"kernel": (3, 3, cout, cout)},
+                "bn2": {"scale": (cout,), "bias": (cout,)},
+            }
+            if block == 0 and cin != cout:
+                layer["shortcut"] = {"kernel": (1, 1, cin, cout)}
+                layer["shortcut_bn"] = {"scale": (cout,), "bias": (cout,)}
+            params[name] = layer
+            cin = cout
+    params["classifier"] = {"kernel": (512, 10), "bias": (10,)}
+    return {"params": params}
+
+
+def as_structs(shapes: dict) -> dict:
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
+        shapes,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def random_params(shapes: dict, seed: int = 0) -> dict:
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([jax.random.normal(k, s) for k, s in zip(keys, leaves, strict=True)])
+
+
+MLP_SHAPES = {
+    "stem": {"kernel": (784, 100), "bias": (100,)},
+    "hidden": {"kernel": (100, 100), "bias": (100,)},
+    "classifier": {"kernel": (100, 10), "bias": (10,)},
+}
+
+SMALL_SHAPES = {
+    "stem": {"kernel": (5, 8), "bias": (8,)},
+    "block": [{"kernel": (8, 12)}, {"kernel": (3, 3, 12, 6)}],
+    "hidden": {"kernel": (6, 9), "bias": (9,)},
+    "classifier": {"kernel": (9, 3), "bias": (3,)},
+}
+
+
+# ----------------------------------------------------------------------------- paths, filters
+
+
+def test_path_names_all_key_kinds():
+    path = (DictKey("params"), GetAttrKey("layers"), SequenceKey(2), DictKey("kernel"))
+    assert masks.path_names(path) == ("params", "layers", "2", "kernel")
+    # The trailing `.value` of an nnx Variable is dropped.
+    assert masks.path_names((DictKey("hidden"), DictKey("kernel"), GetAttrKey("value"))) == (
+        "hidden",
+        "kernel",
+    )
+    assert masks.path_string((DictKey("a"), SequenceKey(0), DictKey("kernel"))) == "a/0/kernel"
+
+
+def test_default_prunable_resnet18_is_the_16_block_convs():
+    flags = masks.prunable_tree(as_structs(resnet18_shapes()))
+    flat = jax.tree_util.tree_flatten_with_path(flags)[0]
+    chosen = [masks.path_string(p) for p, f in flat if f]
+    assert len(chosen) == 16
+    assert all(isinstance(f, bool) for _, f in flat)
+    assert all(("conv1" in c or "conv2" in c) and "shortcut" not in c for c in chosen)
+
+
+def test_default_prunable_mlp_is_the_hidden_layer():
+    flags = masks.prunable_tree(as_structs(MLP_SHAPES))
+    chosen = [masks.path_string(p) for p, f in jax.tree_util.tree_flatten_with_path(flags)[0] if f]
+    assert chosen == ["hidden/kernel"]
+
+
+def test_default_prunable_with_nnx_state():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.stem = nnx.Linear(4, 8, rngs=rngs)
+            self.blocks = nnx.List([nnx.Linear(8, 8, rngs=rngs)])
+            self.classifier = nnx.Linear(8, 2, rngs=rngs)
+
+    state = nnx.state(Net(nnx.Rngs(0)), nnx.Param)
+    for tree in (state, nnx.as_pure(state)):
+        flat = jax.tree_util.tree_flatten_with_path(masks.prunable_tree(tree))[0]
+        assert [masks.path_string(p) for p, f in flat if f] == ["blocks/0/kernel"]
+
+
+# ----------------------------------------------------------------------------- sparsity levels
+
+
+def reference_erk(shapes: list[tuple[int, ...]], sparsity: float) -> list[float]:
+    """RigL's get_sparsities_erdos_renyi (erk_power_scale=1), transcribed."""
+    dense: set[int] = set()
+    while True:
+        divisor, rhs, raw = 0.0, 0.0, {}
+        for i, shape in enumerate(shapes):
+            n = math.prod(shape)
+            if i in dense:
+                rhs -= n * sparsity
+            else:
+                rhs += n * (1 - sparsity)
+                raw[i] = sum(shape) / n
+                divisor += raw[i] * n
+        eps = rhs / divisor
+        max_prob = max(raw.values())
+        if max_prob * eps > 1:
+            dense |= {i for i, p in raw.items() if p == max_prob}
+        else:
+            break
+    return [0.0 if i in dense else 1.0 - eps * raw[i] for i in range(len(shapes))]
+
+
+def test_uniform_sparsities():
+    sp = masks.layer_sparsities(as_structs(SMALL_SHAPES), 0.75)
+    flat = jax.tree_util.tree_flatten_with_path(sp)[0]
+    values = {masks.path_string(p): v for p, v in flat}
+    assert values["block/0/kernel"] == 0.75 and values["hidden/kernel"] == 0.75
+    assert values["stem/kernel"] == 0.0 and values["classifier/bias"] == 0.0
+    assert all(isinstance(v, float) for _, v in flat)
+
+
+def test_erk_matches_rigl_and_meets_global_target():
+    params = as_structs(resnet18_shapes())
+    flags = jax.tree.leaves(masks.prunable_tree(params))
+    shapes = [s.shape for s, f in zip(jax.tree.leaves(params), flags, strict=True) if f]
+    for target in (0.5, 0.9, 0.95):
+        got = [
+            v
+            for v, f in zip(
+                jax.tree.leaves(masks.layer_sparsities(params, target, "erk")), flags, strict=True
+            )
+            if f
+        ]
+        np.testing.assert_allclose(got, reference_erk(shapes, target), atol=1e-9)
+        sizes = np.array([math.prod(s) for s in shapes])
+        global_sparsity = float(np.sum(np.asarray(got) * sizes) / sizes.sum())
+        assert abs(global_sparsity - target) < 1e-9
+        # Larger layers are sparser under ERK.
+        assert got[-1] > got[0]
+
+
+def test_erk_sets_small_layers_dense():
+    params = as_structs({"a": {"kernel": (2, 2)}, "b": {"kernel": (200, 300)}})
+    sp = masks.layer_sparsities(params, 0.9, "erk")
+    assert sp["a"]["kernel"] == 0.0
+    # The dense layer's weights are taken out of the big layer's budget: global target exact.
+    total = 4 + 200 * 300
+    assert abs(sp["b"]["kernel"] * 60000 - 0.9 * total) < 1e-6
+
+
+def test_erk_traced_matches_static():
+    params = as_structs(resnet18_shapes())
+    static = jax.tree.leaves(masks.layer_sparsities(params, 0.8, "erk"))
+    traced = jax.jit(lambda s: masks.layer_sparsities(params, s, "erk"))(0.8)
+    np.testing.assert_allclose(jax.tree.leaves(traced), static, atol=1e-5)
+
+
+def test_bad_distribution_raises():
+    with pytest.raises(ValueError, match="distribution"):
+        masks.layer_sparsities(as_structs(SMALL_SHAPES), 0.5, "gaussian")
+
+
+# ----------------------------------------------------------------------------- keep_top
+
+
+def test_keep_top_exact_count_and_order():
+    scores = jax.random.normal(jax.random.key(0), (7, 9))
+    keep = jax.jit(masks.keep_top)
+    order = np.argsort(-np.asarray(scores).reshape(-1), kind="stable")
+    for k in (0, 1, 17, 63):
+        got = np.asarray(keep(scores, k)).reshape(-1)
+        want = np.zeros(63, bool)
+        want[order[:k]] = True
+        np.testing.assert_array_equal(got, want)
+
+
+def test_keep_top_ties_by_index_and_nan_last():
+    scores = jnp.array([1.0, 2.0, 2.0, jnp.nan, 2.0, 0.0])
+    np.testing.assert_array_equal(
+        masks.keep_top(scores, 2), [False, True, True, False, False, False]
+    )
+    np.testing.assert_array_equal(masks.keep_top(scores, 5), [True, True, True, False, True, True])
+    assert int(masks.keep_top(scores, 99).sum()) == 6
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+def test_magnitude_masks_exact_counts(distribution):
+    params = random_params(SMALL_SHAPES)
+    sp = masks.layer_sparsities(params, 0.7, distribution)
+    m = jax.jit(lambda p: masks.magnitude_masks(p, sp))(params)
+    flags = jax.tree.leaves(masks.prunable_tree(params))
+    for w, mask, s, f in zip(
+        jax.tree.leaves(params), jax.tree.leaves(m), jax.tree.leaves(sp), flags, strict=True
+    ):
+        if not f:
+            assert mask.shape == () and bool(mask) and mask.dtype == jnp.bool_
+            continue
+        assert mask.shape == w.shape and mask.dtype == jnp.bool_
+        assert int((~mask).sum()) == round(s * w.size)
+        # The kept weights are the largest in magnitude.
+        w, mask = np.abs(np.asarray(w)), np.asarray(mask)
+        if 0 < mask.sum() < mask.size:
+            assert w[mask].min() >= w[~mask].max()
+
+
+def test_magnitude_masks_traced_sparsity():
+    params = random_params(SMALL_SHAPES)
+
+    def build(s):
+        return masks.magnitude_masks(params, masks.layer_sparsities(params, s))
+
+    traced = jax.jit(build)(0.6)
+    jax.tree.map(np.testing.assert_array_equal, traced, build(0.6))
+
+
+def test_apply_masks_dtype_and_exact_zero():
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), random_params(SMALL_SHAPES))
+    m = masks.magnitude_masks(params, masks.layer_sparsities(params, 0.5))
+    out = masks.apply_masks(params, m)
+    for w, o, mask in zip(
+        jax.tree.leaves(params), jax.tree.leaves(out), jax.tree.leaves(m), strict=True
+    ):
+        assert o.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(
+            np.asarray(o, np.float32), np.where(mask, np.asarray(w, np.float32), 0.0)
+        )
+
+
+# ----------------------------------------------------------------------------- scores, regrowth
+
+
+def test_sdp_scores():
+    w = {"k": jnp.array([[1.0, -2.0], [0.5, 0.0]])}
+    g = {"k": jnp.array([[-0.5, 1.0], [2.0, 3.0]])}
+    h = {"k": jnp.array([[1.0, 2.0], [4.0, 0.0]])}
+    mg = masks.sdp_scores(w, g, score_lambda=0.5)["k"]
+    np.testing.assert_allclose(mg, [[1.25, 2.5], [1.5, 1.5]])
+    ty = masks.sdp_scores(w, g, kind="taylor", curvature=h)["k"]
+    np.testing.assert_allclose(ty, [[0.5 + 0.5, 2.0 + 4.0], [1.0 + 0.5, 0.0]])
+    with pytest.raises(ValueError):
+        masks.sdp_scores(w, g, kind="taylor")
+
+
+def _check_prune_and_regrow(old, new, grown, scores, regrow_scores, n_expected, by_gradient):
+    old, new, grown = (np.asarray(x).reshape(-1) for x in (old, new, grown))
+    scores, regrow_scores = (np.asarray(x).reshape(-1) for x in (scores, regrow_scores))
+    assert new.sum() == old.sum()
+    pruned = old & ~new
+    assert pruned.sum() == n_expected and grown.sum() == n_expected
+    np.testing.assert_array_equal(grown, new & ~old)
+    if n_expected:
+        # Pruned: the lowest-scoring active weights.
+        assert scores[pruned].max() <= scores[old & new].min()
+        if by_gradient:
+            # Regrown: the largest |G| among previously inactive weights.
+            assert np.abs(regrow_scores[grown]).min() >= np.abs(regrow_scores[~old & ~new]).max()
+
+
+@pytest.mark.parametrize("regrow", ["gradient", "random"])
+def test_prune_and_regrow_keeps_counts(regrow):
+    params = random_params(SMALL_SHAPES)
+    m = masks.magnitude_masks(params, masks.layer_sparsities(params, 0.5))
+    grad = random_params(SMALL_SHAPES, seed=1)
+    scores = masks.sdp_scores(params, grad)
+    fn = jax.jit(
+        lambda m, s, g, key: masks.prune_and_regrow(m, s, g, fraction=0.1, key=key, regrow=regrow)
+    )
+    new, grown = fn(m, scores, grad, jax.random.key(3))
+    for o, n, gr, s, g in zip(
+        *(jax.tree.leaves(t) for t in (m, new, grown, scores, grad)), strict=True
+    ):
+        if o.ndim == 0:
+            assert n.shape == () and bool(n) and not bool(gr)
+            continue
+        n_expected = min(round(0.1 * o.size), int(o.sum()), int((~o).sum()))
+        _check_prune_and_regrow(o, n, gr, s, g, n_expected, regrow == "gradient")
+
+
+def test_prune_and_regrow_caps_and_traced_fraction():
+    m = {"kernel": jnp.array([[True, True, True, False]])}
+    s = {"kernel": jnp.array([[3.0, 1.0, 2.0, 0.0]])}
+    g = {"kernel": jnp.array([[0.0, 0.0, 0.0, 5.0]])}
+    fn = jax.jit(lambda f: masks.prune_and_regrow(m, s, g, fraction=f, key=jax.random.key(0)))
+    # fraction 0.5 of 4 = 2, capped at 1 inactive weight: prune index 1, regrow index 3.
+    new, grown = fn(0.5)
+    np.testing.assert_array_equal(new["kernel"], [[True, False, True, True]])
+    np.testing.assert_array_equal(grown["kernel"], [[False, False, False, True]])
+    new, _ = fn(0.0)
+    np.testing.assert_array_equal(new["kernel"], m["kernel"])
+    # A fully dense layer cannot change.
+    dense = {"kernel": jnp.ones((1, 4), bool)}
+    same, _ = masks.prune_and_regrow(dense, s, g, fraction=0.5, key=jax.random.key(0))
+    np.testing.assert_array_equal(same["kernel"], dense["kernel"])
+
+
+def test_sparsity_summary():
+    params = random_params(SMALL_SHAPES)
+    m = masks.magnitude_masks(params, masks.layer_sparsities(params, 0.5))
+    summary = masks.sparsity_summary(m)
+    assert set(summary["layers"]) == {"block/0/kernel", "block/1/kernel", "hidden/kernel"}
+    sizes = {"block/0/kernel": 96, "block/1/kernel": 648, "hidden/kernel": 54}
+    for name, size in sizes.items():
+        layer = summary["layers"][name]
+        assert layer["size"] == size and layer["active"] == size - round(0.5 * size)
+        assert layer["sparsity"] == pytest.approx(round(0.5 * size) / size)
+    assert summary["num_prunable"] == sum(sizes.values())
+    assert summary["global_sparsity"] == pytest.approx(
+        1 - summary["num_active"] / summary["num_prunable"]
+    )
