@@ -1,0 +1,255 @@
+"""EsaCL: sharpness-aware directional pruning (SDP) + intelligent data selection (IDS) + replay.
+
+One step (METHOD.md), for the three cost variants that are configurations of this one function:
+  A: clean pass (fwd+bwd) on current + replay; sharpness forward on current at w+eps; descent on
+     the kept current examples + replay at w+eps.
+  B: (default) as A but the clean pass sees the current batch only.
+  C: the ascent (clean) pass uses only the top-gamma examples by the per-example score table
+     filled by earlier passes; descent on the whole current batch + replay; no extra forward.
+The optimizer is `keep_sparse(chain(sdp_transform(...), sgd))`, exactly what users chain in their
+own loops: the step supplies the clean gradient and a `grad_fn` (opaque SAM mode), and the
+transform perturbs the active weights, calls `grad_fn` at w + eps and masks the result.
+BatchNorm running statistics come from the clean pass only.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from esacl_jax import ids, losses, masks, replay, sdp
+from esacl_jax.methods.base import (Batch, Pass, StepMetrics, TaskContext, TrainState,
+                                    make_optimizer)
+from esacl_jax.methods.derpp import derpp_replay_loss
+from esacl_jax.methods.er import ReplayMethod
+from esacl_jax.models import forward
+
+STEP_VARIANTS = ("A", "B", "C")
+IDS_SCORES = ("sharpness", "perturbed_loss", "clean_loss", "random")
+REPLAY_KINDS = ("derpp", "er", "none")
+
+
+class EsaCL(ReplayMethod):
+    name = "esacl"
+
+    def __init__(self, config, model, benchmark):
+        e = config.esacl
+        if e.step_variant not in STEP_VARIANTS:
+            raise ValueError(f"esacl.step_variant must be one of {STEP_VARIANTS}, got {e.step_variant!r}")
+        if e.replay not in REPLAY_KINDS:
+            raise ValueError(f"esacl.replay must be one of {REPLAY_KINDS}, got {e.replay!r}")
+        if e.replay_at not in ("perturbed", "clean"):
+            raise ValueError(f"esacl.replay_at must be perturbed or clean, got {e.replay_at!r}")
+        if e.ids_score not in IDS_SCORES:
+            raise ValueError(f"esacl.ids_score must be one of {IDS_SCORES}, got {e.ids_score!r}")
+        if not 0.0 <= e.sparsity < 1.0:
+            raise ValueError(f"esacl.sparsity must be in [0, 1), got {e.sparsity}")
+        if not 0.0 < e.gamma <= 1.0:
+            raise ValueError(f"esacl.gamma must be in (0, 1], got {e.gamma}")
+        if e.rho < 0:
+            raise ValueError(f"esacl.rho must be >= 0, got {e.rho}")
+        if e.mask_update_every < 0:
+            raise ValueError(f"esacl.mask_update_every must be >= 0, got {e.mask_update_every}")
+        self.esacl = e
+        if e.replay == "none":
+            config = config.copy_and_resolve_references()
+            with config.unlocked():
+                config.buffer_size = 0
+        super().__init__(config, model, benchmark)
+        self.kept = ids.num_selected(config.batch_size, e.gamma)
+        # Mask updates run between compiled epochs (task start, every k epochs), not in the scan.
+        self._refresh_masks = jax.jit(functools.partial(sdp.refresh_masks, **self.mask_kwargs()))
+
+    # ----- state -----
+    def mask_kwargs(self) -> dict:
+        e = self.esacl
+        return dict(score=e.score, score_lambda=e.score_lambda, prune_fraction=e.prune_fraction,
+                    regrow=e.regrow)
+
+    def make_optimizer(self) -> optax.GradientTransformation:
+        e = self.esacl
+        front = sdp.sdp_transform(
+            sparsity=e.sparsity, rho=e.rho, distribution=e.distribution, ema_decay=e.ema_decay,
+            mask_update_every=0, seed=self.config.seed, **self.mask_kwargs())
+        return sdp.keep_sparse(optax.chain(front, make_optimizer(self.config)))
+
+    def init_method_state(self, params: Any) -> Any:
+        state = super().init_method_state(params)
+        if self.esacl.step_variant == "C":
+            capacity = max(t.num_train for t in self.benchmark.tasks)
+            state["example_stats"] = ids.init_example_stats(capacity)
+        return state
+
+    def init(self, key: jax.Array) -> TrainState:
+        state = super().init(key)
+        # Start from the exactly sparse magnitude-pruned network the transform's masks describe.
+        sdp_state = sdp.find_sdp_state(state.opt_state)
+        return state.replace(params=masks.apply_masks(state.params, sdp_state.masks))
+
+    # ----- replay -----
+    def replay_loss(self, params, batch_stats, state, key):
+        buffer = state.method_state["buffer"]
+        if self.esacl.replay == "derpp":
+            return derpp_replay_loss(self, params, batch_stats, buffer, key,
+                                     self.config.der_alpha, self.config.der_beta)
+        if self.esacl.replay == "er":
+            logits, (_, y, _, _, valid) = self.replay_logits(params, batch_stats, key, buffer)
+            return replay.er_loss(logits, y, valid)
+        return jnp.zeros((), jnp.float32)
+
+    # ----- the step -----
+    def train_step(self, state: TrainState, batch: Batch, ctx: TaskContext,
+                   key: jax.Array) -> tuple[TrainState, StepMetrics]:
+        e = self.esacl
+        replay_key, insert_key, select_key = jax.random.split(key, 3)
+        no_sam = isinstance(e.rho, (int, float)) and e.rho == 0.0
+        mask = self.current_loss_mask(ctx)
+        stats = state.batch_stats
+        variant = e.step_variant
+        # With variant A the clean pass already includes replay; B may evaluate replay at w.
+        replay_at_clean = e.replay_at == "clean" and variant == "B" and not no_sam
+        method_state = dict(state.method_state)
+        side: dict[str, jax.Array] = {}  # values computed inside grad_fn (same trace level)
+
+        def current_ce(params, x, y, train_stats=stats):
+            logits, new_stats = forward(self.model, params, train_stats, x, train=True)
+            return losses.cross_entropy(logits, y, mask), logits, new_stats
+
+        if variant == "C":
+            table = method_state["example_stats"]
+            kind = "sharpness" if e.ids_score == "sharpness" else "loss"
+            selected, _ = ids.select_top(ids.table_scores(table, batch.index, kind), e.gamma)
+            x_sel, y_sel = batch.x[selected], batch.y[selected]
+
+            def clean_loss(params):
+                per_example, logits, new_stats = current_ce(params, x_sel, y_sel)
+                return per_example.mean(), (per_example, logits, new_stats)
+
+            (_, (clean_sel, _, new_stats)), grads = jax.value_and_grad(
+                clean_loss, has_aux=True)(state.params)
+
+            def grad_fn(perturbed):
+                def descent_loss(p):
+                    per_example, logits, _ = current_ce(p, batch.x, batch.y)
+                    total = per_example.mean() + self.replay_loss(p, stats, state, replay_key)
+                    return total, (per_example, logits)
+
+                (total, (per_example, logits)), g = jax.value_and_grad(
+                    descent_loss, has_aux=True)(perturbed)
+                side.update(loss=total, per_example=per_example, logits=logits)
+                return g
+        else:
+            def clean_loss(params):
+                per_example, logits, new_stats = current_ce(params, batch.x, batch.y)
+                total = per_example.mean()
+                if variant == "A" and not no_sam:
+                    total = total + self.replay_loss(params, stats, state, replay_key)
+                return total, (per_example, logits, new_stats)
+
+            if no_sam:  # eps = 0: the clean gradient is never used, only the forward pass
+                _, (clean_per_example, clean_logits, new_stats) = clean_loss(state.params)
+                grads = jax.tree.map(jnp.zeros_like, state.params)
+            else:
+                (_, (clean_per_example, clean_logits, new_stats)), grads = jax.value_and_grad(
+                    clean_loss, has_aux=True)(state.params)
+
+            if replay_at_clean:  # replay gradient at w, outside the SAM perturbation
+                replay_grads = jax.grad(
+                    lambda p: self.replay_loss(p, stats, state, replay_key))(state.params)
+
+            def grad_fn(perturbed):
+                if e.gamma >= 1.0:
+                    x_kept, y_kept = batch.x, batch.y
+                else:
+                    if e.ids_score == "clean_loss":
+                        scores = clean_per_example
+                    elif e.ids_score == "random" or no_sam:  # rho = 0: every sharpness is 0
+                        scores = jax.random.uniform(select_key, clean_per_example.shape)
+                    else:
+                        perturbed_per_example, _, _ = current_ce(perturbed, batch.x, batch.y)
+                        scores = perturbed_per_example
+                        if e.ids_score == "sharpness":
+                            scores = perturbed_per_example - clean_per_example
+                    kept, _ = ids.select_top(jax.lax.stop_gradient(scores), e.gamma)
+                    x_kept, y_kept = batch.x[kept], batch.y[kept]
+
+                def descent_loss(p):
+                    per_example, _, _ = current_ce(p, x_kept, y_kept)
+                    if replay_at_clean:
+                        return per_example.mean()
+                    return per_example.mean() + self.replay_loss(p, stats, state, replay_key)
+
+                total, g = jax.value_and_grad(descent_loss)(perturbed)
+                side.update(loss=total)
+                if replay_at_clean:
+                    g = jax.tree.map(jnp.add, g, replay_grads)
+                return g
+
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+        params = optax.apply_updates(state.params, updates)
+
+        if variant == "C":
+            logits_for_buffer = side["logits"]
+            sharp = side["per_example"][selected] - clean_sel
+            table = ids.update_example_stats(table, batch.index, loss=side["per_example"],
+                                             correct=losses.correct(side["logits"], batch.y, mask))
+            method_state["example_stats"] = ids.update_example_stats(
+                table, batch.index[selected], sharpness=sharp)
+        else:
+            logits_for_buffer = clean_logits
+        if self.buffer_size > 0:
+            method_state["buffer"] = replay.add_reservoir(
+                method_state["buffer"], insert_key, batch.x_raw, batch.y,
+                jax.lax.stop_gradient(logits_for_buffer).astype(jnp.float32), ctx.task_id)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                                  opt_state=opt_state, method_state=method_state)
+        accuracy = losses.correct(logits_for_buffer, batch.y, mask).mean()
+        return new_state, StepMetrics(side["loss"], accuracy)
+
+    # ----- host-side hooks: SDP mask updates, never a retraining phase -----
+    def _refresh(self, state: TrainState) -> TrainState:
+        if not self.esacl.sdp:
+            return state
+        opt_state, params = self._refresh_masks(state.opt_state, state.params)
+        return state.replace(opt_state=opt_state, params=params)
+
+    def begin_task(self, state: TrainState, task_id: int) -> TrainState:
+        state = super().begin_task(state, task_id)
+        if task_id > 0:  # at task 0 there is no sharpness-aware gradient history to score with
+            state = self._refresh(state)
+        if self.esacl.step_variant == "C":
+            stats = ids.reset_example_stats(state.method_state["example_stats"])
+            state = state.replace(method_state={**state.method_state, "example_stats": stats})
+        return state
+
+    def begin_epoch(self, state: TrainState, task_id: int, epoch: int) -> TrainState:
+        every = self.esacl.mask_update_every
+        if every and epoch > 0 and epoch % every == 0:
+            state = self._refresh(state)
+        return state
+
+    def sparse_masks(self, state: TrainState) -> Any:
+        return sdp.find_sdp_state(state.opt_state).masks
+
+    def step_passes(self) -> list[Pass]:
+        """What one step executes (METHOD.md cost model: fwd = 1, fwd+bwd = 3 per example)."""
+        e, batch = self.esacl, self.config.batch_size
+        replay_passes = {"derpp": 2, "er": 1, "none": 0}[e.replay]
+        replay = [Pass("fwd_bwd", self.replay_batch_size)] * replay_passes
+        if e.step_variant == "C":  # ascent on the selected examples; descent on all + replay
+            return [Pass("fwd_bwd", self.kept), Pass("fwd_bwd", batch), *replay]
+        if e.rho == 0.0:  # no SAM: a clean forward (buffer logits, BN statistics) only
+            return [Pass("fwd", batch), Pass("fwd_bwd", self.kept), *replay]
+        clean = [Pass("fwd_bwd", batch)] + (replay if e.step_variant == "A" else [])
+        sharpness = ([Pass("fwd", batch)] if e.gamma < 1.0 and e.ids_score in
+                     ("sharpness", "perturbed_loss") else [])
+        return [*clean, *sharpness, Pass("fwd_bwd", self.kept), *replay]
+
+    def summary(self, state: TrainState) -> dict:
+        prunable = masks.prunable_tree(state.params)
+        return {"sparsity": masks.sparsity_summary(self.sparse_masks(state), prunable)}
+
