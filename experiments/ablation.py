@@ -1,0 +1,384 @@
+"""EsaCL ablation: which part of the method buys what (`make ablation ARGS=...`).
+
+Rows (``--variants``, comma-separated names; default all):
+  esacl               EsaCL (B, default): METHOD.md's step variant B, SDP, IDS gamma 0.5, rho 0.05
+  variant_a           step variant A (clean pass on current + replay)
+  variant_c           step variant C (ascent on the top-gamma of a per-example score table)
+  no_sdp              esacl.sdp=False: magnitude masks fixed at initialisation
+  no_ids              esacl.gamma=1.0: every current example kept
+  no_sam              esacl.rho=0.0: no perturbation (the sharpness scores are then all zero)
+  ids_perturbed_loss  esacl.ids_score=perturbed_loss
+  ids_clean_loss      esacl.ids_score=clean_loss
+  derpp               dense DER++, the reference row of every table
+
+Every sparse row runs at each of --sparsities (esacl.sparsity); DER++ runs once per benchmark
+and seed. The ablation picks defaults, so by default it evaluates on a held-out 10% of each
+task's training set (--validation_fraction), never on the test set.
+
+Full ablation (2 benchmarks x (8 sparse rows x 3 sparsities + DER++) x 3 seeds = 150 runs):
+  python -m experiments.ablation --data_dir=/work/shared/data --jobs=2
+Quick smoke run:
+  python -m experiments.ablation --benchmarks=split_digits --seeds=0 --sparsities=0.9 \
+      --variants=esacl,no_sdp,derpp --epochs=1 --out=/tmp/ablation_smoke
+
+Writes <out>/ablation.md (one table per benchmark and sparsity) and <out>/ablation.csv, each
+headed by the command line, git commit, machine and evaluation split. Runs already done are
+skipped (--force redoes them); the exit status is 1 when any run failed.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import pathlib
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from experiments import sweep
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One ablation row: a readable name, the protocol row it starts from, its overrides."""
+
+    title: str
+    method: str
+    overrides: dict[str, Any]
+    sparse: bool = True
+
+
+VARIANTS: dict[str, Variant] = {
+    "esacl": Variant("EsaCL (B, default)", "esacl", {}),
+    "variant_a": Variant("variant A", "esacl", {"esacl.step_variant": "A"}),
+    "variant_c": Variant("variant C", "esacl", {"esacl.step_variant": "C"}),
+    "no_sdp": Variant("no SDP (masks fixed at init)", "esacl", {"esacl.sdp": False}),
+    "no_ids": Variant("no IDS (gamma=1)", "esacl", {"esacl.gamma": 1.0}),
+    "no_sam": Variant("no SAM (rho=0)", "esacl", {"esacl.rho": 0.0}),
+    "ids_perturbed_loss": Variant("IDS score=perturbed_loss", "esacl",
+                                  {"esacl.ids_score": "perturbed_loss"}),
+    "ids_clean_loss": Variant("IDS score=clean_loss", "esacl", {"esacl.ids_score": "clean_loss"}),
+    "derpp": Variant("DER++ (dense)", "derpp", {}, sparse=False),
+}
+REFERENCE = "derpp"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the ablation depends on (the CLI flags, one to one)."""
+
+    benchmarks: tuple[str, ...] = ("split_mnist", "split_fashion_mnist")
+    sparsities: tuple[float, ...] = (0.75, 0.9, 0.95)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    jobs: int = 2
+    out: str = "runs/ablation"
+    validation_fraction: float = 0.1
+    max_train_per_task: int = 0
+    epochs: int = 0  # 0: the protocol's
+    buffer_size: int = 500
+    data_dir: str = ""
+    force: bool = False
+    isolate: bool = False  # a fresh process per run (clean measured peak memory)
+    overrides: tuple[str, ...] = ()  # KEY=VALUE applied to every run (--set)
+
+    def command(self) -> str:
+        """The equivalent explicit command line."""
+        args = ["python", "-m", "experiments.ablation",
+                f"--benchmarks={sweep.format_list(self.benchmarks)}",
+                f"--sparsities={sweep.format_list(self.sparsities)}",
+                f"--seeds={sweep.format_list(self.seeds)}",
+                f"--variants={sweep.format_list(self.variants)}",
+                f"--jobs={self.jobs}", f"--out={self.out}",
+                f"--validation_fraction={self.validation_fraction:g}",
+                f"--max_train_per_task={self.max_train_per_task}", f"--epochs={self.epochs}",
+                f"--buffer_size={self.buffer_size}"]
+        if self.data_dir:
+            args.append(f"--data_dir={self.data_dir}")
+        if self.force:
+            args.append("--force")
+        if self.isolate != Settings.isolate:
+            args.append("--isolate" if self.isolate else "--noisolate")
+        args += [f"--set={item}" for item in self.overrides]
+        return shlex.join(args)
+
+
+def check(settings: Settings) -> None:
+    """ValueError for unknown variants/benchmarks or impossible values (before any run)."""
+    unknown = [v for v in settings.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(VARIANTS)}")
+    for bench in settings.benchmarks:
+        sweep.config_module(bench)
+    if not settings.variants or not settings.benchmarks or not settings.seeds:
+        raise ValueError("need at least one variant, benchmark and seed")
+    if any(VARIANTS[v].sparse for v in settings.variants) and not settings.sparsities:
+        raise ValueError("sparse variants need at least one --sparsities value")
+    for s in settings.sparsities:
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {s}")
+    if not 0.0 <= settings.validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got "
+                         f"{settings.validation_fraction}")
+    sweep.parse_overrides(settings.overrides)
+
+
+def _common_overrides(settings: Settings) -> dict[str, Any]:
+    common: dict[str, Any] = {"validation_fraction": settings.validation_fraction,
+                              "max_train_per_task": settings.max_train_per_task,
+                              "buffer_size": settings.buffer_size}
+    if settings.epochs:
+        common["epochs"] = settings.epochs
+    common.update(sweep.parse_overrides(settings.overrides))
+    return common
+
+
+def plan(settings: Settings) -> list[sweep.Run]:
+    """The runs: every sparse variant x sparsity x seed, DER++ x seed, per benchmark."""
+    out = pathlib.Path(settings.out)
+    common = _common_overrides(settings)
+    runs = []
+    for bench in settings.benchmarks:
+        for name in settings.variants:
+            variant = VARIANTS[name]
+            for sparsity in settings.sparsities if variant.sparse else (None,):
+                overrides = {**common, **variant.overrides}
+                workdir = out / bench / name
+                if sparsity is not None:
+                    overrides["esacl.sparsity"] = sparsity
+                    workdir = workdir / f"s{sparsity:g}"
+                for seed in settings.seeds:
+                    runs.append(sweep.Run(bench, variant.method, overrides, seed,
+                                          workdir / f"seed{seed}", group=name))
+    return runs
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+    """One table row: a variant's runs on one benchmark at one sparsity, over seeds."""
+
+    benchmark: str
+    sparsity: float  # 0 for the dense reference
+    variant: str
+    row: Any  # reporting.Row, or None when no run of the group has results
+
+
+def summarize(settings: Settings, loaded: Sequence[tuple[sweep.Run, dict]]) -> list[Line]:
+    """Aggregates loaded results per (benchmark, sparsity, variant), in table order."""
+    from esacl_jax import reporting
+
+    lines = []
+    for bench in settings.benchmarks:
+        for name in settings.variants:
+            sparse = VARIANTS[name].sparse
+            for sparsity in settings.sparsities if sparse else (0.0,):
+                members = [r for run, r in loaded if run.benchmark == bench and
+                           run.group == name and
+                           (not sparse or run.overrides.get("esacl.sparsity") == sparsity)]
+                rows = reporting.aggregate(members)
+                if len(rows) > 1:
+                    raise RuntimeError(f"{bench}/{name}: runs fall into several groups")
+                lines.append(Line(bench, sparsity, name, rows[0] if rows else None))
+    return lines
+
+
+def _reference(lines: Sequence[Line], bench: str) -> Any:
+    return next((x.row for x in lines if x.benchmark == bench and x.variant == REFERENCE
+                 and x.row is not None), None)
+
+
+def _flops_ratio(row: Any, reference: Any) -> float | None:
+    if row is None or reference is None or row.training_flops is None \
+            or reference.training_flops is None or reference.training_flops.mean <= 0:
+        return None
+    return row.training_flops.mean / reference.training_flops.mean
+
+
+def _flops_exponent(rows: Sequence[Any]) -> int:
+    """A power of 1000 that shows the largest FLOPs mean as 1..999 (MNIST runs are ~10^10)."""
+    means = [r.training_flops.mean for r in rows if r.training_flops is not None]
+    top = max(means, default=0.0)
+    return 3 * int(math.floor(math.log10(top) / 3)) if top >= 1 else 0
+
+
+_HEADER = ("variant", "class-IL ACC (%)", "task-IL ACC (%)", "forgetting (%)",
+           "training FLOPs (×10^{exp})", "FLOPs / DER++", "wall time (s)", "seeds")
+
+
+def to_markdown(settings: Settings, lines: Sequence[Line], info: dict[str, str],
+                with_results: int, planned: int) -> str:
+    """Provenance header, then one table per benchmark and sparsity (DER++ in each)."""
+    from esacl_jax import reporting
+
+    parts = [sweep.provenance_markdown("EsaCL ablation", info)]
+    parts.append(f"{with_results} of {planned} planned runs have results; buffer "
+                 f"{settings.buffer_size}. Mean ± sample std over seeds. FLOPs / DER++: "
+                 "training FLOPs relative to dense DER++ on the same benchmark (METHOD.md's "
+                 "cost model: A 1.94x, B 1.28x, C 1.17x before sparsity). Blank cells: no "
+                 "results (run failed or not run).\n")
+    for bench in settings.benchmarks:
+        reference = _reference(lines, bench)
+        sparsities = settings.sparsities if any(VARIANTS[v].sparse for v in settings.variants) \
+            else (0.0,)
+        for sparsity in sparsities:
+            table = [x for x in lines if x.benchmark == bench and
+                     (x.sparsity == sparsity or not VARIANTS[x.variant].sparse)]
+            rows = [x.row for x in table if x.row is not None]
+            exp = _flops_exponent(rows)
+            header = [h.format(exp=exp) for h in _HEADER]
+            title = f"## {bench}, sparsity {sparsity:g}" if sparsity else f"## {bench}"
+            md = [title, "", "| " + " | ".join(header) + " |",
+                  "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+            for x in table:
+                r = x.row
+                ratio = _flops_ratio(r, reference)
+                cells = [VARIANTS[x.variant].title]
+                if r is None:
+                    cells += [""] * 6 + ["0"]
+                else:
+                    cells += [reporting.format_stat(r.class_il, decimals=2),
+                              reporting.format_stat(r.task_il, decimals=2),
+                              reporting.format_stat(r.forgetting, decimals=2),
+                              reporting.format_stat(r.training_flops, scale=10.0**exp),
+                              "" if ratio is None else f"{ratio:.2f}x",
+                              reporting.format_stat(r.wall_time_s, decimals=1),
+                              str(r.num_seeds)]
+                md.append("| " + " | ".join(cells) + " |")
+            parts.append("\n".join(md) + "\n")
+    return "\n".join(parts)
+
+
+_CSV_STATS = ("class_il", "task_il", "forgetting", "training_flops", "wall_time_s")
+
+
+def to_csv(lines: Sequence[Line], info: dict[str, str]) -> str:
+    """Provenance ``#`` lines, then one record per table row (DER++ once per benchmark, sparsity
+    0), numbers in full precision: accuracies in %, FLOPs, seconds."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["benchmark", "sparsity", "variant", "title", "method", "label",
+                     *[f"{s}_{p}" for s in _CSV_STATS for p in ("mean", "std")],
+                     "flops_vs_derpp", "num_seeds", "seeds"])
+    for x in lines:
+        r = x.row
+        record = [x.benchmark, repr(float(x.sparsity)), x.variant, VARIANTS[x.variant].title,
+                  VARIANTS[x.variant].method, "" if r is None else r.label]
+        for name in _CSV_STATS:
+            stat = None if r is None else getattr(r, name)
+            record += ["", ""] if stat is None else [repr(stat.mean), repr(stat.std)]
+        ratio = _flops_ratio(r, _reference(lines, x.benchmark))
+        record += ["" if ratio is None or not math.isfinite(ratio) else repr(ratio),
+                   "0" if r is None else str(r.num_seeds),
+                   "" if r is None else ";".join(str(s) for s in r.seeds)]
+        writer.writerow(record)
+    return sweep.provenance_csv(info) + buf.getvalue()
+
+
+def write_report(settings: Settings, runs: Sequence[sweep.Run]) -> list[Line]:
+    """Writes <out>/ablation.md and <out>/ablation.csv from the results of `runs` (pass only
+    runs whose results match their config: `SweepResult.usable_runs`); returns the rows."""
+    from esacl_jax import reporting
+
+    loaded = sweep.load_results(runs)
+    lines = summarize(settings, loaded)
+    results = [r for _, r in loaded]
+    info = sweep.provenance(settings.command(),
+                            sweep.evaluation_split(settings.validation_fraction), results,
+                            settings.jobs)
+    out = pathlib.Path(settings.out)
+    markdown = to_markdown(settings, lines, info, len(loaded), len(plan(settings)))
+    reporting.write_text_atomic(out / "ablation.md", markdown)
+    reporting.write_text_atomic(out / "ablation.csv", to_csv(lines, info))
+    return lines
+
+
+def run_ablation(settings: Settings, progress: bool = True, dry_run: bool = False) -> int:
+    """Plans, runs (resuming) and reports the ablation; returns the exit status (1: a run
+    failed). Raises ValueError for bad settings and DataError for missing data before
+    running anything."""
+    check(settings)
+    runs = plan(settings)
+    if dry_run:
+        for run in runs:
+            print(f"{run.name}  {run.method} {run.overrides} -> {run.workdir}")
+        print(f"{len(runs)} runs")
+        return 0
+    result = sweep.run_all(runs, jobs=settings.jobs, data_dir=settings.data_dir or None,
+                           progress=progress, force=settings.force, isolate=settings.isolate)
+    write_report(settings, result.usable_runs)
+    if progress:
+        print(f"ablation: {pathlib.Path(settings.out) / 'ablation.md'}")
+    return result.exit_code
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (flags are defined only when run as a program, so tests can import this module)
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    d = Settings()
+    flags.DEFINE_list("benchmarks", list(d.benchmarks), "Benchmarks (experiments/configs names).")
+    flags.DEFINE_list("sparsities", [f"{s:g}" for s in d.sparsities], "esacl.sparsity values.")
+    flags.DEFINE_list("seeds", [str(s) for s in d.seeds], "Seeds.")
+    flags.DEFINE_list("variants", list(d.variants), f"Rows: {', '.join(VARIANTS)}.")
+    flags.DEFINE_integer("jobs", d.jobs, "Worker processes.")
+    flags.DEFINE_string("out", d.out, "Output directory (one workdir per run below it).")
+    flags.DEFINE_float("validation_fraction", d.validation_fraction,
+                       "Held-out fraction of each task's training set evaluated instead of the "
+                       "test set; 0 evaluates on test.")
+    flags.DEFINE_integer("max_train_per_task", d.max_train_per_task,
+                         "Training examples per task (0: all; for quick smoke runs).")
+    flags.DEFINE_integer("epochs", d.epochs, "Epochs per task (0: the protocol's).")
+    flags.DEFINE_integer("buffer_size", d.buffer_size, "Replay buffer size.")
+    flags.DEFINE_string("data_dir", d.data_dir, "Dataset directory (else $ESACL_DATA_DIR).")
+    flags.DEFINE_bool("force", d.force, "Redo runs whose results.json exists.")
+    flags.DEFINE_bool("isolate", d.isolate, "Run each config in a fresh process (about 3 s more "
+                      "per run); only then is the measured peak memory the run's own.")
+    flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every run, repeatable "
+                              "(e.g. --set=steps_per_call=500).")
+    flags.DEFINE_bool("dry_run", False, "Only list the planned runs.")
+
+
+def main(argv: list[str]) -> None:
+    from absl import app, flags
+
+    from esacl_jax.data import DataError
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    try:
+        settings = Settings(
+            benchmarks=tuple(f.benchmarks), sparsities=tuple(float(s) for s in f.sparsities),
+            seeds=tuple(int(s) for s in f.seeds), variants=tuple(f.variants), jobs=f.jobs,
+            out=f.out, validation_fraction=f.validation_fraction,
+            max_train_per_task=f.max_train_per_task, epochs=f.epochs,
+            buffer_size=f.buffer_size, data_dir=f.data_dir, force=f.force, isolate=f.isolate,
+            overrides=tuple(f.set))
+        code = run_ablation(settings, dry_run=f.dry_run)
+    except (ValueError, DataError) as err:
+        hint = " (here: --data_dir=DIR)" if isinstance(err, DataError) else ""
+        print(f"error: {err}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,350 @@
+"""EsaCL against every baseline in one harness (`make compare ARGS=...`).
+
+Dense: finetune, joint, ewc, er, derpp. Sparse, at each of --sparsities (the method's own key:
+esacl.sparsity, sparcl.sparsity, prune_retrain.sparsity): esacl, sparcl_ewc, sparcl_er,
+sparcl_derpp, prune_retrain. Buffer 500, seeds 0,1,2, each benchmark's protocol rows
+(experiments/configs), evaluated on the TEST set (this is the reported comparison; tuning
+belongs in the ablation, which uses a validation split). Methods not registered in
+esacl_jax.methods.METHODS (or without a protocol row) are skipped with a note in the report
+when they come from the default list, and an error when named in --methods.
+
+Full comparison on the MNIST-family benchmarks (2 x (5 dense + 5 sparse x 3) x 3 seeds = 120 runs):
+  python -m experiments.compare --data_dir=/work/shared/data --jobs=2 --docs_dir=docs/results
+Split CIFAR-10 (ResNet-18, 50 epochs per task: a GPU job; the data are not on the dev machines):
+  python -m experiments.compare --benchmarks=split_cifar10 --data_dir=/path/to/cifar \
+      --out=runs/compare_cifar10 --jobs=1
+(--data_dir is the folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz.)
+
+Writes <out>/comparison.md (a table per benchmark), comparison.csv, accuracy_vs_flops.png and
+accuracy_matrix_esacl.png (class-IL, EsaCL at sparsity 0.9, seed 0, split_mnist; else the
+nearest available), each report headed by the command line, git commit, machine and evaluation
+split. --docs_dir copies them there. Runs already done are skipped (--force redoes them); the
+exit status is 1 when any run failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import pathlib
+import shlex
+import shutil
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from experiments import sweep
+
+DENSE_METHODS = ("finetune", "joint", "ewc", "er", "derpp")
+# sparse method -> the config field holding its target sparsity
+SPARSITY_KEYS = {
+    "esacl": "esacl.sparsity",
+    "sparcl_ewc": "sparcl.sparsity",
+    "sparcl_er": "sparcl.sparsity",
+    "sparcl_derpp": "sparcl.sparsity",
+    "sparcl": "sparcl.sparsity",
+    "prune_retrain": "prune_retrain.sparsity",
+}
+DEFAULT_METHODS = (*DENSE_METHODS, "esacl", "sparcl_ewc", "sparcl_er", "sparcl_derpp",
+                   "prune_retrain")
+HEATMAP = dict(method="esacl", benchmark="split_mnist", sparsity=0.9, seed=0)
+CIFAR10_COMMAND = ("python -m experiments.compare --benchmarks=split_cifar10 "
+                   "--data_dir=/path/to/cifar --out=runs/compare_cifar10 --jobs=1")
+OUTPUT_FILES = ("comparison.md", "comparison.csv", "accuracy_vs_flops.png",
+                "accuracy_matrix_esacl.png")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the comparison depends on (the CLI flags, one to one)."""
+
+    benchmarks: tuple[str, ...] = ("split_mnist", "split_fashion_mnist")
+    methods: tuple[str, ...] = ()  # empty: DEFAULT_METHODS that are available
+    sparsities: tuple[float, ...] = (0.75, 0.9, 0.95)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    jobs: int = 2
+    out: str = "runs/compare"
+    validation_fraction: float = 0.0
+    max_train_per_task: int = 0
+    epochs: int = 0  # 0: the protocol's
+    model: str = ""  # "": the protocol's
+    resnet_nf: int = 0  # 0: the protocol's
+    buffer_size: int = 500
+    data_dir: str = ""
+    docs_dir: str = ""
+    force: bool = False
+    isolate: bool = True  # a fresh process per run (clean measured peak memory)
+    overrides: tuple[str, ...] = ()  # KEY=VALUE applied to every run (--set)
+
+    def command(self) -> str:
+        """The equivalent explicit command line."""
+        args = ["python", "-m", "experiments.compare",
+                f"--benchmarks={sweep.format_list(self.benchmarks)}"]
+        if self.methods:
+            args.append(f"--methods={sweep.format_list(self.methods)}")
+        args += [f"--sparsities={sweep.format_list(self.sparsities)}",
+                 f"--seeds={sweep.format_list(self.seeds)}", f"--jobs={self.jobs}",
+                 f"--out={self.out}", f"--validation_fraction={self.validation_fraction:g}",
+                 f"--max_train_per_task={self.max_train_per_task}", f"--epochs={self.epochs}",
+                 f"--buffer_size={self.buffer_size}"]
+        if self.model:
+            args.append(f"--model={self.model}")
+        if self.resnet_nf:
+            args.append(f"--resnet_nf={self.resnet_nf}")
+        for name in ("data_dir", "docs_dir"):
+            if getattr(self, name):
+                args.append(f"--{name}={getattr(self, name)}")
+        if self.force:
+            args.append("--force")
+        if self.isolate != Settings.isolate:
+            args.append("--isolate" if self.isolate else "--noisolate")
+        args += [f"--set={item}" for item in self.overrides]
+        return shlex.join(args)
+
+
+def unavailable_reason(benchmark: str, method: str) -> str | None:
+    """Why `method` cannot run on `benchmark` here (not registered / no protocol row), or None."""
+    from esacl_jax.methods import METHODS
+
+    if method not in METHODS:
+        return "not registered in esacl_jax.methods.METHODS"
+    try:
+        sweep.config_module(benchmark).get_config(method)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def resolve_methods(settings: Settings) -> tuple[list[str], list[str]]:
+    """(methods to run, notes on default methods left out). ValueError for a named method that
+    cannot run."""
+    named = bool(settings.methods)
+    methods, notes = [], []
+    for method in settings.methods or DEFAULT_METHODS:
+        reasons = {b: unavailable_reason(b, method) for b in settings.benchmarks}
+        bad = {b: r for b, r in reasons.items() if r}
+        if not bad:
+            methods.append(method)
+        elif named:
+            raise ValueError(f"method {method!r} cannot run: "
+                             + "; ".join(f"{b}: {r}" for b, r in bad.items()))
+        else:
+            notes.append(f"{method}: {next(iter(bad.values()))}")
+    return methods, notes
+
+
+def check(settings: Settings) -> None:
+    """ValueError for unknown benchmarks or impossible values (before any run)."""
+    if not settings.benchmarks or not settings.seeds:
+        raise ValueError("need at least one benchmark and seed")
+    for bench in settings.benchmarks:
+        sweep.config_module(bench)
+    for s in settings.sparsities:
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {s}")
+    if not 0.0 <= settings.validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got "
+                         f"{settings.validation_fraction}")
+    sweep.parse_overrides(settings.overrides)
+
+
+def plan(settings: Settings, methods: Sequence[str]) -> list[sweep.Run]:
+    """Dense methods x seeds and sparse methods x sparsities x seeds, per benchmark."""
+    out = pathlib.Path(settings.out)
+    common: dict[str, Any] = {"validation_fraction": settings.validation_fraction,
+                              "max_train_per_task": settings.max_train_per_task,
+                              "buffer_size": settings.buffer_size}
+    for name in ("epochs", "model", "resnet_nf"):
+        if getattr(settings, name):
+            common[name] = getattr(settings, name)
+    common.update(sweep.parse_overrides(settings.overrides))
+    runs = []
+    for bench in settings.benchmarks:
+        for method in methods:
+            key = SPARSITY_KEYS.get(method)
+            if key is not None and not settings.sparsities:
+                raise ValueError(f"sparse method {method} needs at least one --sparsities value")
+            for sparsity in settings.sparsities if key else (None,):
+                overrides, workdir = dict(common), out / bench / method
+                if sparsity is not None:
+                    overrides[key] = sparsity
+                    workdir = workdir / f"s{sparsity:g}"
+                for seed in settings.seeds:
+                    runs.append(sweep.Run(bench, method, overrides, seed, workdir / f"seed{seed}",
+                                          group=method))
+    return runs
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def heatmap_result(loaded: Sequence[tuple[sweep.Run, dict]]) -> dict | None:
+    """EsaCL at sparsity 0.9, seed 0, split_mnist when present, else the nearest: the first
+    benchmark with EsaCL runs, the sparsity closest to 0.9, the lowest seed."""
+    from esacl_jax import reporting
+
+    candidates = [r for run, r in loaded if run.method == HEATMAP["method"]]
+    if not candidates:
+        return None
+    benches = list(dict.fromkeys(reporting.benchmark_of(r) for r in candidates))
+    bench = HEATMAP["benchmark"] if HEATMAP["benchmark"] in benches else benches[0]
+
+    def rank(r: dict) -> tuple:
+        seed = reporting.seed_of(r)
+        return (reporting.benchmark_of(r) != bench,
+                abs(reporting.sparsity_of(r) - HEATMAP["sparsity"]),
+                seed != HEATMAP["seed"], seed if seed is not None else 1 << 30)
+
+    return min(candidates, key=rank)
+
+
+def write_report(settings: Settings, runs: Sequence[sweep.Run], usable: Sequence[sweep.Run],
+                 notes: Sequence[str]) -> list:
+    """Writes the table, CSV and plots into --out (and --docs_dir) from the results of `usable`
+    (the planned `runs` whose results match their config); returns the table rows."""
+    from esacl_jax import reporting
+
+    out = pathlib.Path(settings.out)
+    loaded = sweep.load_results(usable)
+    results = [r for _, r in loaded]
+    order = {b: k for k, b in enumerate(settings.benchmarks)}  # tables in --benchmarks order
+    rows = sorted(reporting.aggregate(results), key=lambda r: order.get(r.benchmark, len(order)))
+    info = sweep.provenance(settings.command(),
+                            sweep.evaluation_split(settings.validation_fraction), results,
+                            settings.jobs)
+
+    reporting.plot_accuracy_vs_flops(rows, out / "accuracy_vs_flops.png")
+    chosen = heatmap_result(loaded)
+    heatmap = ""
+    if chosen is not None:
+        reporting.plot_accuracy_matrix(chosen, out / "accuracy_matrix_esacl.png")
+        heatmap = (f"![EsaCL class-IL accuracy matrix](accuracy_matrix_esacl.png)\n\n"
+                   f"Accuracy matrix: EsaCL on {reporting.benchmark_of(chosen)}, sparsity "
+                   f"{reporting.sparsity_of(chosen):g}, seed {reporting.seed_of(chosen)}.\n")
+
+    missing = len(runs) - len(loaded)
+    parts = [sweep.provenance_markdown("EsaCL vs. baselines", info),
+             f"Mean ± sample std over seeds; buffer {settings.buffer_size}; {len(loaded)} of "
+             f"{len(runs)} planned runs have results"
+             + (f" ({missing} missing or failed)." if missing else ".") + "\n"]
+    if notes:
+        parts.append("Not run (unavailable in this checkout):\n\n"
+                     + "".join(f"- {n}\n" for n in notes))
+    parts.append(reporting.to_markdown(rows))
+    parts.append("![class-IL accuracy vs. training FLOPs](accuracy_vs_flops.png)\n")
+    if heatmap:
+        parts.append(heatmap)
+    reporting.write_text_atomic(out / "comparison.md", "\n".join(parts))
+
+    buf = io.StringIO()
+    tmp = out / ".comparison.body.csv"
+    reporting.to_csv(rows, tmp)
+    buf.write(sweep.provenance_csv(info))
+    buf.write(tmp.read_text(encoding="utf-8"))
+    tmp.unlink()
+    reporting.write_text_atomic(out / "comparison.csv", buf.getvalue())
+
+    if settings.docs_dir:
+        docs = pathlib.Path(settings.docs_dir)
+        docs.mkdir(parents=True, exist_ok=True)
+        for name in OUTPUT_FILES:
+            if (out / name).exists():
+                shutil.copyfile(out / name, docs / name)
+    return rows
+
+
+def run_comparison(settings: Settings, progress: bool = True, dry_run: bool = False) -> int:
+    """Plans, runs (resuming) and reports the comparison; returns the exit status (1: a run
+    failed). Raises ValueError for bad settings and DataError for missing data before
+    running anything."""
+    check(settings)
+    methods, notes = resolve_methods(settings)
+    if progress:
+        for note in notes:
+            print(f"warning: skipping {note}")
+    if not methods:
+        raise ValueError("no method can run")
+    runs = plan(settings, methods)
+    if dry_run:
+        for run in runs:
+            print(f"{run.name}  {run.overrides} -> {run.workdir}")
+        print(f"{len(runs)} runs")
+        return 0
+    result = sweep.run_all(runs, jobs=settings.jobs, data_dir=settings.data_dir or None,
+                           progress=progress, force=settings.force, isolate=settings.isolate)
+    write_report(settings, runs, result.usable_runs, notes)
+    if progress:
+        print(f"comparison: {pathlib.Path(settings.out) / 'comparison.md'}")
+        if settings.docs_dir:
+            print(f"copied to {settings.docs_dir}")
+        print(f"split_cifar10 (needs the CIFAR-10 files and a GPU):\n  {CIFAR10_COMMAND}")
+    return result.exit_code
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (flags are defined only when run as a program, so tests can import this module)
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    d = Settings()
+    flags.DEFINE_list("benchmarks", list(d.benchmarks), "Benchmarks (experiments/configs names).")
+    flags.DEFINE_list("methods", [], f"Methods (default: {','.join(DEFAULT_METHODS)}).")
+    flags.DEFINE_list("sparsities", [f"{s:g}" for s in d.sparsities],
+                      "Sparsities of the sparse methods.")
+    flags.DEFINE_list("seeds", [str(s) for s in d.seeds], "Seeds.")
+    flags.DEFINE_integer("jobs", d.jobs, "Worker processes.")
+    flags.DEFINE_string("out", d.out, "Output directory (one workdir per run below it).")
+    flags.DEFINE_float("validation_fraction", d.validation_fraction,
+                       "> 0: evaluate on this held-out fraction of train instead of test.")
+    flags.DEFINE_integer("max_train_per_task", d.max_train_per_task,
+                         "Training examples per task (0: all; for quick smoke runs).")
+    flags.DEFINE_integer("epochs", d.epochs, "Epochs per task (0: the protocol's).")
+    flags.DEFINE_string("model", d.model, "Model override, e.g. resnet18 (empty: the protocol's).")
+    flags.DEFINE_integer("resnet_nf", d.resnet_nf, "ResNet width (0: the protocol's).")
+    flags.DEFINE_integer("buffer_size", d.buffer_size, "Replay buffer size.")
+    flags.DEFINE_string("data_dir", d.data_dir, "Dataset directory (else $ESACL_DATA_DIR).")
+    flags.DEFINE_string("docs_dir", d.docs_dir, "Also copy the table and plots here.")
+    flags.DEFINE_bool("force", d.force, "Redo runs whose results.json exists.")
+    flags.DEFINE_bool("isolate", d.isolate, "Run each config in a fresh process (about 3 s more "
+                      "per run); only then is the measured peak memory the run's own.")
+    flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every run, repeatable.")
+    flags.DEFINE_bool("dry_run", False, "Only list the planned runs.")
+
+
+def main(argv: list[str]) -> None:
+    from absl import app, flags
+
+    from esacl_jax.data import DataError
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    try:
+        settings = Settings(
+            benchmarks=tuple(f.benchmarks), methods=tuple(f.methods),
+            sparsities=tuple(float(s) for s in f.sparsities),
+            seeds=tuple(int(s) for s in f.seeds), jobs=f.jobs, out=f.out,
+            validation_fraction=f.validation_fraction, max_train_per_task=f.max_train_per_task,
+            epochs=f.epochs, model=f.model, resnet_nf=f.resnet_nf, buffer_size=f.buffer_size,
+            data_dir=f.data_dir, docs_dir=f.docs_dir, force=f.force, isolate=f.isolate,
+            overrides=tuple(f.set))
+        code = run_comparison(settings, dry_run=f.dry_run)
+    except (ValueError, DataError) as err:
+        hint = " (here: --data_dir=DIR)" if isinstance(err, DataError) else ""
+        print(f"error: {err}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
