@@ -9,13 +9,14 @@ Rows (``--variants``, comma-separated names; default all):
   no_sam              esacl.rho=0.0: no perturbation (the sharpness scores are then all zero)
   ids_perturbed_loss  esacl.ids_score=perturbed_loss
   ids_clean_loss      esacl.ids_score=clean_loss
+  ids_random          esacl.ids_score=random: a random subset of the same size (IDS's control)
   derpp               dense DER++, the reference row of every table
 
 Every sparse row runs at each of --sparsities (esacl.sparsity); DER++ runs once per benchmark
 and seed. The ablation picks defaults, so by default it evaluates on a held-out 10% of each
 task's training set (--validation_fraction), never on the test set.
 
-Full ablation (2 benchmarks x (8 sparse rows x 3 sparsities + DER++) x 3 seeds = 150 runs):
+Full ablation (2 benchmarks x (9 sparse rows x 3 sparsities + DER++) x 3 seeds = 168 runs):
   python -m experiments.ablation --data_dir=/work/shared/data --jobs=2
 Quick smoke run:
   python -m experiments.ablation --benchmarks=split_digits --seeds=0 --sparsities=0.9 \
@@ -61,6 +62,8 @@ VARIANTS: dict[str, Variant] = {
     "ids_perturbed_loss": Variant("IDS score=perturbed_loss", "esacl",
                                   {"esacl.ids_score": "perturbed_loss"}),
     "ids_clean_loss": Variant("IDS score=clean_loss", "esacl", {"esacl.ids_score": "clean_loss"}),
+    "ids_random": Variant("IDS score=random (a random subset of the same size)", "esacl",
+                          {"esacl.ids_score": "random"}),
     "derpp": Variant("DER++ (dense)", "derpp", {}, sparse=False),
 }
 REFERENCE = "derpp"
