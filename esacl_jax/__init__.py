@@ -12,19 +12,58 @@ gradient. `keep_sparse` wraps the chain so pruned weights are exactly zero after
 `optax.apply_updates`, whatever optimizer follows (momentum, Adam, AdamW's weight decay).
 """
 
-from esacl_jax.ids import (ExampleStats, init_example_stats, num_selected, reset_example_stats,
-                           select_top, table_scores, update_example_stats)
-from esacl_jax.masks import (apply_masks, default_prunable, keep_top, layer_sparsities,
-                             magnitude_masks, prunable_tree, prune_and_regrow, sdp_scores,
-                             sparsity_summary)
-from esacl_jax.metrics import (average_accuracy, backward_transfer, forgetting,
-                               learning_accuracy, summarize, summarize_run)
-from esacl_jax.replay import (ReplayBuffer, add_reservoir, der_loss, er_loss, init_buffer,
-                              num_filled, sample)
-from esacl_jax.sdp import (SDPState, find_sdp_state, keep_sparse, refresh_masks,
-                           replace_sdp_state, sdp_transform, update_masks)
-from esacl_jax.sharpness import (add_perturbation, masked_global_norm, per_example_sharpness,
-                                 sam_perturbation)
+from esacl_jax.ids import (
+    ExampleStats,
+    init_example_stats,
+    num_selected,
+    reset_example_stats,
+    select_top,
+    table_scores,
+    update_example_stats,
+)
+from esacl_jax.masks import (
+    apply_masks,
+    default_prunable,
+    keep_top,
+    layer_sparsities,
+    magnitude_masks,
+    prunable_tree,
+    prune_and_regrow,
+    sdp_scores,
+    sparsity_summary,
+)
+from esacl_jax.metrics import (
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+    learning_accuracy,
+    summarize,
+    summarize_run,
+)
+from esacl_jax.replay import (
+    ReplayBuffer,
+    add_reservoir,
+    der_loss,
+    er_loss,
+    init_buffer,
+    num_filled,
+    sample,
+)
+from esacl_jax.sdp import (
+    SDPState,
+    find_sdp_state,
+    keep_sparse,
+    refresh_masks,
+    replace_sdp_state,
+    sdp_transform,
+    update_masks,
+)
+from esacl_jax.sharpness import (
+    add_perturbation,
+    masked_global_norm,
+    per_example_sharpness,
+    sam_perturbation,
+)
 
 __version__ = "0.1.0"
 

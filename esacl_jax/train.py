@@ -23,11 +23,19 @@ from esacl_jax import flops as flops_lib
 from esacl_jax import memory as memory_lib
 from esacl_jax import metrics as metrics_lib
 from esacl_jax import results as results_lib
-from esacl_jax.run_logger import make_logger
 from esacl_jax.data import Benchmark, augment_batch, class_mask, load_benchmark, preprocess
-from esacl_jax.methods import (Batch, Method, Pass, StepMetrics, TaskContext, TrainState, build_method,
-                               method_class)
+from esacl_jax.methods import (
+    Batch,
+    Method,
+    Pass,
+    StepMetrics,
+    TaskContext,
+    TrainState,
+    build_method,
+    method_class,
+)
 from esacl_jax.models import MODELS, build_model, forward
+from esacl_jax.run_logger import make_logger
 
 
 class TrainingError(RuntimeError):
@@ -45,12 +53,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(config.benchmark in BENCHMARKS,
          f"unknown benchmark {config.benchmark!r}; choose one of {', '.join(sorted(BENCHMARKS))}")
     method_class(config.method)  # raises for an unknown method
-    need(config.model in MODELS, f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
+    need(config.model in MODELS,
+         f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
     need(config.batch_size > 0, f"batch_size must be > 0, got {config.batch_size}")
     need(config.eval_batch_size > 0, f"eval_batch_size must be > 0, got {config.eval_batch_size}")
     need(config.epochs >= 1, f"epochs must be >= 1, got {config.epochs}")
     need(config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}")
-    need(config.num_tasks >= 0, f"num_tasks must be >= 0 (0 = the protocol's), got {config.num_tasks}")
+    need(config.num_tasks >= 0,
+         f"num_tasks must be >= 0 (0 = the protocol's), got {config.num_tasks}")
     need(config.steps_per_call > 0, f"steps_per_call must be > 0, got {config.steps_per_call}")
     need(0.0 <= config.validation_fraction < 1.0,
          f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
@@ -267,7 +277,8 @@ def format_summary(result: dict) -> str:
              f"{'':14}{'ACC':>8}{'learn':>8}{'BWT':>8}{'forget':>8}"]
     for setting in ("class_il", "task_il"):
         s = m[setting]
-        lines.append(f"{setting:14}{100 * s['average_accuracy']:8.2f}{100 * s['learning_accuracy']:8.2f}"
+        lines.append(f"{setting:14}{100 * s['average_accuracy']:8.2f}"
+                     f"{100 * s['learning_accuracy']:8.2f}"
                      f"{100 * s['backward_transfer']:8.2f}{100 * s['forgetting']:8.2f}")
     lines.append(f"training FLOPs {result['training_flops']:.4g}; peak host RSS "
                  f"{result['memory']['measured']['host_peak_rss_bytes'] / 2**20:.0f} MiB")
@@ -326,7 +337,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 indices = np.arange(x_np.shape[0], dtype=np.int32)
             state = method.begin_epoch(state, task_id, epoch)
             counter.set_densities(*method.flops_densities(state))
-            epoch_key = jax.random.fold_in(jax.random.fold_in(state.rng, 1_000_003 + task_id), epoch)
+            task_key = jax.random.fold_in(state.rng, 1_000_003 + task_id)
+            epoch_key = jax.random.fold_in(task_key, epoch)
             batch_idx, valid, steps = epoch_batches(epoch_key, indices, config.batch_size,
                                                     config.steps_per_call)
             if epoch == 0:
@@ -368,8 +380,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                          "train_examples_seen": examples_seen, **method.summary(state)})
         log_task(logger, per_task[-1], class_il[task_id], task_il[task_id], counter.total)
         if progress:
-            print(f"  after task {task_id + 1}: class-IL {100 * np.nanmean(class_il[task_id, :task_id + 1]):.2f}% "
-                  f"task-IL {100 * np.nanmean(task_il[task_id, :task_id + 1]):.2f}%", flush=True)
+            seen = slice(0, task_id + 1)
+            print(f"  after task {task_id + 1}: class-IL "
+                  f"{100 * np.nanmean(class_il[task_id, seen]):.2f}% "
+                  f"task-IL {100 * np.nanmean(task_il[task_id, seen]):.2f}%", flush=True)
 
     logger.close()
     result = {

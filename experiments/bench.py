@@ -103,7 +103,7 @@ def main(argv: list[str]) -> None:
     from esacl_jax.results import environment
 
     env = environment()
-    lines = [f"# Speed benchmark (split_mnist, batch 10, buffer 500, sparsity 0.9)", "",
+    lines = ["# Speed benchmark (split_mnist, batch 10, buffer 500, sparsity 0.9)", "",
              f"- command: `python -m experiments.bench {' '.join(sys.argv[1:])}`",
              f"- commit: {env['git_commit']}",
              f"- machine: {env['platform']}, {env['cpu_count']} CPUs, jax {env['packages']['jax']}"

@@ -28,6 +28,7 @@ def shared_data_dir() -> pathlib.Path:
     path = find_shared_data_dir()
     if path is None:
         if os.environ.get("CI"):
-            pytest.fail("CI=true but no MNIST data: set ESACL_DATA_DIR or put shared/data beside the repo")
+            pytest.fail("CI=true but no MNIST data: set ESACL_DATA_DIR or put shared/data "
+                        "beside the repo")
         pytest.skip("no MNIST copy found (set ESACL_DATA_DIR to a directory holding mnist/)")
     return path

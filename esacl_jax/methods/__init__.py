@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import importlib
 
-from esacl_jax.methods.base import (Batch, Method, Pass, StepMetrics, TaskContext, TrainState,
-                                    make_optimizer)
+from esacl_jax.methods.base import (
+    Batch,
+    Method,
+    Pass,
+    StepMetrics,
+    TaskContext,
+    TrainState,
+    make_optimizer,
+)
 
 # name -> "module:Class"; imported lazily so a method's dependencies load only when used.
 METHODS = {

@@ -88,7 +88,8 @@ class Method:
 
     def __init__(self, config: ml_collections.ConfigDict, model, benchmark: Benchmark):
         if benchmark.scenario not in self.scenarios:
-            raise ValueError(f"method {self.name!r} does not support scenario {benchmark.scenario!r}")
+            raise ValueError(f"method {self.name!r} does not support scenario "
+                             f"{benchmark.scenario!r}")
         self.config = config
         self.model = model
         self.benchmark = benchmark
@@ -128,7 +129,8 @@ class Method:
         """Logit mask for the current-task cross-entropy (SparCL's use_cl_mask when enabled)."""
         return ctx.task_classes if self.use_task_logit_mask else None
 
-    def replay_loss(self, params: Any, batch_stats: Any, state: TrainState, key: jax.Array) -> jax.Array:
+    def replay_loss(self, params: Any, batch_stats: Any, state: TrainState,
+                    key: jax.Array) -> jax.Array:
         """Extra loss terms (replay, regularisers). Zero for finetune."""
         del params, batch_stats, state, key
         return jnp.zeros((), jnp.float32)
@@ -148,7 +150,8 @@ class Method:
         def loss_fn(params):
             logits, new_stats = forward(self.model, params, state.batch_stats, batch.x, train=True)
             per_example = losses.cross_entropy(logits, batch.y, mask)
-            total = per_example.mean() + self.replay_loss(params, state.batch_stats, state, replay_key)
+            replay = self.replay_loss(params, state.batch_stats, state, replay_key)
+            total = per_example.mean() + replay
             return total, (logits, new_stats, per_example)
 
         (loss, (logits, new_stats, per_example)), grads = jax.value_and_grad(

@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from esacl_jax import ids, losses, masks, replay, sdp
-from esacl_jax.methods.base import (Batch, Pass, StepMetrics, TaskContext, TrainState,
-                                    make_optimizer)
+from esacl_jax.methods.base import Batch, Pass, StepMetrics, TaskContext, TrainState, make_optimizer
 from esacl_jax.methods.derpp import derpp_replay_loss
 from esacl_jax.methods.er import ReplayMethod
 from esacl_jax.models import forward
@@ -39,7 +38,8 @@ class EsaCL(ReplayMethod):
     def __init__(self, config, model, benchmark):
         e = config.esacl
         if e.step_variant not in STEP_VARIANTS:
-            raise ValueError(f"esacl.step_variant must be one of {STEP_VARIANTS}, got {e.step_variant!r}")
+            raise ValueError(f"esacl.step_variant must be one of {STEP_VARIANTS}, "
+                             f"got {e.step_variant!r}")
         if e.replay not in REPLAY_KINDS:
             raise ValueError(f"esacl.replay must be one of {REPLAY_KINDS}, got {e.replay!r}")
         if e.replay_at not in ("perturbed", "clean"):

@@ -2,7 +2,8 @@
 
 A benchmark config file defines `PROTOCOL` (benchmark-wide values) and `METHODS` (per-method
 hyperparameters from PROTOCOLS.md) and calls `make_config`. Select a method with the config-file
-argument, which applies that method's protocol row: `--config=experiments/configs/split_mnist.py:esacl`
+argument, which applies that method's protocol row:
+`--config=experiments/configs/split_mnist.py:esacl`
 (`make run EXP=split_mnist METHOD=esacl`). Any field is then overridable as `--config.field=value`.
 """
 

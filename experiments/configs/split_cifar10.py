@@ -1,4 +1,6 @@
-"""split_cifar10: 5 tasks x 2 classes, CIFAR ResNet-18 (nf 64), 50 epochs per task, batch 32 (PROTOCOLS.md)."""
+"""split_cifar10: 5 tasks x 2 classes,
+CIFAR ResNet-18 (nf 64), 50 epochs per task, batch 32 (PROTOCOLS.md).
+"""
 
 from experiments.configs.common import CIFAR_METHODS, make_config
 
