@@ -320,7 +320,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     class_il = np.full((t_count, t_count), np.nan)
     task_il = np.full((t_count, t_count), np.nan)
     train_times, eval_times, per_task = [], [], []
-    for task_id in range(t_count):
+    checkpointer = None
+    first_task = 0
+    if config.checkpoint:
+        from esacl_jax.checkpoint import RunCheckpointer
+
+        checkpointer = RunCheckpointer(pathlib.Path(workdir) / "checkpoints", config.to_dict())
+        restored = checkpointer.restore(state)
+        if restored is not None:
+            state, done = restored
+            first_task = done["task"] + 1
+            class_il[:first_task] = np.asarray(done["class_il"], dtype=float)
+            task_il[:first_task] = np.asarray(done["task_il"], dtype=float)
+            train_times, eval_times = done["train_times"], done["eval_times"]
+            per_task, flops_per_task = done["per_task"], done["flops_per_task"]
+            counter.total = flops_per_task[-1]
+            if progress:
+                print(f"resuming after task {first_task} from {workdir}/checkpoints", flush=True)
+    for task_id in range(first_task, t_count):
         task_start = time.perf_counter()
         x_np, y_np = method.training_data(task_id)
         x_dev = jax.device_put(x_np, replicated)
@@ -379,6 +396,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         per_task.append({"task": task_id, "classes": list(benchmark.tasks[task_id].classes),
                          "train_examples_seen": examples_seen, **method.summary(state)})
         log_task(logger, per_task[-1], class_il[task_id], task_il[task_id], counter.total)
+        if checkpointer is not None:
+            checkpointer.save(task_id, state, results_lib.to_jsonable({
+                "task": task_id, "class_il": class_il[: task_id + 1],
+                "task_il": task_il[: task_id + 1], "train_times": train_times,
+                "eval_times": eval_times, "per_task": per_task,
+                "flops_per_task": flops_per_task}))
         if progress:
             seen = slice(0, task_id + 1)
             print(f"  after task {task_id + 1}: class-IL "
@@ -386,6 +409,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                   f"task-IL {100 * np.nanmean(task_il[task_id, seen]):.2f}%", flush=True)
 
     logger.close()
+    if checkpointer is not None:
+        checkpointer.close()
     result = {
         "config": config.to_dict(),
         "seed": config.seed,

@@ -30,7 +30,8 @@ def main(argv: list[str]) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted: no results were written", file=sys.stderr)
+        print("interrupted: no results were written (with --config.checkpoint=True the same "
+              "command resumes after the last finished task)", file=sys.stderr)
         sys.exit(130)
     print()
     print(format_summary(result))

@@ -38,4 +38,5 @@ def test_method_runs_and_learns(tmp_path, shared_data_dir, benchmark, method):
     if method in SPARSE:
         sparsity = result["per_task"][-1].get("sparsity")
         target = config[SPARSE[method]].sparsity
-        assert sparsity is not None and sparsity["global_sparsity"] == pytest.approx(target, abs=1e-3)
+        assert sparsity is not None
+        assert sparsity["global_sparsity"] == pytest.approx(target, abs=1e-3)

@@ -50,7 +50,8 @@ def test_eight_device_data_parallel_matches_one_device(tmp_path):
         for setting in ("class_il", "task_il"):
             a, b = eight[setting], one[setting]
             # Same data order, same keys: only the all-reduce's summation order differs.
-            diffs = [abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)]
+            diffs = [abs(x - y) for ra, rb in zip(a, b, strict=True)
+                     for x, y in zip(ra, rb, strict=True)]
             assert max(diffs) <= 0.02, (method, setting, a, b)
 
 
@@ -71,5 +72,6 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert "ERR batch_size 10 must be divisible by the 8 devices" in proc.stdout, proc.stderr[-2000:]
+    expected = "ERR batch_size 10 must be divisible by the 8 devices"
+    assert expected in proc.stdout, proc.stderr[-2000:]
     assert not (tmp_path / "results.json").exists()

@@ -88,6 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     # devices: 0 = data-parallel over every visible device (batch split along a "data" mesh axis)
     c.num_devices = 0
+    # resumable runs: save the train state with orbax after every task, resume from workdir
+    c.checkpoint = False
     # output
     c.progress = True
     c.tensorboard = True

@@ -6,7 +6,7 @@ from experiments.configs.common import CIFAR_METHODS, make_config
 
 PROTOCOL = dict(benchmark="split_tiny_imagenet", model="resnet18", resnet_nf=64, epochs=100,
                 batch_size=32,
-                eval_batch_size=500, steps_per_call=100)
+                eval_batch_size=500, steps_per_call=100, checkpoint=True)
 
 
 def get_config(method: str = "finetune"):
