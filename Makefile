@@ -24,7 +24,7 @@ run: install
 	$(PY) -m experiments.main --config=experiments/configs/$(EXP).py$(if $(METHOD),:$(METHOD)) --workdir=$(WORKDIR) $(ARGS)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: install
 	$(VENV)/bin/ruff check esacl_jax experiments tests
