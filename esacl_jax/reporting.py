@@ -22,11 +22,12 @@ import math
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+from esacl_jax.results import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +413,7 @@ def to_csv(rows: Sequence[Row], path: str | os.PathLike) -> None:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(csv_header())
     writer.writerows(_csv_record(r) for r in rows)
-    _write_bytes_atomic(path, buf.getvalue().encode("utf-8"))
+    write_bytes_atomic(path, buf.getvalue().encode("utf-8"))
 
 
 def read_csv(path: str | os.PathLike) -> list[Row]:
@@ -439,29 +440,15 @@ def read_csv(path: str | os.PathLike) -> list[Row]:
 # Files
 
 
-def _write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Temporary file in the target directory, then os.replace: never a half-written file."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Writes `text` (UTF-8) atomically, creating the parent directory."""
-    _write_bytes_atomic(path, text.encode("utf-8"))
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _save_figure(fig: Any, path: str | os.PathLike) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    _write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _new_figure(figsize: tuple[float, float]) -> Any:

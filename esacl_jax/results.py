@@ -71,18 +71,26 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
-    """Writes to a temporary file in the same directory, then renames: never a half-written file."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Writes to a temporary file in the same directory, then renames: never a half-written file.
+
+    Creates the parent directory. Every file the project writes goes through here.
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(to_jsonable(payload), f, indent=2, allow_nan=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
+    """results.json and friends: standard JSON (NaN as null), written atomically."""
+    text = json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"))

@@ -35,7 +35,6 @@ import io
 import math
 import pathlib
 import shlex
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -355,12 +354,11 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
     from absl import app, flags
 
-    from esacl_jax.data import DataError
-
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
-    try:
+
+    def run() -> int:
         settings = Settings(
             benchmarks=tuple(f.benchmarks), sparsities=tuple(float(s) for s in f.sparsities),
             seeds=tuple(int(s) for s in f.seeds), variants=tuple(f.variants), jobs=f.jobs,
@@ -368,16 +366,9 @@ def main(argv: list[str]) -> None:
             max_train_per_task=f.max_train_per_task, epochs=f.epochs,
             buffer_size=f.buffer_size, data_dir=f.data_dir, force=f.force, isolate=f.isolate,
             overrides=tuple(f.set))
-        code = run_ablation(settings, dry_run=f.dry_run)
-    except (ValueError, DataError) as err:
-        hint = " (here: --data_dir=DIR)" if isinstance(err, DataError) else ""
-        print(f"error: {err}{hint}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are kept; rerun the same command to resume",
-              file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code)
+        return run_ablation(settings, dry_run=f.dry_run)
+
+    sweep.exit_with(run)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import io
 import pathlib
 import shlex
 import shutil
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -317,12 +316,11 @@ def _define_flags() -> None:
 def main(argv: list[str]) -> None:
     from absl import app, flags
 
-    from esacl_jax.data import DataError
-
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
-    try:
+
+    def run() -> int:
         settings = Settings(
             benchmarks=tuple(f.benchmarks), methods=tuple(f.methods),
             sparsities=tuple(float(s) for s in f.sparsities),
@@ -331,16 +329,9 @@ def main(argv: list[str]) -> None:
             epochs=f.epochs, model=f.model, resnet_nf=f.resnet_nf, buffer_size=f.buffer_size,
             data_dir=f.data_dir, docs_dir=f.docs_dir, force=f.force, isolate=f.isolate,
             overrides=tuple(f.set))
-        code = run_comparison(settings, dry_run=f.dry_run)
-    except (ValueError, DataError) as err:
-        hint = " (here: --data_dir=DIR)" if isinstance(err, DataError) else ""
-        print(f"error: {err}{hint}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are kept; rerun the same command to resume",
-              file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code)
+        return run_comparison(settings, dry_run=f.dry_run)
+
+    sweep.exit_with(run)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import pkgutil
 import platform
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
 import ml_collections
@@ -502,3 +502,21 @@ def evaluation_split(validation_fraction: float) -> str:
 
 def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def exit_with(run: Callable[[], int]) -> None:
+    """The sweeps' command-line contract: run, then exit 0/1; one-line errors exit 2 (bad
+    settings, missing data), an interrupt exits 130 with the finished runs kept."""
+    from esacl_jax.data import DataError
+
+    try:
+        code = run()
+    except (ValueError, DataError) as err:
+        hint = " (here: --data_dir=DIR)" if isinstance(err, DataError) else ""
+        print(f"error: {err}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)
