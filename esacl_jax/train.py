@@ -76,6 +76,7 @@ def load_config_benchmark(config: ml_collections.ConfigDict) -> Benchmark:
         max_train_per_task=config.max_train_per_task or None,
         max_test_per_task=config.max_test_per_task or None,
         validation_fraction=config.validation_fraction,
+        verify_checksums=config.verify_checksums,
     )
 
 

@@ -129,3 +129,26 @@ def test_split_mnist_slice_learns_on_real_data(tmp_path, shared_data_dir):
     task_il = np.asarray(result["task_il_matrix"])
     assert np.diag(task_il).min() > 0.9
     assert result["metrics"]["class_il"]["average_accuracy"] < 0.5
+
+
+def test_cifar_pipeline_end_to_end_on_cifar_format_files(tmp_path):
+    """No CIFAR exists on these machines: run the real loader (packed python archive), the in-jit
+    crop/flip augmentation, the BatchNorm ResNet-18 and EsaCL on small CIFAR-format files."""
+    from experiments.configs import split_cifar10
+    from tests.test_data import write_cifar
+
+    write_cifar(tmp_path / "data", "cifar10", packed=True)
+    config = split_cifar10.get_config("esacl")
+    config.data_dir = str(tmp_path / "data")
+    config.verify_checksums = False
+    config.resnet_nf = 4
+    config.num_tasks, config.epochs = 2, 1
+    config.batch_size = config.replay_batch_size = 8
+    config.progress = config.tensorboard = config.checkpoint = False
+    result = train_and_evaluate(config, tmp_path / "run", progress=False)
+    assert result["benchmark"]["name"] == "split_cifar10"
+    assert np.all(np.isfinite(np.asarray(result["class_il_matrix"])))
+    sparsity = result["per_task"][-1]["sparsity"]
+    assert sparsity["global_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert len(sparsity["layers"]) == 16  # exactly the 3x3 convolutions of the residual blocks
+    assert result["dense_forward_flops_per_example"] > 0

@@ -23,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_train_per_task = 0  # 0: all (a positive value takes a seeded subset, for quick runs)
     c.max_test_per_task = 0
     c.validation_fraction = 0.0  # > 0: evaluate on a held-out part of train (for tuning)
+    c.verify_checksums = True  # False only for files that are not the official ones (tests)
     # model
     c.model = "mlp"
     c.mlp_widths = (100, 100)
