@@ -49,7 +49,7 @@ _SPARSITY_KEY = {
 # goes into the label, so variants/ablations form their own rows. Keep in sync with
 # experiments/configs/common.py:base_config (tests/test_reporting.py checks it).
 VARIANT_KNOBS: dict[str, tuple[str, dict[str, Any]]] = {
-    "esacl": ("esacl", {"step_variant": "B", "gamma": 0.5, "rho": 0.05, "sdp": True,
+    "esacl": ("esacl", {"step_variant": "C", "gamma": 0.5, "rho": 0.01, "sdp": True,
                         "replay": "derpp", "ids_score": "sharpness", "replay_at": "perturbed"}),
     "sparcl": ("sparcl", {"base": "derpp", "ddr": True, "dgm": True}),
     "sparcl_ewc": ("sparcl", {"ddr": True, "dgm": True}),

@@ -91,7 +91,7 @@ def test_sdp_moves_the_mask_across_tasks(tmp_path):
 
 @pytest.mark.parametrize("overrides", [
     dict(step_variant="A"),
-    dict(step_variant="C"),
+    dict(step_variant="B"),
     dict(gamma=1.0),
     dict(rho=0.0),
     dict(ids_score="clean_loss"),
@@ -110,7 +110,7 @@ def test_every_variant_runs_and_learns(tmp_path, overrides):
 
 def test_step_passes_follow_the_cost_model():
     """B: clean fwd+bwd on B, sharpness forward on B, descent on ceil(gamma B) + 2 replay."""
-    config = esacl_config()
+    config = esacl_config(step_variant="B", rho=0.05)
     benchmark = load_config_benchmark(config)
     model = build_model_for(config, benchmark)
     method = build_method(config, model, benchmark)

@@ -63,7 +63,7 @@ def test_overrides_parse_and_apply():
 def test_full_plans_have_the_documented_size():
     runs = ablation.plan(ablation.Settings())
     sparse_rows = len(ablation.VARIANTS) - 1  # every row but the dense DER++ reference
-    assert len(runs) == 2 * (sparse_rows * 3 + 1) * 3 == 168
+    assert len(runs) == 2 * (sparse_rows * 3 + 1) * 3
     assert len({r.workdir for r in runs}) == len(runs)
     assert {r.overrides["validation_fraction"] for r in runs} == {0.1}
     methods = list(compare.DEFAULT_METHODS)

@@ -121,8 +121,12 @@ class EsaCL(ReplayMethod):
 
         if variant == "C":
             table = method_state["example_stats"]
-            kind = "sharpness" if e.ids_score == "sharpness" else "loss"
-            selected, _ = ids.select_top(ids.table_scores(table, batch.index, kind), e.gamma)
+            if e.ids_score == "random":
+                table_score = jax.random.uniform(select_key, batch.index.shape)
+            else:
+                kind = "sharpness" if e.ids_score == "sharpness" else "loss"
+                table_score = ids.table_scores(table, batch.index, kind)
+            selected, _ = ids.select_top(table_score, e.gamma)
             x_sel, y_sel = batch.x[selected], batch.y[selected]
 
             def clean_loss(params):
