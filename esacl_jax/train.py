@@ -182,6 +182,15 @@ def evaluate(method: Method, predict, state: TrainState, benchmark: Benchmark, t
     return np.asarray(class_il), np.asarray(task_il)
 
 
+def pad_to(array: np.ndarray, capacity: int) -> np.ndarray:
+    """Zero-pads the leading axis to `capacity`, so every task's arrays have one shape and the
+    compiled chunk is reused (batch indices never point into the padding)."""
+    pad = capacity - array.shape[0]
+    if pad <= 0:
+        return array
+    return np.concatenate([array, np.zeros((pad, *array.shape[1:]), array.dtype)])
+
+
 def epoch_batches(key: jax.Array, indices: np.ndarray, batch_size: int,
                   steps_per_call: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Shuffles `indices`, drops the incomplete last batch, pads to whole chunks.
@@ -301,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     method = build_method(config, model, benchmark)
     mesh = make_data_mesh(config.num_devices, config.batch_size)
     key = jax.random.key(config.seed)
-    state = method.init(key)
+    state = jax.jit(method.init)(key)  # one compilation instead of one per primitive
     replicated = batch_sharding = None
     if mesh is not None:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -317,6 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     flops_per_task = []
 
     t_count = benchmark.num_tasks
+    capacity = max(method.training_data(t)[1].shape[0] for t in range(t_count))
     logger = make_logger(workdir, bool(config.tensorboard))
     class_il = np.full((t_count, t_count), np.nan)
     task_il = np.full((t_count, t_count), np.nan)
@@ -341,8 +351,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     for task_id in range(first_task, t_count):
         task_start = time.perf_counter()
         x_np, y_np = method.training_data(task_id)
-        x_dev = jax.device_put(x_np, replicated)
-        y_dev = jax.device_put(y_np.astype(np.int32), replicated)
+        x_dev = jax.device_put(pad_to(x_np, capacity), replicated)
+        y_dev = jax.device_put(pad_to(y_np.astype(np.int32), capacity), replicated)
         ctx = task_context(benchmark, task_id)
         state = state.replace(task_id=jnp.asarray(task_id, jnp.int32))
         state = method.begin_task(state, task_id)

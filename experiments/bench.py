@@ -32,11 +32,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 STEP_VARIANTS = [
     ("finetune", "finetune", {}),
     ("DER++ (dense)", "derpp", {}),
-    ("EsaCL B (default)", "esacl", {}),
-    ("EsaCL A", "esacl", {"step_variant": "A"}),
-    ("EsaCL C", "esacl", {"step_variant": "C"}),
-    ("EsaCL B, no IDS (gamma=1)", "esacl", {"gamma": 1.0}),
-    ("EsaCL B, IDS score=clean_loss", "esacl", {"ids_score": "clean_loss"}),
+    ("EsaCL (published default: C, rho 0.01)", "esacl", {}),
+    ("EsaCL B, rho 0.05 (METHOD.md reference)", "esacl", {"step_variant": "B", "rho": 0.05}),
+    ("EsaCL A, rho 0.05", "esacl", {"step_variant": "A", "rho": 0.05}),
+    ("EsaCL B, no IDS (gamma=1)", "esacl", {"step_variant": "B", "rho": 0.05, "gamma": 1.0}),
+    ("EsaCL B, IDS score=clean_loss", "esacl",
+     {"step_variant": "B", "rho": 0.05, "ids_score": "clean_loss"}),
 ]
 
 

@@ -90,7 +90,7 @@ def sample_runs() -> list[dict]:
                                       (1, 0.92, 2e12, 200, 20.0, "abc123"),
                                       (2, 0.94, 3e12, 300, 30.0, "def456")]]
     return esacl + [
-        make_result("esacl", seed=0, acc=0.80, esacl__gamma=1.0, esacl__step_variant="C"),
+        make_result("esacl", seed=0, acc=0.80, esacl__gamma=1.0, esacl__step_variant="B"),
         make_result("esacl", seed=0, acc=0.85, esacl__sparsity=0.75),
         make_result("finetune", seed=0, acc=0.19, task_acc=0.95, flops=5e11,
                     host_rss=None, device_peak=300 * MiB),
@@ -103,8 +103,8 @@ def sample_runs() -> list[dict]:
 
 def test_labels_sparsity_and_buffer():
     assert reporting.method_label(make_result("esacl")) == "esacl"
-    r = make_result("esacl", esacl__gamma=1.0, esacl__step_variant="C")
-    assert reporting.method_label(r) == "esacl[C,gamma=1]"
+    r = make_result("esacl", esacl__gamma=1.0, esacl__step_variant="B")
+    assert reporting.method_label(r) == "esacl[B,gamma=1]"
     r = make_result("esacl", esacl__sdp=False, esacl__replay="none", esacl__rho=0.1)
     assert reporting.method_label(r) == "esacl[rho=0.1,sdp=off,replay=none]"
     assert reporting.buffer_of(r) is None
@@ -158,7 +158,7 @@ def rows_by_label(rows):
 def test_aggregate_means_and_stds():
     rows = reporting.aggregate(sample_runs())
     assert [(r.label, r.sparsity) for r in rows] == [
-        ("finetune", 0.0), ("esacl", 0.75), ("esacl", 0.9), ("esacl[C,gamma=1]", 0.9)]
+        ("finetune", 0.0), ("esacl", 0.75), ("esacl", 0.9), ("esacl[B,gamma=1]", 0.9)]
     esacl = rows_by_label(rows)[("esacl", 0.9)]
     assert esacl.num_seeds == 3 and esacl.seeds == (0, 1, 2)
     assert esacl.commits == ("abc123", "def456")
@@ -212,7 +212,7 @@ def test_markdown_cells_and_units():
     for cell in ("92.00 ± 2.00", "97.00 ± 0.00", "6.00 ± 2.00", "2.00 ± 1.00",
                  "200.0 ± 100.0", "20.0 ± 10.0", "| 3 |", "| 500 |"):
         assert cell in esacl_line, cell
-    assert "| esacl[C,gamma=1] | 0.9 |" in table
+    assert "| esacl[B,gamma=1] | 0.9 |" in table
     finetune_line = next(line for line in lines if line.startswith("| finetune |"))
     assert "| finetune | 0 |  |" in finetune_line and "0.500 ± 0.000" in finetune_line
 
@@ -360,7 +360,7 @@ def test_cli_writes_report(tmp_path):
     assert "| esacl | 0.9 | 500 | 92.00 ± 2.00 |" in proc.stdout
     assert "junk" in proc.stderr  # the bad file is reported, not fatal
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["accuracy_matrix_esacl_C_gamma=1.png", "accuracy_matrix_esacl_s0.75.png",
+    assert names == ["accuracy_matrix_esacl_B_gamma=1.png", "accuracy_matrix_esacl_s0.75.png",
                      "accuracy_matrix_esacl_s0.9.png", "accuracy_matrix_finetune.png",
                      "accuracy_vs_flops.png", "table.csv", "table.md"]
     assert (tmp_path / "out" / "table.md").read_text() in proc.stdout
