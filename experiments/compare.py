@@ -289,28 +289,12 @@ def _define_flags() -> None:
     from absl import flags
 
     d = Settings()
-    flags.DEFINE_list("benchmarks", list(d.benchmarks), "Benchmarks (experiments/configs names).")
+    sweep.define_common_flags(d, "Sparsities of the sparse methods.")
     flags.DEFINE_list("methods", [], f"Methods (default: {','.join(DEFAULT_METHODS)}).")
-    flags.DEFINE_list("sparsities", [f"{s:g}" for s in d.sparsities],
-                      "Sparsities of the sparse methods.")
-    flags.DEFINE_list("seeds", [str(s) for s in d.seeds], "Seeds.")
-    flags.DEFINE_integer("jobs", d.jobs, "Worker processes.")
-    flags.DEFINE_string("out", d.out, "Output directory (one workdir per run below it).")
-    flags.DEFINE_float("validation_fraction", d.validation_fraction,
-                       "> 0: evaluate on this held-out fraction of train instead of test.")
-    flags.DEFINE_integer("max_train_per_task", d.max_train_per_task,
-                         "Training examples per task (0: all; for quick smoke runs).")
-    flags.DEFINE_integer("epochs", d.epochs, "Epochs per task (0: the protocol's).")
     flags.DEFINE_string("model", d.model, "Model override, e.g. resnet18 (empty: the protocol's).")
     flags.DEFINE_integer("resnet_nf", d.resnet_nf, "ResNet width (0: the protocol's).")
-    flags.DEFINE_integer("buffer_size", d.buffer_size, "Replay buffer size.")
-    flags.DEFINE_string("data_dir", d.data_dir, "Dataset directory (else $ESACL_DATA_DIR).")
     flags.DEFINE_string("docs_dir", d.docs_dir, "Also copy the table and plots here.")
-    flags.DEFINE_bool("force", d.force, "Redo runs whose results.json exists.")
-    flags.DEFINE_bool("isolate", d.isolate, "Run each config in a fresh process (about 3 s more "
-                      "per run); only then is the measured peak memory the run's own.")
-    flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every run, repeatable.")
-    flags.DEFINE_bool("dry_run", False, "Only list the planned runs.")
+
 
 
 def main(argv: list[str]) -> None:

@@ -520,3 +520,33 @@ def exit_with(run: Callable[[], int]) -> None:
               file=sys.stderr)
         sys.exit(130)
     sys.exit(code)
+
+
+def define_common_flags(defaults: Any, sparsity_help: str) -> None:
+    """The absl flags every sweep shares, with `defaults` (a Settings instance) as defaults.
+
+    Called only when a sweep module runs as a program, so importing several sweep modules
+    (tests) never defines a flag twice.
+    """
+    from absl import flags
+
+    d = defaults
+    flags.DEFINE_list("benchmarks", list(d.benchmarks), "Benchmarks (experiments/configs names).")
+    flags.DEFINE_list("sparsities", [f"{s:g}" for s in d.sparsities], sparsity_help)
+    flags.DEFINE_list("seeds", [str(s) for s in d.seeds], "Seeds.")
+    flags.DEFINE_integer("jobs", d.jobs, "Worker processes.")
+    flags.DEFINE_string("out", d.out, "Output directory (one workdir per run below it).")
+    flags.DEFINE_float("validation_fraction", d.validation_fraction,
+                       "Held-out fraction of each task's training set evaluated instead of the "
+                       "test set; 0 evaluates on test.")
+    flags.DEFINE_integer("max_train_per_task", d.max_train_per_task,
+                         "Training examples per task (0: all; for quick smoke runs).")
+    flags.DEFINE_integer("epochs", d.epochs, "Epochs per task (0: the protocol's).")
+    flags.DEFINE_integer("buffer_size", d.buffer_size, "Replay buffer size.")
+    flags.DEFINE_string("data_dir", d.data_dir, "Dataset directory (else $ESACL_DATA_DIR).")
+    flags.DEFINE_bool("force", d.force, "Redo runs whose results.json exists.")
+    flags.DEFINE_bool("isolate", d.isolate, "Run each config in a fresh process (about 3 s more "
+                      "per run); only then is the measured peak memory the run's own.")
+    flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every run, repeatable "
+                              "(e.g. --set=steps_per_call=500).")
+    flags.DEFINE_bool("dry_run", False, "Only list the planned runs.")
