@@ -23,7 +23,7 @@ from esacl_jax import flops as flops_lib
 from esacl_jax import memory as memory_lib
 from esacl_jax import metrics as metrics_lib
 from esacl_jax import results as results_lib
-from esacl_jax.data import Benchmark, augment_batch, class_mask, load_benchmark, preprocess
+from esacl_jax.data import Benchmark, class_mask, load_benchmark, preprocess
 from esacl_jax.methods import (
     Batch,
     Method,
@@ -95,19 +95,18 @@ def task_context(benchmark: Benchmark, task_id: int) -> TaskContext:
     )
 
 
-def make_train_chunk(method: Method, benchmark: Benchmark):
+def make_train_chunk(method: Method):
     """A jit-compiled function running a fixed-size chunk of steps as one lax.scan.
 
     Steps past the end of the epoch (padding of the last chunk) are skipped with lax.cond, so
     every chunk has the same shape and the whole run compiles once.
     """
-    mean, std, augment = benchmark.mean, benchmark.std, benchmark.augment
 
     def step(state: TrainState, x_all, y_all, idx, ctx):
         key = jax.random.fold_in(state.rng, state.step)
         aug_key, step_key = jax.random.split(key)
         x_raw = x_all[idx]
-        x = preprocess(augment_batch(aug_key, x_raw, augment), mean, std)
+        x = method.prepare_inputs(aug_key, x_raw)
         return method.train_step(state, Batch(x=x, x_raw=x_raw, y=y_all[idx], index=idx),
                                  ctx, step_key)
 
@@ -316,7 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
         state = jax.device_put(state, replicated)
-    run_chunk = make_train_chunk(method, benchmark)
+    run_chunk = make_train_chunk(method)
     predict = make_predict(method, benchmark)
 
     sample = jnp.zeros((1, *benchmark.input_shape), jnp.float32)

@@ -71,7 +71,7 @@ def step_cost_us(method: str, overrides: dict, data_dir: str, steps: int, repeat
     config.esacl.update(overrides)
     benchmark = train.load_config_benchmark(config)
     m = build_method(config, train.build_model_for(config, benchmark), benchmark)
-    run_chunk = train.make_train_chunk(m, benchmark)
+    run_chunk = train.make_train_chunk(m)
     task = benchmark.tasks[0]
     x, y = jax.device_put(task.x_train), jax.device_put(task.y_train.astype(np.int32))
     ctx = train.task_context(benchmark, 0)
