@@ -455,21 +455,27 @@ def _load_cifar_folder(
     for split, files in CIFAR_BATCHES[dataset].items():
         for fname, md5 in files:
             path = pathlib.Path(folder) / fname
-            try:
-                content = path.read_bytes()
-            except OSError as exc:
-                raise _error(f"cannot read {path}: {_describe_exception(exc)}") from exc
-            if verify:
-                digest = hashlib.md5(content).hexdigest()
-                if digest != md5:
-                    raise _error(
-                        f"{path}: checksum mismatch, md5 {digest} != official {md5}; replace it "
-                        "with the official file (or pass verify_checksums=False for "
-                        "deliberately modified data)"
-                    )
+            content = _read_checked(path, md5 if verify else None,
+                                    "replace it with the official file")
             batches[split].append(_decode_cifar_batch(content, str(path), dataset))
     how = "checksums verified" if verify else "checksums not verified"
     return _assemble_cifar(dataset, batches, f"{folder} (python batches, {how})")
+
+
+def _read_checked(path: pathlib.Path, md5: str | None, fix: str) -> bytes:
+    """The file's bytes; a one-line DataError if unreadable or (md5 given) not the official file."""
+    try:
+        content = path.read_bytes()
+    except OSError as exc:
+        raise _error(f"cannot read {path}: {_describe_exception(exc)}") from exc
+    if md5 is not None:
+        digest = hashlib.md5(content).hexdigest()
+        if digest != md5:
+            raise _error(
+                f"{path}: checksum mismatch, md5 {digest} != official {md5}; {fix} (or pass "
+                "verify_checksums=False for deliberately modified data)"
+            )
+    return content
 
 
 @functools.lru_cache(maxsize=4)
@@ -477,18 +483,8 @@ def _load_cifar_archive(
     dataset: str, archive: str, verify: bool, _stamp: tuple[tuple[int, int], ...]
 ) -> RawDataset:
     path = pathlib.Path(archive)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise _error(f"cannot read {path}: {_describe_exception(exc)}") from exc
-    if verify:
-        digest = hashlib.md5(raw).hexdigest()
-        if digest != CIFAR_ARCHIVE_MD5[dataset]:
-            raise _error(
-                f"{path}: checksum mismatch, md5 {digest} != official "
-                f"{CIFAR_ARCHIVE_MD5[dataset]}; download the official archive again (or pass "
-                "verify_checksums=False for deliberately modified data)"
-            )
+    raw = _read_checked(path, CIFAR_ARCHIVE_MD5[dataset] if verify else None,
+                        "download the official archive again")
     wanted = {fname for files in CIFAR_BATCHES[dataset].values() for fname, _ in files}
     contents: dict[str, bytes] = {}
     try:
