@@ -30,6 +30,7 @@ from esacl_jax.masks import (
     prunable_tree,
     prune_and_regrow,
     sdp_scores,
+    sparse_init,
     sparsity_summary,
 )
 from esacl_jax.metrics import (
@@ -73,7 +74,7 @@ __all__ = [
     "find_sdp_state", "replace_sdp_state",
     # masks
     "default_prunable", "prunable_tree", "layer_sparsities", "magnitude_masks", "apply_masks",
-    "keep_top", "sdp_scores", "prune_and_regrow", "sparsity_summary",
+    "keep_top", "sdp_scores", "prune_and_regrow", "sparsity_summary", "sparse_init",
     # sharpness (SAM)
     "sam_perturbation", "add_perturbation", "masked_global_norm", "per_example_sharpness",
     # IDS

@@ -49,8 +49,9 @@ _SPARSITY_KEY = {
 # goes into the label, so variants/ablations form their own rows. Keep in sync with
 # experiments/configs/common.py:base_config (tests/test_reporting.py checks it).
 VARIANT_KNOBS: dict[str, tuple[str, dict[str, Any]]] = {
-    "esacl": ("esacl", {"step_variant": "C", "gamma": 0.5, "rho": 0.01, "sdp": True,
-                        "replay": "derpp", "ids_score": "sharpness", "replay_at": "perturbed"}),
+    "esacl": ("esacl", {"step_variant": "C", "gamma": 0.25, "rho": 0.01, "sdp": True,
+                        "replay": "derpp", "ids_score": "sharpness", "replay_at": "perturbed",
+                        "init_rescale": True, "mask_update_steps": 0}),
     "sparcl": ("sparcl", {"base": "derpp", "ddr": True, "dgm": True}),
     "sparcl_ewc": ("sparcl", {"ddr": True, "dgm": True}),
     "sparcl_er": ("sparcl", {"ddr": True, "dgm": True}),

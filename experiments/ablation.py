@@ -1,9 +1,12 @@
 """EsaCL ablation: which part of the method buys what (`make ablation ARGS=...`).
 
 Rows (``--variants``, comma-separated names; default all):
-  esacl               EsaCL as published: step variant C, rho 0.01 (chosen by this ablation)
-  variant_b           METHOD.md's reference step: variant B, SDP, IDS gamma 0.5, rho 0.05;
-                      the rows below change one knob of it
+  esacl               EsaCL as published: step variant C, rho 0.01, gamma 0.25, init rescaled
+                      to each unit's dense norm (chosen on this ablation's validation split)
+  no_rescale          the published default with the plain magnitude-pruned init
+  gamma_half          the published default with gamma 0.5
+  variant_b           METHOD.md's reference step: variant B, SDP, IDS gamma 0.5, rho 0.05,
+                      plain magnitude-pruned init; the rows below change one knob of it
   variant_a           step variant A (clean pass on current + replay)
   variant_c           step variant C (ascent on the top-gamma of a per-example score table)
   no_sdp              esacl.sdp=False: magnitude masks fixed at initialisation
@@ -18,7 +21,7 @@ Every sparse row runs at each of --sparsities (esacl.sparsity); DER++ runs once 
 and seed. The ablation picks defaults, so by default it evaluates on a held-out 10% of each
 task's training set (--validation_fraction), never on the test set.
 
-Full ablation (2 benchmarks x (10 sparse rows x 3 sparsities + DER++) x 3 seeds = 186 runs):
+Full ablation (2 benchmarks x (13 sparse rows x 3 sparsities + DER++) x 3 seeds = 240 runs):
   python -m experiments.ablation --data_dir=/work/shared/data --jobs=2
 Quick smoke run:
   python -m experiments.ablation --benchmarks=split_digits --seeds=0 --sparsities=0.9 \
@@ -55,9 +58,14 @@ class Variant:
 
 # Every row but the published default spells out its knobs relative to METHOD.md's reference
 # step (variant B, rho 0.05), so the table does not change meaning when the defaults do.
-_REFERENCE = {"esacl.step_variant": "B", "esacl.rho": 0.05}
+_REFERENCE = {"esacl.step_variant": "B", "esacl.rho": 0.05, "esacl.gamma": 0.5,
+              "esacl.init_rescale": False}
 VARIANTS: dict[str, Variant] = {
-    "esacl": Variant("EsaCL (published default: C, rho 0.01)", "esacl", {}),
+    "esacl": Variant("EsaCL (published default: C, rho 0.01, gamma 0.25, rescaled init)", "esacl",
+                     {}),
+    "no_rescale": Variant("published default, plain magnitude-pruned init", "esacl",
+                          {"esacl.init_rescale": False}),
+    "gamma_half": Variant("published default with gamma 0.5", "esacl", {"esacl.gamma": 0.5}),
     "variant_b": Variant("variant B (METHOD.md reference, rho 0.05)", "esacl", _REFERENCE),
     "variant_a": Variant("variant A", "esacl", {**_REFERENCE, "esacl.step_variant": "A"}),
     "variant_c": Variant("variant C (rho 0.05)", "esacl",

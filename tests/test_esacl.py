@@ -89,6 +89,47 @@ def test_sdp_moves_the_mask_across_tasks(tmp_path):
     assert np.count_nonzero(moved != fixed) > 0
 
 
+def test_init_rescale_keeps_each_hidden_units_dense_norm():
+    """The sparse start keeps the dense init's incoming norm per unit (init_rescale=True)."""
+    config = esacl_config(init_rescale=True)
+    benchmark = load_config_benchmark(config)
+    method = build_method(config, benchmark=benchmark, model=build_model_for(config, benchmark))
+    key = jax.random.key(0)
+    dense = super(type(method), method).init(key).params["hidden_1"]["kernel"]
+    sparse = method.init(key)
+    kernel = np.asarray(sparse.params["hidden_1"]["kernel"])
+    mask = np.asarray(sdp.find_sdp_state(sparse.opt_state).masks["hidden_1"]["kernel"])
+    assert np.all(kernel[~mask] == 0.0) and mask.mean() == pytest.approx(0.1)
+    alive = mask.any(0)
+    np.testing.assert_allclose((kernel**2).sum(0)[alive], (np.asarray(dense)**2).sum(0)[alive],
+                               rtol=1e-5)
+    # Without it, the kept weights are the dense init's own values (a smaller norm per unit).
+    plain_config = esacl_config(init_rescale=False)
+    plain = build_method(plain_config, benchmark=benchmark,
+                         model=build_model_for(plain_config, benchmark)).init(key)
+    plain_kernel = np.asarray(plain.params["hidden_1"]["kernel"])
+    np.testing.assert_array_equal(plain_kernel, np.where(mask, dense, 0.0))
+    assert np.all((plain_kernel**2).sum(0)[alive] < (kernel**2).sum(0)[alive])
+
+
+def test_mask_update_steps_moves_the_mask_inside_a_task(tmp_path):
+    """mask_update_steps > 0: SDP updates inside the compiled steps, sparsity stays exact."""
+    def last(path, **overrides):
+        config = esacl_config(prune_fraction=0.02, **overrides)
+        config.num_tasks, config.epochs = 1, 1  # no task-start or epoch refresh in this run
+        _, _, state = final_state(config, path)
+        return state, np.asarray(sdp.find_sdp_state(state.opt_state).masks["hidden_1"]["kernel"])
+
+    state, moved = last(tmp_path / "steps", mask_update_steps=10)
+    _, still = last(tmp_path / "none", mask_update_steps=0)
+    _, off = last(tmp_path / "off", mask_update_steps=10, sdp=False)
+    assert moved.sum() == still.sum() == round(0.1 * moved.size)
+    assert np.count_nonzero(moved != still) > 0
+    np.testing.assert_array_equal(off, still)  # sdp=False: masks fixed at init, schedule or not
+    kernel = np.asarray(state.params["hidden_1"]["kernel"])
+    assert np.all(kernel[~moved] == 0.0)
+
+
 @pytest.mark.parametrize("overrides", [
     dict(step_variant="A"),
     dict(step_variant="B"),
@@ -97,6 +138,9 @@ def test_sdp_moves_the_mask_across_tasks(tmp_path):
     dict(ids_score="clean_loss"),
     dict(ids_score="random"),
     dict(replay_at="clean"),
+    dict(step_variant="B", replay_at="clean"),
+    dict(init_rescale=False),
+    dict(mask_update_steps=25),
     dict(replay="er"),
     dict(replay="none"),
 ])
@@ -110,7 +154,7 @@ def test_every_variant_runs_and_learns(tmp_path, overrides):
 
 def test_step_passes_follow_the_cost_model():
     """B: clean fwd+bwd on B, sharpness forward on B, descent on ceil(gamma B) + 2 replay."""
-    config = esacl_config(step_variant="B", rho=0.05)
+    config = esacl_config(step_variant="B", rho=0.05, gamma=0.5)
     benchmark = load_config_benchmark(config)
     model = build_model_for(config, benchmark)
     method = build_method(config, model, benchmark)
@@ -125,7 +169,8 @@ def test_step_passes_follow_the_cost_model():
 
 def test_bad_esacl_values_are_rejected(tmp_path):
     for overrides, message in [(dict(sparsity=1.0), "sparsity"), (dict(gamma=0.0), "gamma"),
-                               (dict(step_variant="Z"), "step_variant"), (dict(rho=-1.0), "rho")]:
+                               (dict(step_variant="Z"), "step_variant"), (dict(rho=-1.0), "rho"),
+                               (dict(mask_update_steps=-1), "mask_update_steps")]:
         with pytest.raises(ValueError, match=message):
             train_and_evaluate(esacl_config(**overrides), tmp_path, progress=False)
         assert not (tmp_path / "results.json").exists()

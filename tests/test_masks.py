@@ -253,6 +253,43 @@ def test_apply_masks_dtype_and_exact_zero():
         )
 
 
+def test_sparse_init_keeps_each_units_dense_norm():
+    params = random_params(SMALL_SHAPES, seed=3)
+    m = masks.magnitude_masks(params, masks.layer_sparsities(params, 0.75))
+    plain = masks.sparse_init(params, m, rescale=False)
+    jax.tree.map(np.testing.assert_array_equal, plain, masks.apply_masks(params, m))
+    out = masks.sparse_init(params, m)
+    for (path, w), o, mask in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(out), jax.tree.leaves(m),
+        strict=True,
+    ):
+        w, o = np.asarray(w), np.asarray(o)
+        if np.ndim(mask) == 0:  # non-prunable: untouched
+            np.testing.assert_array_equal(o, w, err_msg=masks.path_string(path))
+            continue
+        assert np.all(o[~np.asarray(mask)] == 0.0)  # pruned stay exactly zero
+        axes = tuple(range(w.ndim - 1))
+        alive = np.asarray(mask).any(axes)  # a unit whose weights were all pruned stays zero
+        np.testing.assert_allclose((o**2).sum(axes)[alive], (w**2).sum(axes)[alive], rtol=1e-5)
+        assert np.all((o**2).sum(axes)[~alive] == 0.0)
+        # a per-unit positive scale of the kept weights, > 1 because something was pruned
+        ratio = np.where(mask, o / np.where(w == 0, 1.0, w), np.nan)
+        per_unit = ratio.reshape(-1, w.shape[-1])[:, alive]
+        assert np.all(np.nanmax(per_unit, 0) - np.nanmin(per_unit, 0) < 1e-5)
+        assert np.all(np.nanmin(per_unit, 0) > 1.0)
+
+
+def test_sparse_init_dtype_and_empty_unit():
+    w = jnp.array([[1.0, 0.0], [2.0, 0.0]], jnp.bfloat16)
+    m = jnp.array([[False, True], [True, True]])
+    out = masks.sparse_init({"hidden": {"kernel": w}}, {"hidden": {"kernel": m}})
+    out = out["hidden"]["kernel"]
+    assert out.dtype == jnp.bfloat16
+    # unit 0 keeps 2.0 of norm^2 5 -> sqrt(5); unit 1 is all zeros and stays 0 (no NaN)
+    np.testing.assert_allclose(np.asarray(out, np.float32), [[0.0, 0.0], [np.sqrt(5.0), 0.0]],
+                               rtol=1e-2)
+
+
 # ----------------------------------------------------------------------------- scores, regrowth
 
 

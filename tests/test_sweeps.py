@@ -102,7 +102,7 @@ def test_missing_data_stops_before_any_run(tmp_path, monkeypatch):
 def test_ablation_writes_tables_with_provenance(ablation_out):
     md = (ablation_out / "ablation.md").read_text()
     assert "## split_digits, sparsity 0.9" in md
-    assert "| EsaCL (published default: C, rho 0.01) |" in md and "| DER++ (dense) |" in md
+    assert f"| {ablation.VARIANTS['esacl'].title} |" in md and "| DER++ (dense) |" in md
     assert "evaluation split: validation" in md and "git commit" in md and "CPU cores" in md
     assert "python -m experiments.ablation --benchmarks=split_digits" in md
     assert "2 of 2 planned runs have results" in md

@@ -54,6 +54,8 @@ class EsaCL(ReplayMethod):
             raise ValueError(f"esacl.rho must be >= 0, got {e.rho}")
         if e.mask_update_every < 0:
             raise ValueError(f"esacl.mask_update_every must be >= 0, got {e.mask_update_every}")
+        if e.mask_update_steps < 0:
+            raise ValueError(f"esacl.mask_update_steps must be >= 0, got {e.mask_update_steps}")
         self.esacl = e
         if e.replay == "none":
             config = config.copy_and_resolve_references()
@@ -74,7 +76,8 @@ class EsaCL(ReplayMethod):
         e = self.esacl
         front = sdp.sdp_transform(
             sparsity=e.sparsity, rho=e.rho, distribution=e.distribution, ema_decay=e.ema_decay,
-            mask_update_every=0, seed=self.config.seed, **self.mask_kwargs())
+            mask_update_every=e.mask_update_steps if e.sdp else 0, seed=self.config.seed,
+            **self.mask_kwargs())
         return sdp.keep_sparse(optax.chain(front, make_optimizer(self.config)))
 
     def init_method_state(self, params: Any) -> Any:
@@ -88,7 +91,8 @@ class EsaCL(ReplayMethod):
         state = super().init(key)
         # Start from the exactly sparse magnitude-pruned network the transform's masks describe.
         sdp_state = sdp.find_sdp_state(state.opt_state)
-        return state.replace(params=masks.apply_masks(state.params, sdp_state.masks))
+        sparse = masks.sparse_init(state.params, sdp_state.masks, rescale=self.esacl.init_rescale)
+        return state.replace(params=sparse)
 
     # ----- replay -----
     def replay_loss(self, params, batch_stats, state, key):
@@ -110,8 +114,8 @@ class EsaCL(ReplayMethod):
         mask = self.current_loss_mask(ctx)
         stats = state.batch_stats
         variant = e.step_variant
-        # With variant A the clean pass already includes replay; B may evaluate replay at w.
-        replay_at_clean = e.replay_at == "clean" and variant == "B" and not no_sam
+        # With variant A the clean pass already includes replay; B and C may evaluate it at w.
+        replay_at_clean = e.replay_at == "clean" and variant in ("B", "C") and not no_sam
         method_state = dict(state.method_state)
         side: dict[str, jax.Array] = {}  # values computed inside grad_fn (same trace level)
 
@@ -136,15 +140,24 @@ class EsaCL(ReplayMethod):
             (_, (clean_sel, _, new_stats)), grads = jax.value_and_grad(
                 clean_loss, has_aux=True)(state.params)
 
+            if replay_at_clean:  # replay gradient at w, outside the SAM perturbation
+                replay_value, replay_grads = jax.value_and_grad(
+                    lambda p: self.replay_loss(p, stats, state, replay_key))(state.params)
+
             def grad_fn(perturbed):
                 def descent_loss(p):
                     per_example, logits, _ = current_ce(p, batch.x, batch.y)
-                    total = per_example.mean() + self.replay_loss(p, stats, state, replay_key)
+                    total = per_example.mean()
+                    if not replay_at_clean:
+                        total = total + self.replay_loss(p, stats, state, replay_key)
                     return total, (per_example, logits)
 
                 (total, (per_example, logits)), g = jax.value_and_grad(
                     descent_loss, has_aux=True)(perturbed)
                 side.update(loss=total, per_example=per_example, logits=logits)
+                if replay_at_clean:
+                    side["loss"] = total + replay_value
+                    g = jax.tree.map(jnp.add, g, replay_grads)
                 return g
         else:
             def clean_loss(params):

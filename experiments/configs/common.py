@@ -49,13 +49,16 @@ def base_config() -> ml_collections.ConfigDict:
     # EsaCL (METHOD.md defaults)
     c.esacl = ml_collections.ConfigDict(dict(
         # Published defaults, chosen by the ablation on a validation split (docs/ablation.md):
-        # step variant C and rho 0.01 (METHOD.md's reference step is B with rho 0.05).
-        sparsity=0.9, distribution="uniform", rho=0.01, gamma=0.5,
+        # step variant C, rho 0.01, gamma 0.25 and the norm-preserving sparse init (METHOD.md's
+        # reference step is B with rho 0.05, gamma 0.5 and plain magnitude-pruned init).
+        sparsity=0.9, distribution="uniform", rho=0.01, gamma=0.25,
         step_variant="C",  # A: clean pass on current+replay; B: current only; C: score table
         ids_score="sharpness",  # sharpness | perturbed_loss | clean_loss | random
         replay="derpp",  # derpp | er | none
-        replay_at="perturbed",  # B: replay gradient at w + eps (METHOD.md) or at the clean w
+        replay_at="perturbed",  # B, C: replay gradient at w + eps (METHOD.md) or at the clean w
         mask_update_every=5,  # epochs; masks also update at every task start
+        init_rescale=True,  # kept weights rescaled to each unit's dense norm (masks.sparse_init)
+        mask_update_steps=0,  # > 0: also every k optimizer steps, inside sdp_transform
         prune_fraction=0.01, score="magnitude_gradient", score_lambda=0.5, ema_decay=0.9,
         regrow="gradient", sdp=True,  # sdp=False: magnitude masks fixed at init (ablation)
     ))
@@ -123,7 +126,7 @@ MNIST_METHODS = {
     "er": dict(learning_rate=0.1, buffer_size=500, replay_batch_size=10),
     "derpp": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=10, der_alpha=1.0,
                   der_beta=0.5),
-    # EsaCL starts from the benchmark's DER++ settings plus rho 0.05, gamma 0.5.
+    # EsaCL starts from the benchmark's DER++ settings (its own knobs: base_config's esacl).
     "esacl": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=10, der_alpha=1.0,
                   der_beta=0.5),
     "sparcl": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=10, der_alpha=1.0,
@@ -148,9 +151,10 @@ CIFAR_METHODS = {
     "er": dict(learning_rate=0.1, buffer_size=500, replay_batch_size=32),
     "derpp": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=32, der_alpha=0.2,
                   der_beta=0.5),
-    # rho 0.05: SAM's usual radius on CIFAR; untuned here (no CIFAR data on these machines).
+    # rho 0.05, gamma 0.5: SAM's usual radius and METHOD.md's gamma; untuned here (no CIFAR
+    # data on these machines).
     "esacl": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=32, der_alpha=0.2,
-                  der_beta=0.5, esacl=dict(rho=0.05)),
+                  der_beta=0.5, esacl=dict(rho=0.05, gamma=0.5)),
     # SparCL-DER++ official script: lr 0.03, alpha 0.1, beta 0.5 (METHOD.md).
     "sparcl": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=32, der_alpha=0.1,
                    der_beta=0.5),
