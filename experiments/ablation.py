@@ -21,7 +21,7 @@ Every sparse row runs at each of --sparsities (esacl.sparsity); DER++ runs once 
 and seed. The ablation picks defaults, so by default it evaluates on a held-out 10% of each
 task's training set (--validation_fraction), never on the test set.
 
-Full ablation (2 benchmarks x (13 sparse rows x 3 sparsities + DER++) x 3 seeds = 240 runs):
+Full ablation (2 benchmarks x (12 sparse rows x 3 sparsities + DER++) x 3 seeds = 222 runs):
   python -m experiments.ablation --data_dir=/work/shared/data --jobs=2
 Quick smoke run:
   python -m experiments.ablation --benchmarks=split_digits --seeds=0 --sparsities=0.9 \

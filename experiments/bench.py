@@ -32,12 +32,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 STEP_VARIANTS = [
     ("finetune", "finetune", {}),
     ("DER++ (dense)", "derpp", {}),
-    ("EsaCL (published default: C, rho 0.01)", "esacl", {}),
-    ("EsaCL B, rho 0.05 (METHOD.md reference)", "esacl", {"step_variant": "B", "rho": 0.05}),
-    ("EsaCL A, rho 0.05", "esacl", {"step_variant": "A", "rho": 0.05}),
+    ("EsaCL (published default: C, rho 0.01, gamma 0.25)", "esacl", {}),
+    ("EsaCL C, gamma 0.5", "esacl", {"gamma": 0.5}),
+    ("EsaCL B, rho 0.05 (METHOD.md reference)", "esacl",
+     {"step_variant": "B", "rho": 0.05, "gamma": 0.5}),
+    ("EsaCL A, rho 0.05", "esacl", {"step_variant": "A", "rho": 0.05, "gamma": 0.5}),
     ("EsaCL B, no IDS (gamma=1)", "esacl", {"step_variant": "B", "rho": 0.05, "gamma": 1.0}),
     ("EsaCL B, IDS score=clean_loss", "esacl",
-     {"step_variant": "B", "rho": 0.05, "ids_score": "clean_loss"}),
+     {"step_variant": "B", "rho": 0.05, "gamma": 0.5, "ids_score": "clean_loss"}),
 ]
 
 

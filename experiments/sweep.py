@@ -43,6 +43,14 @@ import ml_collections
 # Config fields that do not change what a run computes; a stored results.json that differs from
 # the planned config only in these is still reused.
 _IGNORED_CONFIG_KEYS = frozenset({"data_dir", "progress", "tensorboard"})
+# Method-specific config sections and the only methods that read them: for any other method a
+# difference there does not change what the run computed (e.g. a new EsaCL default must not
+# invalidate stored DER++ runs).
+_SECTION_READERS = {
+    "esacl": frozenset({"esacl"}),
+    "sparcl": frozenset({"sparcl", "sparcl_ewc", "sparcl_er", "sparcl_derpp"}),
+    "prune_retrain": frozenset({"prune_retrain"}),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,11 +205,15 @@ def config_differences(planned: Mapping, stored: Mapping, prefix: str = "") -> l
     """``"field: stored -> planned"`` for every field present in both that differs.
 
     Fields only one side has are ignored (a field added to the schema later keeps old runs
-    valid), as are `_IGNORED_CONFIG_KEYS` at the top level.
+    valid), as are `_IGNORED_CONFIG_KEYS` at the top level and the method-specific sections of
+    `_SECTION_READERS` that the planned run's method does not read.
     """
     diffs = []
+    method = planned.get("method") if not prefix else None
     for key in sorted(planned.keys() & stored.keys()):
         if not prefix and key in _IGNORED_CONFIG_KEYS:
+            continue
+        if not prefix and key in _SECTION_READERS and method not in _SECTION_READERS[key]:
             continue
         a, b = planned[key], stored[key]
         if isinstance(a, Mapping) and isinstance(b, Mapping):

@@ -134,6 +134,21 @@ def test_results_of_another_config_are_not_reused(ablation_out):
     assert "epochs: 1 -> 2" in result.failed[0].error and "--force" in result.failed[0].error
 
 
+def test_config_differences_skip_sections_the_method_does_not_read():
+    stored = {"method": "derpp", "epochs": 1, "data_dir": "/a", "esacl": {"gamma": 0.5},
+              "sparcl": {"dgm": True}, "ewc": {"ewc_lambda": 90.0}}
+    planned = {"method": "derpp", "epochs": 1, "data_dir": "/b", "esacl": {"gamma": 0.25},
+               "sparcl": {"dgm": False}, "ewc": {"ewc_lambda": 90.0}, "new_field": 3}
+    assert sweep.config_differences(planned, stored) == []  # derpp reads neither section
+    assert sweep.config_differences({**planned, "ewc": {"ewc_lambda": 10.0}}, stored) == [
+        "ewc.ewc_lambda: 90.0 -> 10.0"]  # ewc is shared: always compared
+    esacl_stored, esacl_planned = {**stored, "method": "esacl"}, {**planned, "method": "esacl"}
+    assert sweep.config_differences(esacl_planned, esacl_stored) == ["esacl.gamma: 0.5 -> 0.25"]
+    sparcl = sweep.config_differences({**planned, "method": "sparcl_er"},
+                                      {**stored, "method": "sparcl_er"})
+    assert sparcl == ["sparcl.dgm: True -> False"]
+
+
 def test_ablation_cli(ablation_out):
     """The absl entry point with the fixture's settings: everything is skipped, report rewritten."""
     (ablation_out / "ablation.md").unlink()

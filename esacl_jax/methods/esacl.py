@@ -3,9 +3,12 @@
 One step (METHOD.md), for the three cost variants that are configurations of this one function:
   A: clean pass (fwd+bwd) on current + replay; sharpness forward on current at w+eps; descent on
      the kept current examples + replay at w+eps.
-  B: (default) as A but the clean pass sees the current batch only.
-  C: the ascent (clean) pass uses only the top-gamma examples by the per-example score table
-     filled by earlier passes; descent on the whole current batch + replay; no extra forward.
+  B: as A but the clean pass sees the current batch only (METHOD.md's reference form).
+  C: (default) the ascent (clean) pass uses only the top-gamma examples by the per-example score
+     table filled by earlier passes; descent on the whole current batch + replay; no extra
+     forward.
+The sparse start is the magnitude mask of the random init with, by default, each unit's kept
+weights rescaled to its dense norm (`masks.sparse_init`, esacl.init_rescale).
 The optimizer is `keep_sparse(chain(sdp_transform(...), sgd))`, exactly what users chain in their
 own loops: the step supplies the clean gradient and a `grad_fn` (opaque SAM mode), and the
 transform perturbs the active weights, calls `grad_fn` at w + eps and masks the result.
