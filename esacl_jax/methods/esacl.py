@@ -126,6 +126,10 @@ class EsaCL(ReplayMethod):
             logits, new_stats = forward(self.model, params, train_stats, x, train=True)
             return losses.cross_entropy(logits, y, mask), logits, new_stats
 
+        if replay_at_clean:  # replay gradient at w, outside the SAM perturbation (B and C)
+            replay_value, replay_grads = jax.value_and_grad(
+                lambda p: self.replay_loss(p, stats, state, replay_key))(state.params)
+
         if variant == "C":
             table = method_state["example_stats"]
             if e.ids_score == "random":
@@ -142,10 +146,6 @@ class EsaCL(ReplayMethod):
 
             (_, (clean_sel, _, new_stats)), grads = jax.value_and_grad(
                 clean_loss, has_aux=True)(state.params)
-
-            if replay_at_clean:  # replay gradient at w, outside the SAM perturbation
-                replay_value, replay_grads = jax.value_and_grad(
-                    lambda p: self.replay_loss(p, stats, state, replay_key))(state.params)
 
             def grad_fn(perturbed):
                 def descent_loss(p):
@@ -176,10 +176,6 @@ class EsaCL(ReplayMethod):
             else:
                 (_, (clean_per_example, clean_logits, new_stats)), grads = jax.value_and_grad(
                     clean_loss, has_aux=True)(state.params)
-
-            if replay_at_clean:  # replay gradient at w, outside the SAM perturbation
-                replay_grads = jax.grad(
-                    lambda p: self.replay_loss(p, stats, state, replay_key))(state.params)
 
             def grad_fn(perturbed):
                 if e.gamma >= 1.0:
