@@ -42,7 +42,18 @@ import ml_collections
 
 # Config fields that do not change what a run computes; a stored results.json that differs from
 # the planned config only in these is still reused.
-_IGNORED_CONFIG_KEYS = frozenset({"data_dir", "progress", "tensorboard"})
+# Top-level fields that do not change what a run computes (where the data live, progress output,
+# whether the state is checkpointed, whether file checksums are verified).
+_IGNORED_CONFIG_KEYS = frozenset(
+    {"data_dir", "progress", "tensorboard", "checkpoint", "verify_checksums"})
+# Fields added to the schema after runs had been stored, each with the value that reproduces what
+# a run made before the field existed computed. A stored run that lacks one of these counts as
+# made with that value; one that lacks any other field of the planned config, or has a field the
+# schema no longer has, counts as made with another config. Add an entry with every new field.
+_LEGACY_VALUES = {
+    "esacl.init_rescale": False,  # before b7f6aae: the plain magnitude-pruned init
+    "esacl.mask_update_steps": 0,  # before b7f6aae: masks only updated between epochs
+}
 # Method-specific config sections and the only methods that read them: for any other method a
 # difference there does not change what the run computed (e.g. a new EsaCL default must not
 # invalidate stored DER++ runs).
@@ -202,24 +213,38 @@ def _plain(config: ml_collections.ConfigDict) -> dict:
 
 
 def config_differences(planned: Mapping, stored: Mapping, prefix: str = "") -> list[str]:
-    """``"field: stored -> planned"`` for every field present in both that differs.
+    """``"field: stored -> planned"`` for every field whose value differs between two configs.
 
-    Fields only one side has are ignored (a field added to the schema later keeps old runs
-    valid), as are `_IGNORED_CONFIG_KEYS` at the top level and the method-specific sections of
-    `_SECTION_READERS` that the planned run's method does not read.
+    A field only one side has is a difference too, except a field of `_LEGACY_VALUES` that the
+    stored run lacks and the planned run sets to its legacy value (the behaviour from before the
+    field existed). `_IGNORED_CONFIG_KEYS` at the top level and the method-specific sections of
+    `_SECTION_READERS` that the planned run's method does not read are never compared.
     """
     diffs = []
     method = planned.get("method") if not prefix else None
-    for key in sorted(planned.keys() & stored.keys()):
+    for key in sorted(planned.keys() | stored.keys()):
         if not prefix and key in _IGNORED_CONFIG_KEYS:
             continue
         if not prefix and key in _SECTION_READERS and method not in _SECTION_READERS[key]:
             continue
+        name = f"{prefix}{key}"
+        if key not in stored:
+            value = planned[key]
+            if isinstance(value, Mapping):  # a whole new section: compare each of its fields
+                diffs += config_differences(value, {}, f"{name}.")
+            elif name not in _LEGACY_VALUES:
+                diffs.append(f"{name}: (not recorded) -> {value!r}")
+            elif value != _LEGACY_VALUES[name]:
+                diffs.append(f"{name}: (not recorded: {_LEGACY_VALUES[name]!r}) -> {value!r}")
+            continue
+        if key not in planned:
+            diffs.append(f"{name}: {stored[key]!r} -> (not in the config schema)")
+            continue
         a, b = planned[key], stored[key]
         if isinstance(a, Mapping) and isinstance(b, Mapping):
-            diffs += config_differences(a, b, f"{prefix}{key}.")
+            diffs += config_differences(a, b, f"{name}.")
         elif a != b:
-            diffs.append(f"{prefix}{key}: {b!r} -> {a!r}")
+            diffs.append(f"{name}: {b!r} -> {a!r}")
     return diffs
 
 

@@ -138,7 +138,7 @@ def test_config_differences_skip_sections_the_method_does_not_read():
     stored = {"method": "derpp", "epochs": 1, "data_dir": "/a", "esacl": {"gamma": 0.5},
               "sparcl": {"dgm": True}, "ewc": {"ewc_lambda": 90.0}}
     planned = {"method": "derpp", "epochs": 1, "data_dir": "/b", "esacl": {"gamma": 0.25},
-               "sparcl": {"dgm": False}, "ewc": {"ewc_lambda": 90.0}, "new_field": 3}
+               "sparcl": {"dgm": False}, "ewc": {"ewc_lambda": 90.0}}
     assert sweep.config_differences(planned, stored) == []  # derpp reads neither section
     assert sweep.config_differences({**planned, "ewc": {"ewc_lambda": 10.0}}, stored) == [
         "ewc.ewc_lambda: 90.0 -> 10.0"]  # ewc is shared: always compared
@@ -147,6 +147,28 @@ def test_config_differences_skip_sections_the_method_does_not_read():
     sparcl = sweep.config_differences({**planned, "method": "sparcl_er"},
                                       {**stored, "method": "sparcl_er"})
     assert sparcl == ["sparcl.dgm: True -> False"]
+
+
+def test_config_differences_fields_only_one_side_has():
+    """A field added to the schema later only keeps old runs valid at its legacy value."""
+    stored = {"method": "esacl", "epochs": 1, "esacl": {"gamma": 0.25}}
+    legacy = {**stored, "esacl": {"gamma": 0.25, "init_rescale": False, "mask_update_steps": 0}}
+    assert sweep.config_differences(legacy, stored) == []
+    rescaled = {**stored, "esacl": {"gamma": 0.25, "init_rescale": True, "mask_update_steps": 0}}
+    assert sweep.config_differences(rescaled, stored) == [
+        "esacl.init_rescale: (not recorded: False) -> True"]
+    # A derpp run does not read the esacl section, so the new EsaCL default leaves it valid.
+    assert sweep.config_differences({**rescaled, "method": "derpp"},
+                                     {**stored, "method": "derpp"}) == []
+    # An unregistered new field, or one the schema dropped, means another config.
+    assert sweep.config_differences({**legacy, "new_field": 3}, stored) == [
+        "new_field: (not recorded) -> 3"]
+    assert sweep.config_differences(legacy, {**stored, "esacl": {"gamma": 0.25, "old": 1}}) == [
+        "esacl.old: 1 -> (not in the config schema)"]
+    assert sweep.config_differences({**legacy, "extra": {"a": 1}}, stored) == [
+        "extra.a: (not recorded) -> 1"]
+    # Fields that do not change the computation are never compared.
+    assert sweep.config_differences({**legacy, "checkpoint": True, "data_dir": "/x"}, stored) == []
 
 
 def test_ablation_cli(ablation_out):
