@@ -40,10 +40,9 @@ from typing import Any, TextIO
 
 import ml_collections
 
-# Config fields that do not change what a run computes; a stored results.json that differs from
-# the planned config only in these is still reused.
 # Top-level fields that do not change what a run computes (where the data live, progress output,
-# whether the state is checkpointed, whether file checksums are verified).
+# whether the state is checkpointed, whether file checksums are verified): a stored results.json
+# that differs from the planned config only in these is still reused.
 _IGNORED_CONFIG_KEYS = frozenset(
     {"data_dir", "progress", "tensorboard", "checkpoint", "verify_checksums"})
 # Fields added to the schema after runs had been stored, each with the value that reproduces what
