@@ -358,13 +358,7 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
 
     def run() -> int:
-        settings = Settings(
-            benchmarks=tuple(f.benchmarks), sparsities=tuple(float(s) for s in f.sparsities),
-            seeds=tuple(int(s) for s in f.seeds), variants=tuple(f.variants), jobs=f.jobs,
-            out=f.out, validation_fraction=f.validation_fraction,
-            max_train_per_task=f.max_train_per_task, epochs=f.epochs,
-            buffer_size=f.buffer_size, data_dir=f.data_dir, force=f.force, isolate=f.isolate,
-            overrides=tuple(f.set))
+        settings = Settings(**sweep.common_settings(f), variants=tuple(f.variants))
         return run_ablation(settings, dry_run=f.dry_run)
 
     sweep.exit_with(run)

@@ -305,14 +305,8 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
 
     def run() -> int:
-        settings = Settings(
-            benchmarks=tuple(f.benchmarks), methods=tuple(f.methods),
-            sparsities=tuple(float(s) for s in f.sparsities),
-            seeds=tuple(int(s) for s in f.seeds), jobs=f.jobs, out=f.out,
-            validation_fraction=f.validation_fraction, max_train_per_task=f.max_train_per_task,
-            epochs=f.epochs, model=f.model, resnet_nf=f.resnet_nf, buffer_size=f.buffer_size,
-            data_dir=f.data_dir, docs_dir=f.docs_dir, force=f.force, isolate=f.isolate,
-            overrides=tuple(f.set))
+        settings = Settings(**sweep.common_settings(f), methods=tuple(f.methods), model=f.model,
+                            resnet_nf=f.resnet_nf, docs_dir=f.docs_dir)
         return run_comparison(settings, dry_run=f.dry_run)
 
     sweep.exit_with(run)

@@ -586,3 +586,13 @@ def define_common_flags(defaults: Any, sparsity_help: str) -> None:
     flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every run, repeatable "
                               "(e.g. --set=steps_per_call=500).")
     flags.DEFINE_bool("dry_run", False, "Only list the planned runs.")
+
+
+def common_settings(f: Any) -> dict[str, Any]:
+    """The Settings fields of the flags `define_common_flags` defines, read from parsed `f`."""
+    return dict(
+        benchmarks=tuple(f.benchmarks), sparsities=tuple(float(s) for s in f.sparsities),
+        seeds=tuple(int(s) for s in f.seeds), jobs=f.jobs, out=f.out,
+        validation_fraction=f.validation_fraction, max_train_per_task=f.max_train_per_task,
+        epochs=f.epochs, buffer_size=f.buffer_size, data_dir=f.data_dir, force=f.force,
+        isolate=f.isolate, overrides=tuple(f.set))
