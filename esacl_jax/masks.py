@@ -120,7 +120,7 @@ def _mask_flags(masks: PyTree, prunable: PrunableFn | PyTree | None) -> tuple[li
 # ----------------------------------------------------------------------------- sparsity levels
 
 
-def _concrete_float(x: Any) -> float | None:
+def concrete_float(x: Any) -> float | None:
     """`float(x)` when `x` is a concrete number, `None` when it is traced."""
     try:
         return float(x)
@@ -170,7 +170,7 @@ def layer_sparsities(
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     flat, flags, treedef = _flat_with_prunable(params, prunable)
-    static = _concrete_float(sparsity)
+    static = concrete_float(sparsity)
     shapes = [tuple(np.shape(x)) for (_, x), f in zip(flat, flags, strict=True) if f]
     if distribution == "uniform" or not shapes:
         values = [static if static is not None else sparsity] * len(shapes)
@@ -212,7 +212,7 @@ def _unflatten(flat: jax.Array, like: jax.Array) -> jax.Array:
     return jax.lax.reshape(flat, jnp.shape(like), out_sharding=sharding)
 
 
-def _concrete_int(x: Any) -> int | None:
+def concrete_int(x: Any) -> int | None:
     """`int(x)` when `x` is a concrete number, `None` when it is traced."""
     try:
         return int(x)
@@ -233,7 +233,7 @@ def _top_k_mask(flat: jax.Array, k: int, take: Any = None) -> jax.Array:
 def _keep_top_flat(flat: jax.Array, num_keep: Any) -> jax.Array:
     """`keep_top` on a 1-D array: `lax.top_k` for a static count, a rank otherwise."""
     flat = jnp.where(jnp.isnan(flat), -jnp.inf, flat)
-    static = _concrete_int(num_keep)
+    static = concrete_int(num_keep)
     if static is not None:
         return _top_k_mask(flat, min(max(static, 0), flat.size))
     order = jnp.argsort(flat, descending=True, stable=True)
@@ -254,7 +254,7 @@ def keep_top(scores: jax.Array, num_keep: Any) -> jax.Array:
 
 def _num_pruned(sparsity: Any, size: int) -> Any:
     """round(sparsity * size): a Python int when static, an int32 scalar when traced."""
-    static = _concrete_float(sparsity)
+    static = concrete_float(sparsity)
     if static is not None:
         return int(round(static * size))
     return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
@@ -386,7 +386,7 @@ def prune_and_regrow(
     score_leaves = treedef.flatten_up_to(scores)
     regrow_leaves = treedef.flatten_up_to(regrow_scores)
     keys = jax.random.split(key, len(leaves))
-    static_fraction = _concrete_float(fraction)
+    static_fraction = concrete_float(fraction)
     if static_fraction is not None and not 0.0 <= static_fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {static_fraction}")
     new_masks, regrown = [], []

@@ -51,7 +51,7 @@ _SPARSITY_KEY = {
 VARIANT_KNOBS: dict[str, tuple[str, dict[str, Any]]] = {
     "esacl": ("esacl", {"step_variant": "C", "gamma": 0.25, "rho": 0.01, "sdp": True,
                         "replay": "derpp", "ids_score": "sharpness", "replay_at": "perturbed",
-                        "init_rescale": True, "mask_update_steps": 0}),
+                        "init_rescale": True, "mask_update_every_steps": 0}),
     "sparcl": ("sparcl", {"base": "derpp", "ddr": True, "dgm": True}),
     "sparcl_ewc": ("sparcl", {"ddr": True, "dgm": True}),
     "sparcl_er": ("sparcl", {"ddr": True, "dgm": True}),

@@ -27,7 +27,7 @@ Notes:
 - `grad_fn` takes the (perturbed) params only, unlike `optax.contrib.sam`'s `grad_fn(params, i)`.
 - Under `optax.inject_hyperparams(sdp_transform)`, numeric arguments become arrays in the params'
   dtype: pass `hyperparam_dtype=jnp.float32` for bf16 params, and
-  `static_args=("mask_update_every",)` to keep a 0 schedule free (a traced schedule computes the
+  `static_args=("mask_update_every_steps",)` to keep a 0 schedule free (a traced schedule computes the
   candidate masks at every step); a custom `prunable` filter needs `static_args=("prunable",)`.
 """
 
@@ -89,15 +89,15 @@ def _validate(
         raise ValueError(f"score must be one of {masks_lib.SCORE_KINDS}: {score!r}")
     if regrow not in masks_lib.REGROW_KINDS:
         raise ValueError(f"regrow must be one of {masks_lib.REGROW_KINDS}: {regrow!r}")
-    s = masks_lib._concrete_float(sparsity)
+    s = masks_lib.concrete_float(sparsity)
     if s is not None and not 0.0 <= s <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {s}")
-    r = masks_lib._concrete_float(rho)
+    r = masks_lib.concrete_float(rho)
     if r is not None and r < 0.0:
         raise ValueError(f"rho must be >= 0, got {r}")
-    e = masks_lib._concrete_int(every)
+    e = masks_lib.concrete_int(every)
     if e is not None and e < 0:
-        raise ValueError(f"mask_update_every must be >= 0, got {e}")
+        raise ValueError(f"mask_update_every_steps must be >= 0, got {e}")
 
 
 def update_masks(
@@ -151,7 +151,7 @@ def sdp_transform(
     ema_decay: Any = 0.9,
     prune_fraction: Any = 0.01,
     regrow: str = "gradient",
-    mask_update_every: Any = 0,
+    mask_update_every_steps: Any = 0,
     seed: Any = 0,
     check_projection: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -172,7 +172,7 @@ def sdp_transform(
       ema_decay: decay of the G (and h) EMAs.
       prune_fraction: fraction of each layer pruned and regrown per mask update.
       regrow: "gradient" (largest |G| among inactive weights) or "random".
-      mask_update_every: 0 (default): masks change only through `update_masks`/`refresh_masks`
+      mask_update_every_steps: 0 (default): masks change only through `update_masks`/`refresh_masks`
         called by the training loop. k > 0: inside `update`, at steps with count > 0 and
         count % k == 0 (selected with jnp.where, no lax.cond: the candidate masks, two top_k
         per prunable layer, are then computed at every step).
@@ -187,7 +187,7 @@ def sdp_transform(
       when rho is a static 0). With `grad_fn=None` there is NO SAM inside: the incoming
       `updates` are used as g_sam (pass a g_sam you computed yourself).
     """
-    _validate(sparsity, rho, distribution, score, regrow, mask_update_every)
+    _validate(sparsity, rho, distribution, score, regrow, mask_update_every_steps)
     prunable_fn = masks_lib.default_prunable if prunable is None else prunable
 
     def init_fn(params: PyTree) -> SDPState:
@@ -228,7 +228,7 @@ def sdp_transform(
             raise ValueError("sdp_transform needs params: call update(updates, state, params)")
         if grad_fn is None:
             g_sam = updates  # no SAM: the caller's gradient is used as it is
-        elif masks_lib._concrete_float(rho) == 0.0:
+        elif masks_lib.concrete_float(rho) == 0.0:
             # rho == 0: no perturbation, but grad_fn is still the descent gradient, which may
             # differ from the clean one (e.g. EsaCL's descent adds replay and IDS selection).
             g_sam = grad_fn(params)
@@ -252,7 +252,7 @@ def sdp_transform(
             curvature_ema=curvature_ema,
         )
 
-        every = masks_lib._concrete_int(mask_update_every)
+        every = masks_lib.concrete_int(mask_update_every_steps)
         if every != 0:  # a positive static int, or traced (inject_hyperparams)
             candidate = update_masks(
                 new_state,
@@ -266,7 +266,7 @@ def sdp_transform(
             if every is not None:
                 do = (state.count > 0) & (state.count % every == 0)
             else:
-                k = jnp.asarray(mask_update_every, jnp.int32)
+                k = jnp.asarray(mask_update_every_steps, jnp.int32)
                 do = (k > 0) & (state.count > 0) & (state.count % jnp.maximum(k, 1) == 0)
             new_masks = jax.tree.map(lambda a, b: jnp.where(do, a, b), candidate.masks, state.masks)
             key_data = jnp.where(

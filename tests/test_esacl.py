@@ -41,7 +41,7 @@ def final_state(config, tmp_path):
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    config = esacl_config(mask_update_every=2)  # 5 epochs per task: updates at epochs 2 and 4
+    config = esacl_config(mask_update_every_epochs=2)  # 5 epochs per task: updates at epochs 2 and 4
     return final_state(config, tmp_path_factory.mktemp("esacl"))
 
 
@@ -112,17 +112,17 @@ def test_init_rescale_keeps_each_hidden_units_dense_norm():
     assert np.all((plain_kernel**2).sum(0)[alive] < (kernel**2).sum(0)[alive])
 
 
-def test_mask_update_steps_moves_the_mask_inside_a_task(tmp_path):
-    """mask_update_steps > 0: SDP updates inside the compiled steps, sparsity stays exact."""
+def test_mask_update_every_steps_moves_the_mask_inside_a_task(tmp_path):
+    """mask_update_every_steps > 0: SDP updates inside the compiled steps, sparsity stays exact."""
     def last(path, **overrides):
         config = esacl_config(prune_fraction=0.02, **overrides)
         config.num_tasks, config.epochs = 1, 1  # no task-start or epoch refresh in this run
         _, _, state = final_state(config, path)
         return state, np.asarray(sdp.find_sdp_state(state.opt_state).masks["hidden_1"]["kernel"])
 
-    state, moved = last(tmp_path / "steps", mask_update_steps=10)
-    _, still = last(tmp_path / "none", mask_update_steps=0)
-    _, off = last(tmp_path / "off", mask_update_steps=10, sdp=False)
+    state, moved = last(tmp_path / "steps", mask_update_every_steps=10)
+    _, still = last(tmp_path / "none", mask_update_every_steps=0)
+    _, off = last(tmp_path / "off", mask_update_every_steps=10, sdp=False)
     assert moved.sum() == still.sum() == round(0.1 * moved.size)
     assert np.count_nonzero(moved != still) > 0
     np.testing.assert_array_equal(off, still)  # sdp=False: masks fixed at init, schedule or not
@@ -140,7 +140,7 @@ def test_mask_update_steps_moves_the_mask_inside_a_task(tmp_path):
     dict(replay_at="clean"),
     dict(step_variant="B", replay_at="clean"),
     dict(init_rescale=False),
-    dict(mask_update_steps=25),
+    dict(mask_update_every_steps=25),
     dict(replay="er"),
     dict(replay="none"),
 ])
@@ -170,7 +170,7 @@ def test_step_passes_follow_the_cost_model():
 def test_bad_esacl_values_are_rejected(tmp_path):
     for overrides, message in [(dict(sparsity=1.0), "sparsity"), (dict(gamma=0.0), "gamma"),
                                (dict(step_variant="Z"), "step_variant"), (dict(rho=-1.0), "rho"),
-                               (dict(mask_update_steps=-1), "mask_update_steps")]:
+                               (dict(mask_update_every_steps=-1), "mask_update_every_steps")]:
         with pytest.raises(ValueError, match=message):
             train_and_evaluate(esacl_config(**overrides), tmp_path, progress=False)
         assert not (tmp_path / "results.json").exists()

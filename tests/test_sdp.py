@@ -113,7 +113,7 @@ def _compare_with_plain(opt, jit: bool, steps: int = 6, every: int = 2):
     """Step `keep_sparse(chain(sdp_transform(0, 0), opt))` and `opt` side by side on the same
     gradients (from one compiled function, so both see bitwise the same inputs); yield both
     updates. `jit=False` runs the two updates op by op."""
-    tx = keep_sparse(optax.chain(sdp_transform(0.0, 0.0, mask_update_every=every), opt))
+    tx = keep_sparse(optax.chain(sdp_transform(0.0, 0.0, mask_update_every_steps=every), opt))
 
     def tx_update(g, s, p, x, y):
         # Op by op: no grad_fn (it would be evaluated op by op, the reference is compiled).
@@ -204,7 +204,7 @@ def test_adamw_200_steps_pruned_weights_stay_zero_and_masks_move():
     """Pruned weights exactly 0 at every step, regrown ones 0 at regrowth, counts exact."""
     tx = keep_sparse(
         optax.chain(
-            sdp_transform(0.8, 0.05, mask_update_every=20, prune_fraction=0.1),
+            sdp_transform(0.8, 0.05, mask_update_every_steps=20, prune_fraction=0.1),
             optax.adamw(1e-2, weight_decay=1e-2),
         )
     )
@@ -275,7 +275,7 @@ def test_random_regrowth_and_taylor_score():
     tx = keep_sparse(
         optax.chain(
             sdp_transform(
-                0.5, 0.05, score="taylor", regrow="random", mask_update_every=3, prune_fraction=0.1
+                0.5, 0.05, score="taylor", regrow="random", mask_update_every_steps=3, prune_fraction=0.1
             ),
             optax.sgd(0.1),
         )
@@ -355,7 +355,7 @@ def test_quadratic_sparse_converges_to_restricted_minimum():
 
 def test_bf16_params_keep_their_dtype():
     params = init_params(dtype=jnp.bfloat16)
-    tx = keep_sparse(optax.chain(sdp_transform(0.5, 0.05, mask_update_every=2), optax.adam(1e-2)))
+    tx = keep_sparse(optax.chain(sdp_transform(0.5, 0.05, mask_update_every_steps=2), optax.adam(1e-2)))
     params, state = sparse_start(tx, params)
     data = batches(3)
     new_params, state, updates = jax.jit(lambda p, s: run_steps(tx, p, s, data))(params, state)
@@ -384,13 +384,13 @@ def test_inject_hyperparams_matches_plain():
     data = batches(5)
     plain = keep_sparse(
         optax.chain(
-            sdp_transform(0.5, 0.05, mask_update_every=2, prune_fraction=0.1), optax.sgd(0.1)
+            sdp_transform(0.5, 0.05, mask_update_every_steps=2, prune_fraction=0.1), optax.sgd(0.1)
         )
     )
     injected = keep_sparse(
         optax.chain(
             optax.inject_hyperparams(sdp_transform)(
-                sparsity=0.5, rho=0.05, mask_update_every=2, prune_fraction=0.1
+                sparsity=0.5, rho=0.05, mask_update_every_steps=2, prune_fraction=0.1
             ),
             optax.sgd(0.1),
         )
@@ -454,7 +454,7 @@ def test_sharding_preserved(axis_type):
     params = jax.tree.map(
         lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), init_params(), spec
     )
-    tx = keep_sparse(optax.chain(sdp_transform(0.5, 0.05, mask_update_every=1), optax.adamw(1e-2)))
+    tx = keep_sparse(optax.chain(sdp_transform(0.5, 0.05, mask_update_every_steps=1), optax.adamw(1e-2)))
     state0 = jax.jit(tx.init)(params)
     x, y = make_data(8)
     targets = jax.nn.one_hot(y, 3)
@@ -499,7 +499,7 @@ def test_flax_nnx_optimizer():
     model = Net(nnx.Rngs(0))
     tx = keep_sparse(
         optax.chain(
-            sdp_transform(0.5, 0.05, mask_update_every=3), optax.adamw(1e-2, weight_decay=1e-2)
+            sdp_transform(0.5, 0.05, mask_update_every_steps=3), optax.adamw(1e-2, weight_decay=1e-2)
         )
     )
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)

@@ -152,9 +152,9 @@ def test_config_differences_skip_sections_the_method_does_not_read():
 def test_config_differences_fields_only_one_side_has():
     """A field added to the schema later only keeps old runs valid at its legacy value."""
     stored = {"method": "esacl", "epochs": 1, "esacl": {"gamma": 0.25}}
-    legacy = {**stored, "esacl": {"gamma": 0.25, "init_rescale": False, "mask_update_steps": 0}}
+    legacy = {**stored, "esacl": {"gamma": 0.25, "init_rescale": False, "mask_update_every_steps": 0}}
     assert sweep.config_differences(legacy, stored) == []
-    rescaled = {**stored, "esacl": {"gamma": 0.25, "init_rescale": True, "mask_update_steps": 0}}
+    rescaled = {**stored, "esacl": {"gamma": 0.25, "init_rescale": True, "mask_update_every_steps": 0}}
     assert sweep.config_differences(rescaled, stored) == [
         "esacl.init_rescale: (not recorded: False) -> True"]
     # A derpp run does not read the esacl section, so the new EsaCL default leaves it valid.

@@ -55,10 +55,9 @@ class EsaCL(ReplayMethod):
             raise ValueError(f"esacl.gamma must be in (0, 1], got {e.gamma}")
         if e.rho < 0:
             raise ValueError(f"esacl.rho must be >= 0, got {e.rho}")
-        if e.mask_update_every < 0:
-            raise ValueError(f"esacl.mask_update_every must be >= 0, got {e.mask_update_every}")
-        if e.mask_update_steps < 0:
-            raise ValueError(f"esacl.mask_update_steps must be >= 0, got {e.mask_update_steps}")
+        for field in ("mask_update_every_epochs", "mask_update_every_steps"):
+            if e[field] < 0:
+                raise ValueError(f"esacl.{field} must be >= 0, got {e[field]}")
         self.esacl = e
         if e.replay == "none":
             config = config.copy_and_resolve_references()
@@ -79,7 +78,7 @@ class EsaCL(ReplayMethod):
         e = self.esacl
         front = sdp.sdp_transform(
             sparsity=e.sparsity, rho=e.rho, distribution=e.distribution, ema_decay=e.ema_decay,
-            mask_update_every=e.mask_update_steps if e.sdp else 0, seed=self.config.seed,
+            mask_update_every_steps=e.mask_update_every_steps if e.sdp else 0, seed=self.config.seed,
             **self.mask_kwargs())
         return sdp.keep_sparse(optax.chain(front, make_optimizer(self.config)))
 
@@ -243,7 +242,7 @@ class EsaCL(ReplayMethod):
         return state
 
     def begin_epoch(self, state: TrainState, task_id: int, epoch: int) -> TrainState:
-        every = self.esacl.mask_update_every
+        every = self.esacl.mask_update_every_epochs
         if every and epoch > 0 and epoch % every == 0:
             state = self._refresh(state)
         return state

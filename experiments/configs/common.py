@@ -56,9 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
         ids_score="sharpness",  # sharpness | perturbed_loss | clean_loss | random
         replay="derpp",  # derpp | er | none
         replay_at="perturbed",  # B, C: replay gradient at w + eps (METHOD.md) or at the clean w
-        mask_update_every=5,  # epochs; masks also update at every task start
+        mask_update_every_epochs=5,  # masks also update at every task start
         init_rescale=True,  # kept weights rescaled to each unit's dense norm (masks.sparse_init)
-        mask_update_steps=0,  # > 0: also every k optimizer steps, inside sdp_transform
+        mask_update_every_steps=0,  # > 0: also every k optimizer steps, inside sdp_transform
         prune_fraction=0.01, score="magnitude_gradient", score_lambda=0.5, ema_decay=0.9,
         regrow="gradient", sdp=True,  # sdp=False: magnitude masks fixed at init (ablation)
     ))
