@@ -69,7 +69,7 @@ def path_string(path: KeyPath) -> str:
     return "/".join(path_names(path))
 
 
-def default_prunable(path: KeyPath, leaf: Any) -> bool:
+def name_prunable(path: KeyPath, leaf: Any) -> bool:
     """True for conv/dense kernels (ndim >= 2, last name "kernel") outside the excluded layers.
 
     Excluded: any path component whose name contains "stem", "classifier", "shortcut", "head" or
@@ -81,6 +81,9 @@ def default_prunable(path: KeyPath, leaf: Any) -> bool:
         return False
     lowered = [n.lower() for n in names]
     return not any(part in name for name in lowered for part in EXCLUDED_NAME_PARTS)
+
+
+default_prunable = name_prunable
 
 
 def _flat_with_prunable(
