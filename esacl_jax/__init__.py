@@ -10,6 +10,10 @@ The optimizer pieces compose with any optax optimizer:
 `grad_fn` at w + eps, keeps the SDP masks and score averages in its state and masks the
 gradient. `keep_sparse` wraps the chain so pruned weights are exactly zero after every
 `optax.apply_updates`, whatever optimizer follows (momentum, Adam, AdamW's weight decay).
+
+This package is the optimizer library and needs only jax, optax and numpy. The continual-learning
+harness (loop, methods, models, data, accounting, reporting) is `esacl_jax.harness`, installed
+with the `harness` extra: `pip install "esacl_jax[harness]"`.
 """
 
 from esacl_jax.ids import (
@@ -88,9 +92,3 @@ __all__ = [
     "summarize_run",
 ]
 
-
-def train_and_evaluate(config, workdir, **kwargs):
-    """The continual loop (see esacl_jax.train); imported lazily to keep `import` light."""
-    from esacl_jax.train import train_and_evaluate as run
-
-    return run(config, workdir, **kwargs)

@@ -43,7 +43,7 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
-from experiments import sweep
+from esacl_jax.harness import sweep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +192,7 @@ class Line:
 
 def summarize(settings: Settings, loaded: Sequence[tuple[sweep.Run, dict]]) -> list[Line]:
     """Aggregates loaded results per (benchmark, sparsity, variant), in table order."""
-    from esacl_jax import reporting
+    from esacl_jax.harness import reporting
 
     lines = []
     for bench in settings.benchmarks:
@@ -235,7 +235,7 @@ _HEADER = ("variant", "class-IL ACC (%)", "task-IL ACC (%)", "forgetting (%)",
 def to_markdown(settings: Settings, lines: Sequence[Line], info: dict[str, str],
                 with_results: int, planned: int) -> str:
     """Provenance header, then one table per benchmark and sparsity (DER++ in each)."""
-    from esacl_jax import reporting
+    from esacl_jax.harness import reporting
 
     parts = [sweep.provenance_markdown("EsaCL ablation", info)]
     parts.append(f"{with_results} of {planned} planned runs have results; buffer "
@@ -304,7 +304,7 @@ def to_csv(lines: Sequence[Line], info: dict[str, str]) -> str:
 def write_report(settings: Settings, runs: Sequence[sweep.Run]) -> list[Line]:
     """Writes <out>/ablation.md and <out>/ablation.csv from the results of `runs` (pass only
     runs whose results match their config: `SweepResult.usable_runs`); returns the rows."""
-    from esacl_jax import reporting
+    from esacl_jax.harness import reporting
 
     loaded = sweep.load_results(runs)
     lines = summarize(settings, loaded)

@@ -64,8 +64,8 @@ def step_cost_us(method: str, overrides: dict, data_dir: str, steps: int, repeat
     import jax
     import numpy as np
 
-    from esacl_jax import train
-    from esacl_jax.methods import build_method
+    from esacl_jax.harness import loop as train
+    from esacl_jax.harness.methods import build_method
     from experiments.configs import split_mnist
 
     config = split_mnist.get_config(method)
@@ -103,7 +103,7 @@ def main(argv: list[str]) -> None:
         print("error: pass --data_dir or set ESACL_DATA_DIR (a directory holding mnist/)",
               file=sys.stderr)
         sys.exit(1)
-    from esacl_jax.results import environment
+    from esacl_jax.harness.results import environment
 
     env = environment()
     lines = ["# Speed benchmark (split_mnist, batch 10, buffer 500, sparsity 0.9)", "",
@@ -131,7 +131,7 @@ def main(argv: list[str]) -> None:
     report = "\n".join(lines) + "\n"
     print(report)
     if _OUT.value:
-        from esacl_jax.reporting import write_text_atomic
+        from esacl_jax.harness.reporting import write_text_atomic
 
         write_text_atomic(_OUT.value, report)
 

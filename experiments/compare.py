@@ -5,7 +5,7 @@ esacl.sparsity, sparcl.sparsity, prune_retrain.sparsity): esacl, sparcl_ewc, spa
 sparcl_derpp, prune_retrain. Buffer 500, seeds 0,1,2, each benchmark's protocol rows
 (experiments/configs), evaluated on the TEST set (this is the reported comparison; tuning
 belongs in the ablation, which uses a validation split). Methods not registered in
-esacl_jax.methods.METHODS (or without a protocol row) are skipped with a note in the report
+esacl_jax.harness.methods.METHODS (or without a protocol row) are skipped with a note in the report
 when they come from the default list, and an error when named in --methods.
 
 Full comparison on the MNIST-family benchmarks (2 x (5 dense + 5 sparse x 3) x 3 seeds = 120 runs):
@@ -32,7 +32,7 @@ import shutil
 from collections.abc import Sequence
 from typing import Any
 
-from experiments import sweep
+from esacl_jax.harness import sweep
 
 DENSE_METHODS = ("finetune", "joint", "ewc", "er", "derpp")
 # sparse method -> the config field holding its target sparsity
@@ -103,10 +103,10 @@ class Settings:
 
 def unavailable_reason(benchmark: str, method: str) -> str | None:
     """Why `method` cannot run on `benchmark` here (not registered / no protocol row), or None."""
-    from esacl_jax.methods import METHODS
+    from esacl_jax.harness.methods import METHODS
 
     if method not in METHODS:
-        return "not registered in esacl_jax.methods.METHODS"
+        return "not registered in esacl_jax.harness.methods.METHODS"
     try:
         sweep.config_module(benchmark).get_config(method)
     except ValueError as err:
@@ -181,7 +181,7 @@ def plan(settings: Settings, methods: Sequence[str]) -> list[sweep.Run]:
 def heatmap_result(loaded: Sequence[tuple[sweep.Run, dict]]) -> dict | None:
     """EsaCL at sparsity 0.9, seed 0, split_mnist when present, else the nearest: the first
     benchmark with EsaCL runs, the sparsity closest to 0.9, the lowest seed."""
-    from esacl_jax import reporting
+    from esacl_jax.harness import reporting
 
     candidates = [r for run, r in loaded if run.method == HEATMAP["method"]]
     if not candidates:
@@ -202,7 +202,7 @@ def write_report(settings: Settings, runs: Sequence[sweep.Run], usable: Sequence
                  notes: Sequence[str]) -> list:
     """Writes the table, CSV and plots into --out (and --docs_dir) from the results of `usable`
     (the planned `runs` whose results match their config); returns the table rows."""
-    from esacl_jax import reporting
+    from esacl_jax.harness import reporting
 
     out = pathlib.Path(settings.out)
     loaded = sweep.load_results(usable)

@@ -11,8 +11,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from esacl_jax.data import DataError
-from esacl_jax.train import TrainingError, format_summary, train_and_evaluate
+from esacl_jax.harness.data import DataError
+from esacl_jax.harness.loop import TrainingError, format_summary, train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file (and :method).",
                                           lock_config=True)

@@ -15,7 +15,7 @@ from collections import defaultdict
 
 from absl import app, flags
 
-from esacl_jax import reporting
+from esacl_jax.harness import reporting
 
 _RUNS = flags.DEFINE_string("runs", None, "Directory searched (recursively) for results.json.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: RUNS/report).")

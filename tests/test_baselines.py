@@ -16,18 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from esacl_jax import train
-from esacl_jax.methods import METHODS, method_class
-from esacl_jax.methods.base import Pass
-from esacl_jax.methods.ewc import EWC, accumulate_fisher, ewc_penalty
-from esacl_jax.methods.sparcl import (
+from esacl_jax.harness import loop as train
+from esacl_jax.harness.methods import METHODS, method_class
+from esacl_jax.harness.methods.base import Pass
+from esacl_jax.harness.methods.ewc import EWC, accumulate_fisher, ewc_penalty
+from esacl_jax.harness.methods.sparcl import (
     ddr_removal,
     ddr_schedule,
     dgm_leaf_mask,
     tdm_schedule,
     tdm_update,
 )
-from esacl_jax.models import forward
+from esacl_jax.harness.models import forward
 from experiments.configs import common, split_digits, split_mnist
 
 DIGITS_PER_TASK = 260  # equal task sizes: the loop compiles once per run

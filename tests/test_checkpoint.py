@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from esacl_jax.methods import esacl as esacl_module
-from esacl_jax.train import train_and_evaluate
+from esacl_jax.harness.methods import esacl as esacl_module
+from esacl_jax.harness.loop import train_and_evaluate
 from experiments.configs import split_digits
 
 
@@ -22,7 +22,7 @@ def config_for(method: str):
 def test_interrupted_run_resumes_to_identical_results(tmp_path, monkeypatch, method):
     reference = train_and_evaluate(config_for(method), tmp_path / "reference")
 
-    from esacl_jax.methods.base import Method
+    from esacl_jax.harness.methods.base import Method
 
     target = esacl_module.EsaCL if method == "esacl" else Method
     original = target.begin_task

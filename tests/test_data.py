@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from esacl_jax.data import (
+from esacl_jax.harness.data import (
     BENCHMARKS,
     Benchmark,
     DataError,
@@ -29,7 +29,7 @@ from esacl_jax.data import (
     random_crop_flip,
     sources,
 )
-from esacl_jax.data.benchmarks import pixel_permutations, stratified_holdout, stratified_subset
+from esacl_jax.harness.data.benchmarks import pixel_permutations, stratified_holdout, stratified_subset
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_FIRST_TRAIN_LABELS = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from esacl_jax import masks, sdp
-from esacl_jax.methods import Pass, build_method
-from esacl_jax.train import build_model_for, load_config_benchmark, train_and_evaluate
+from esacl_jax.harness.methods import Pass, build_method
+from esacl_jax.harness.loop import build_model_for, load_config_benchmark, train_and_evaluate
 from experiments.configs import split_digits, split_mnist
 
 
@@ -23,7 +23,7 @@ def esacl_config(**esacl_overrides):
 def final_state(config, tmp_path):
     """Runs the loop and returns (result, method, final state) by re-running it in-process."""
     captured = {}
-    from esacl_jax.methods import esacl as esacl_module
+    from esacl_jax.harness.methods import esacl as esacl_module
 
     original_end_task = esacl_module.EsaCL.end_task
 

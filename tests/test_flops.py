@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from esacl_jax import flops
-from esacl_jax.models.resnet import ResNet18
+from esacl_jax.harness import flops
+from esacl_jax.harness.models.resnet import ResNet18
 
 PRUNABLE_EXCLUDE = ("stem", "shortcut", "classifier")
 

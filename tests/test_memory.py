@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esacl_jax import memory, replay
-from esacl_jax.models.cnn import SmallCNN
+from esacl_jax.harness import memory, replay
+from esacl_jax.harness.models.cnn import SmallCNN
 
 
 def test_analytic_footprint_by_hand():

@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     import jax
     import numpy as np
     from experiments.configs import split_digits
-    from esacl_jax.train import train_and_evaluate
+    from esacl_jax.harness.loop import train_and_evaluate
 
     out = {"device_count": jax.device_count()}
     for method in ("derpp", "esacl"):
@@ -59,7 +59,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
     script = textwrap.dedent("""
         import sys
         from experiments.configs import split_digits
-        from esacl_jax.train import train_and_evaluate
+        from esacl_jax.harness.loop import train_and_evaluate
         config = split_digits.get_config("finetune")
         config.progress = config.tensorboard = False
         config.batch_size = 10

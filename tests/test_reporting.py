@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from esacl_jax import metrics as metrics_lib
-from esacl_jax import reporting, run_logger
-from experiments.configs.common import base_config
+from esacl_jax.harness import reporting, run_logger
+from esacl_jax.harness.config import base_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MiB = 1024**2
@@ -139,7 +139,7 @@ def test_load_runs_skips_bad_files(tmp_path, caplog):
     (tmp_path / "list" / "results.json").write_text("[1, 2]")
     (tmp_path / "binary").mkdir()
     (tmp_path / "binary" / "results.json").write_bytes(b"\xff\xfe\x00garbage")
-    with caplog.at_level(logging.WARNING, logger="esacl_jax.reporting"):
+    with caplog.at_level(logging.WARNING, logger="esacl_jax.harness.reporting"):
         runs = reporting.load_runs(tmp_path)
     assert len(runs) == 2
     assert all(pathlib.Path(r["path"]).name == "results.json" for r in runs)

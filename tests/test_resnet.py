@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esacl_jax.flops import path_to_str
-from esacl_jax.models.cnn import SmallCNN
-from esacl_jax.models.resnet import ResNet18
+from esacl_jax.harness.flops import path_to_str
+from esacl_jax.harness.models.cnn import SmallCNN
+from esacl_jax.harness.models.resnet import ResNet18
 
 
 def _count(tree) -> int:

@@ -16,8 +16,8 @@ import time
 import ml_collections
 import pytest
 
-from esacl_jax.data import DataError
-from esacl_jax.data import sources as data_sources
+from esacl_jax.harness.data import DataError
+from esacl_jax.harness.data import sources as data_sources
 from experiments import ablation, compare, sweep
 from tests.conftest import REPO_ROOT
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from esacl_jax.train import TrainingError, train_and_evaluate
+from esacl_jax.harness.loop import TrainingError, train_and_evaluate
 from experiments.configs import split_digits, split_mnist
 from tests.conftest import REPO_ROOT
 

@@ -3,7 +3,7 @@
 The offline default (`make run`): real data that ships inside a dependency, runs in seconds.
 """
 
-from experiments.configs.common import MNIST_METHODS, make_config
+from esacl_jax.harness.config import MNIST_METHODS, make_config
 
 PROTOCOL = dict(benchmark="split_digits", model="mlp", mlp_widths=(100, 100), epochs=5,
                 batch_size=10, eval_batch_size=500, steps_per_call=50)

@@ -2,7 +2,7 @@
 MLP 784-100-100-10, 1 epoch per task, batch 10 (PROTOCOLS.md).
 """
 
-from experiments.configs.common import MNIST_METHODS, make_config
+from esacl_jax.harness.config import MNIST_METHODS, make_config
 
 PROTOCOL = dict(
     benchmark="split_fashion_mnist", model="mlp", mlp_widths=(100, 100), epochs=1, batch_size=10)

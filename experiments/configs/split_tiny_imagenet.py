@@ -2,7 +2,7 @@
 CIFAR ResNet-18 (nf 64), 100 epochs per task, batch 32 (PROTOCOLS.md).
 """
 
-from experiments.configs.common import CIFAR_METHODS, make_config
+from esacl_jax.harness.config import CIFAR_METHODS, make_config
 
 PROTOCOL = dict(benchmark="split_tiny_imagenet", model="resnet18", resnet_nf=64, epochs=100,
                 batch_size=32,

@@ -206,7 +206,7 @@ def build_config(run: Run, data_dir: str | None = None) -> ml_collections.Config
 
 def _plain(config: ml_collections.ConfigDict) -> dict:
     """The config as stored in results.json (JSON types: tuples become lists)."""
-    from esacl_jax.results import to_jsonable
+    from esacl_jax.harness.results import to_jsonable
 
     return json.loads(json.dumps(to_jsonable(config.to_dict())))
 
@@ -282,7 +282,7 @@ def execute(run: Run, data_dir: str | None = None) -> Outcome:
     """Builds the run's config and trains it; any exception becomes a "failed" outcome."""
     import jax
 
-    from esacl_jax.train import train_and_evaluate
+    from esacl_jax.harness.loop import train_and_evaluate
 
     start = time.perf_counter()
     try:
@@ -301,7 +301,7 @@ def execute(run: Run, data_dir: str | None = None) -> Outcome:
 
 def _init_worker() -> None:
     """Imports the heavy modules once per worker process."""
-    import esacl_jax.train  # noqa: F401
+    import esacl_jax.harness.loop  # noqa: F401
 
 
 def format_duration(seconds: float) -> str:
@@ -345,8 +345,8 @@ def check_data(runs: Iterable[Run], data_dir: str | None = None) -> None:
     """Reads each dataset the runs need once, so that missing data stops a sweep with one
     DataError (saying where to put the files) instead of failing every run. Runs whose config
     cannot be built are left to fail on their own."""
-    from esacl_jax.data import BENCHMARKS
-    from esacl_jax.data.sources import load_dataset
+    from esacl_jax.harness.data import BENCHMARKS
+    from esacl_jax.harness.data.sources import load_dataset
 
     seen = set()
     for run in runs:
@@ -485,7 +485,7 @@ def provenance(command: str, evaluation: str, results: Sequence[dict] = (),
     """What produced a report: command, commit, machine, evaluation split, result commits."""
     import jax
 
-    from esacl_jax.results import git_commit
+    from esacl_jax.harness.results import git_commit
 
     devices = jax.devices()
     kinds = sorted({str(d.device_kind) for d in devices})
@@ -543,7 +543,7 @@ def finite(value: Any) -> bool:
 def exit_with(run: Callable[[], int]) -> None:
     """The sweeps' command-line contract: run, then exit 0/1; one-line errors exit 2 (bad
     settings, missing data), an interrupt exits 130 with the finished runs kept."""
-    from esacl_jax.data import DataError
+    from esacl_jax.harness.data import DataError
 
     try:
         code = run()

@@ -1,6 +1,6 @@
 """finetune: plain SGD on each task in turn, the lower bound that shows catastrophic forgetting."""
 
-from esacl_jax.methods.base import Method
+from esacl_jax.harness.methods.base import Method
 
 
 class Finetune(Method):

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esacl_jax.data.base import preprocess
-from esacl_jax.methods.base import Method, Pass, TrainState
-from esacl_jax.models import forward
+from esacl_jax.harness.data.base import preprocess
+from esacl_jax.harness.methods.base import Method, Pass, TrainState
+from esacl_jax.harness.models import forward
 
 FISHER_CHUNKS_PER_CALL = 8
 

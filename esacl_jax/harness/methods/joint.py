@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from esacl_jax.methods.base import Method
+from esacl_jax.harness.methods.base import Method
 
 
 class Joint(Method):

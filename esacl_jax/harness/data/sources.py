@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from esacl_jax.data.base import DataError
+from esacl_jax.harness.data.base import DataError
 
 ENV_VAR = "ESACL_DATA_DIR"
 DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10", "cifar100", "tiny_imagenet")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 
 from esacl_jax import replay
-from esacl_jax.methods.base import Pass
-from esacl_jax.methods.er import ReplayMethod
+from esacl_jax.harness.methods.base import Pass
+from esacl_jax.harness.methods.er import ReplayMethod
 
 
 def derpp_replay_loss(method: ReplayMethod, params, batch_stats, buffer, key: jax.Array,

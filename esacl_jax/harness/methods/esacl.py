@@ -24,11 +24,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from esacl_jax import ids, losses, masks, replay, sdp
-from esacl_jax.methods.base import Batch, Pass, StepMetrics, TaskContext, TrainState, make_optimizer
-from esacl_jax.methods.derpp import derpp_replay_loss
-from esacl_jax.methods.er import ReplayMethod
-from esacl_jax.models import forward
+from esacl_jax import ids, masks, replay, sdp
+from esacl_jax.harness import losses
+from esacl_jax.harness.methods.base import Batch, Pass, StepMetrics, TaskContext, TrainState, make_optimizer
+from esacl_jax.harness.methods.derpp import derpp_replay_loss
+from esacl_jax.harness.methods.er import ReplayMethod
+from esacl_jax.harness.models import forward
 
 STEP_VARIANTS = ("A", "B", "C")
 IDS_SCORES = ("sharpness", "perturbed_loss", "clean_loss", "random")

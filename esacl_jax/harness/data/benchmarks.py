@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from esacl_jax.data.base import SCENARIOS, Benchmark, DataError, Task
-from esacl_jax.data.sources import RawDataset, load_dataset
+from esacl_jax.harness.data.base import SCENARIOS, Benchmark, DataError, Task
+from esacl_jax.harness.data.sources import RawDataset, load_dataset
 
 MNIST_MEAN_STD = ((0.0,), (1.0,))  # MNIST-family inputs are used in [0, 1], as in mammoth.
 CIFAR10_MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2615))
@@ -33,7 +33,7 @@ class BenchmarkSpec:
 
     Attributes:
       name: registry name.
-      dataset: raw dataset key (see `esacl_jax.data.sources.DATASETS`).
+      dataset: raw dataset key (see `esacl_jax.harness.data.sources.DATASETS`).
       num_tasks: protocol task count (overridable by `load_benchmark(num_tasks=...)`).
       classes_per_task: classes per task ("class_il"); all classes for "domain_il".
       scenario: "class_il" or "domain_il".

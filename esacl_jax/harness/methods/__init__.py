@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from esacl_jax.methods.base import (
+from esacl_jax.harness.methods.base import (
     Batch,
     Method,
     Pass,
@@ -16,17 +16,17 @@ from esacl_jax.methods.base import (
 
 # name -> "module:Class"; imported lazily so a method's dependencies load only when used.
 METHODS = {
-    "finetune": "esacl_jax.methods.finetune:Finetune",
-    "joint": "esacl_jax.methods.joint:Joint",
-    "er": "esacl_jax.methods.er:ER",
-    "derpp": "esacl_jax.methods.derpp:DERPP",
-    "esacl": "esacl_jax.methods.esacl:EsaCL",
-    "ewc": "esacl_jax.methods.ewc:EWC",
-    "sparcl": "esacl_jax.methods.sparcl:SparCL",
-    "sparcl_ewc": "esacl_jax.methods.sparcl:SparCLEWC",
-    "sparcl_er": "esacl_jax.methods.sparcl:SparCLER",
-    "sparcl_derpp": "esacl_jax.methods.sparcl:SparCLDERPP",
-    "prune_retrain": "esacl_jax.methods.prune_retrain:PruneRetrain",
+    "finetune": "esacl_jax.harness.methods.finetune:Finetune",
+    "joint": "esacl_jax.harness.methods.joint:Joint",
+    "er": "esacl_jax.harness.methods.er:ER",
+    "derpp": "esacl_jax.harness.methods.derpp:DERPP",
+    "esacl": "esacl_jax.harness.methods.esacl:EsaCL",
+    "ewc": "esacl_jax.harness.methods.ewc:EWC",
+    "sparcl": "esacl_jax.harness.methods.sparcl:SparCL",
+    "sparcl_ewc": "esacl_jax.harness.methods.sparcl:SparCLEWC",
+    "sparcl_er": "esacl_jax.harness.methods.sparcl:SparCLER",
+    "sparcl_derpp": "esacl_jax.harness.methods.sparcl:SparCLDERPP",
+    "prune_retrain": "esacl_jax.harness.methods.prune_retrain:PruneRetrain",
 }
 
 

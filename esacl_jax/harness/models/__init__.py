@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from esacl_jax.models.mlp import MLP
+from esacl_jax.harness.models.mlp import MLP
 
 MODELS = ("mlp", "cnn", "resnet18")
 
@@ -20,11 +20,11 @@ def build_model(name: str, num_classes: int, *, widths=(100, 100), nf: int = 64,
     if name == "mlp":
         return MLP(num_classes=num_classes, widths=tuple(widths), dtype=dtype)
     if name == "cnn":
-        from esacl_jax.models.cnn import SmallCNN
+        from esacl_jax.harness.models.cnn import SmallCNN
 
         return SmallCNN(num_classes=num_classes)
     if name == "resnet18":
-        from esacl_jax.models.resnet import ResNet18
+        from esacl_jax.harness.models.resnet import ResNet18
 
         return ResNet18(num_classes=num_classes, nf=nf, dtype=dtype)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

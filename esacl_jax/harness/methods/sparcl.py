@@ -56,11 +56,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from esacl_jax import flops as flops_lib
-from esacl_jax import ids, losses
+from esacl_jax.harness import flops as flops_lib
+from esacl_jax import ids
+from esacl_jax.harness import losses
 from esacl_jax import masks as masks_lib
-from esacl_jax.methods import method_class
-from esacl_jax.methods.base import (
+from esacl_jax.harness.methods import method_class
+from esacl_jax.harness.methods.base import (
     Batch,
     Method,
     Pass,
@@ -69,7 +70,7 @@ from esacl_jax.methods.base import (
     TrainState,
     make_optimizer,
 )
-from esacl_jax.models import forward
+from esacl_jax.harness.models import forward
 
 SPARCL_BASES = ("ewc", "er", "derpp")
 _INF_BITS = 0x7F800000  # bit pattern of +inf in float32: the largest finite-or-inf |grad| key
@@ -208,7 +209,7 @@ def ddr_removal(forgetting: np.ndarray, correct: np.ndarray, seen: np.ndarray,
 class WrappedBase(Method):
     """A method that runs a dense base method's loss and hooks with weight masks of its own.
 
-    The base (`esacl_jax.methods` registry name) supplies `replay_loss` (replay terms or the EWC
+    The base (`esacl_jax.harness.methods` registry name) supplies `replay_loss` (replay terms or the EWC
     penalty), `after_step` (reservoir insertion), `end_task` (EWC's Fisher), `step_passes` and
     `end_task_passes`; its method_state entries are merged into this method's dict.
     """

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from esacl_jax import replay
-from esacl_jax.methods.base import Batch, Method, Pass, TaskContext, TrainState
-from esacl_jax.models import forward
+from esacl_jax.harness.methods.base import Batch, Method, Pass, TaskContext, TrainState
+from esacl_jax.harness.models import forward
 
 
 class ReplayMethod(Method):

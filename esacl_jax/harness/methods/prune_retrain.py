@@ -26,12 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esacl_jax import flops as flops_lib
-from esacl_jax import losses
+from esacl_jax.harness import flops as flops_lib
+from esacl_jax.harness import losses
 from esacl_jax import masks as masks_lib
-from esacl_jax.data.base import class_mask
-from esacl_jax.methods.base import Batch, Pass, StepMetrics, TaskContext, TrainState
-from esacl_jax.methods.sparcl import WrappedBase
+from esacl_jax.harness.data.base import class_mask
+from esacl_jax.harness.methods.base import Batch, Pass, StepMetrics, TaskContext, TrainState
+from esacl_jax.harness.methods.sparcl import WrappedBase
 
 PRUNE_RETRAIN_BASES = ("finetune", "ewc", "er", "derpp")
 

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from esacl_jax.flops import abstract_variables, default_apply_kwargs, path_to_str
+from esacl_jax.harness.flops import abstract_variables, default_apply_kwargs, path_to_str
 
 
 def _nbytes(leaf: Any) -> int:

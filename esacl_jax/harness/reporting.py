@@ -1,6 +1,6 @@
 """Reports over many runs: collect results.json files, aggregate over seeds, tables and plots.
 
-A run is one ``results.json`` (written by `esacl_jax.train.train_and_evaluate`). Runs are grouped
+A run is one ``results.json`` (written by `esacl_jax.harness.loop.train_and_evaluate`). Runs are grouped
 by (benchmark, label, sparsity, buffer), where the label is the method name plus any method knob
 that differs from its default (``esacl[C,gamma=1]``), so ablations never merge with the main
 method. Each group becomes one `Row` holding mean ± sample std over its seeds.
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from esacl_jax.results import write_bytes_atomic
+from esacl_jax.harness.results import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

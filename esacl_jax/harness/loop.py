@@ -19,12 +19,12 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from esacl_jax import flops as flops_lib
-from esacl_jax import memory as memory_lib
+from esacl_jax.harness import flops as flops_lib
+from esacl_jax.harness import memory as memory_lib
 from esacl_jax import metrics as metrics_lib
-from esacl_jax import results as results_lib
-from esacl_jax.data import Benchmark, class_mask, load_benchmark, preprocess
-from esacl_jax.methods import (
+from esacl_jax.harness import results as results_lib
+from esacl_jax.harness.data import Benchmark, class_mask, load_benchmark, preprocess
+from esacl_jax.harness.methods import (
     Batch,
     Method,
     Pass,
@@ -34,8 +34,8 @@ from esacl_jax.methods import (
     build_method,
     method_class,
 )
-from esacl_jax.models import MODELS, build_model, forward
-from esacl_jax.run_logger import make_logger
+from esacl_jax.harness.models import MODELS, build_model, forward
+from esacl_jax.harness.run_logger import make_logger
 
 
 class TrainingError(RuntimeError):
@@ -44,7 +44,7 @@ class TrainingError(RuntimeError):
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Rejects impossible values with one line saying what is wrong and what to do."""
-    from esacl_jax.data import BENCHMARKS
+    from esacl_jax.harness.data import BENCHMARKS
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -333,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     checkpointer = None
     first_task = 0
     if config.checkpoint:
-        from esacl_jax.checkpoint import RunCheckpointer
+        from esacl_jax.harness.checkpoint import RunCheckpointer
 
         checkpointer = RunCheckpointer(pathlib.Path(workdir) / "checkpoints", config.to_dict())
         restored = checkpointer.restore(state)

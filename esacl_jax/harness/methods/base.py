@@ -15,11 +15,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from esacl_jax import flops as flops_lib
-from esacl_jax import losses
-from esacl_jax.data.augment import augment_batch
-from esacl_jax.data.base import Benchmark, preprocess
-from esacl_jax.models import forward, init_variables
+from esacl_jax.harness import flops as flops_lib
+from esacl_jax.harness import losses
+from esacl_jax.harness.data.augment import augment_batch
+from esacl_jax.harness.data.base import Benchmark, preprocess
+from esacl_jax.harness.models import forward, init_variables
 
 
 class TrainState(flax.struct.PyTreeNode):
