@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from esacl_jax.harness.methods import esacl as esacl_module
 from esacl_jax.harness.loop import train_and_evaluate
+from esacl_jax.harness.methods import esacl as esacl_module
 from experiments.configs import split_digits
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from esacl_jax import masks, sdp
-from esacl_jax.harness.methods import Pass, build_method
 from esacl_jax.harness.loop import build_model_for, load_config_benchmark, train_and_evaluate
+from esacl_jax.harness.methods import Pass, build_method
 from experiments.configs import split_digits, split_mnist
 
 

@@ -7,8 +7,8 @@ import importlib
 import numpy as np
 import pytest
 
-from esacl_jax.harness.methods import METHODS
 from esacl_jax.harness.loop import train_and_evaluate
+from esacl_jax.harness.methods import METHODS
 
 BENCHMARKS = ("split_mnist", "split_fashion_mnist", "permuted_mnist")
 SPARSE = {"esacl": "esacl", "sparcl": "sparcl", "sparcl_ewc": "sparcl", "sparcl_er": "sparcl",

@@ -1,15 +1,24 @@
-"""The shared config schema and the per-method protocol settings every benchmark config uses.
+"""The harness's config schema, the benchmark protocols and the per-method protocol rows.
 
-A benchmark config file defines `PROTOCOL` (benchmark-wide values) and `METHODS` (per-method
-hyperparameters from PROTOCOLS.md) and calls `make_config`. Select a method with the config-file
-argument, which applies that method's protocol row:
-`--config=experiments/configs/split_mnist.py:esacl`
-(`make run EXP=split_mnist METHOD=esacl`). Any field is then overridable as `--config.field=value`.
+`base_config()` is the schema (every field with its default). `get_config(benchmark, method)`
+applies a benchmark's protocol (`BENCHMARK_PROTOCOLS`) and that method's row of the benchmark's
+method table (`MNIST_METHODS`, `CIFAR_METHODS`; values from docs/PROTOCOLS.md). The files in
+`experiments/configs/` are one-line wrappers of `get_config`, so
+`--config=experiments/configs/split_mnist.py:esacl` picks the method's row and any field is then
+overridable as `--config.field=value`.
 """
 
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
+
+# Fields that do not change what a run computes (where the data live, progress output, logging,
+# whether the state is checkpointed, whether file checksums are verified). A stored run or a
+# checkpoint that differs from a config only in these still counts as the same computation.
+NON_COMPUTATIONAL_FIELDS = frozenset(
+    {"data_dir", "progress", "tensorboard", "checkpoint", "verify_checksums"})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -102,22 +111,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def make_config(protocol: dict, methods: dict, method: str) -> ml_collections.ConfigDict:
-    """base_config + the benchmark's protocol + the chosen method's protocol row."""
-    c = base_config()
-    method = method or "finetune"
-    if method not in methods:
-        raise ValueError(f"no protocol row for method {method!r}; known: {', '.join(methods)}")
-    for source in (protocol, methods[method]):
-        for key, value in source.items():
-            if isinstance(value, dict):
-                c[key].update(value)
-            else:
-                c[key] = value
-    c.method = method
-    return c
-
-
 # Per-method rows shared by the MNIST-family protocols (PROTOCOLS.md, "Split MNIST").
 MNIST_METHODS = {
     "finetune": dict(learning_rate=0.03),
@@ -168,3 +161,54 @@ CIFAR_METHODS = {
     "prune_retrain": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=32,
                           der_alpha=0.2, der_beta=0.5),
 }
+
+
+# Benchmark -> (protocol values, method table). Names and sizes: docs/PROTOCOLS.md.
+_MLP_1_EPOCH = dict(model="mlp", mlp_widths=(100, 100), epochs=1, batch_size=10)
+_RESNET = dict(model="resnet18", resnet_nf=64, batch_size=32, eval_batch_size=500,
+               steps_per_call=100, checkpoint=True)
+BENCHMARK_PROTOCOLS: dict[str, tuple[dict, dict]] = {
+    # The offline default (`make run`): scikit-learn's bundled 8x8 digits, runs in seconds.
+    "split_digits": (dict(model="mlp", mlp_widths=(100, 100), epochs=5, batch_size=10,
+                          eval_batch_size=500, steps_per_call=50), MNIST_METHODS),
+    "split_mnist": (_MLP_1_EPOCH, MNIST_METHODS),
+    "split_fashion_mnist": (_MLP_1_EPOCH, MNIST_METHODS),
+    # Batch 128 for current and replay examples alike.
+    "permuted_mnist": (dict(model="mlp", mlp_widths=(100, 100), epochs=1, batch_size=128,
+                            replay_batch_size=128),
+                       {name: {k: v for k, v in row.items() if k != "replay_batch_size"}
+                        for name, row in MNIST_METHODS.items()}),
+    "split_cifar10": (dict(_RESNET, epochs=50), CIFAR_METHODS),
+    "split_cifar100": (dict(_RESNET, epochs=50), CIFAR_METHODS),
+    "split_tiny_imagenet": (dict(_RESNET, epochs=100), CIFAR_METHODS),
+}
+
+
+def _closest(name: str, known: list[str]) -> str:
+    match = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def get_config(benchmark: str, method: str = "finetune") -> ml_collections.ConfigDict:
+    """`base_config()` + the benchmark's protocol + the method's protocol row."""
+    if benchmark not in BENCHMARK_PROTOCOLS:
+        known = sorted(BENCHMARK_PROTOCOLS)
+        raise ValueError(f"unknown benchmark {benchmark!r}{_closest(benchmark, known)}; "
+                         f"known: {', '.join(known)}")
+    protocol, methods = BENCHMARK_PROTOCOLS[benchmark]
+    method = method or "finetune"
+    if method not in methods:
+        raise ValueError(f"no protocol row for method {method!r}{_closest(method, list(methods))}"
+                         f"; known: {', '.join(methods)}")
+    c = base_config()
+    for source in (dict(protocol, benchmark=benchmark), methods[method]):
+        for key, value in source.items():
+            if isinstance(value, dict):
+                c[key].update(value)
+            else:
+                c[key] = value
+    c.method = method
+    return c
+
+
+make_config = get_config

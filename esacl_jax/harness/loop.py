@@ -19,9 +19,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from esacl_jax import metrics as metrics_lib
 from esacl_jax.harness import flops as flops_lib
 from esacl_jax.harness import memory as memory_lib
-from esacl_jax import metrics as metrics_lib
 from esacl_jax.harness import results as results_lib
 from esacl_jax.harness.data import Benchmark, class_mask, load_benchmark, preprocess
 from esacl_jax.harness.methods import (

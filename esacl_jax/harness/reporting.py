@@ -1,9 +1,9 @@
 """Reports over many runs: collect results.json files, aggregate over seeds, tables and plots.
 
-A run is one ``results.json`` (written by `esacl_jax.harness.loop.train_and_evaluate`). Runs are grouped
-by (benchmark, label, sparsity, buffer), where the label is the method name plus any method knob
-that differs from its default (``esacl[C,gamma=1]``), so ablations never merge with the main
-method. Each group becomes one `Row` holding mean ± sample std over its seeds.
+A run is one ``results.json`` (written by `esacl_jax.harness.loop.train_and_evaluate`). Runs
+are grouped by (benchmark, label, sparsity, buffer), where the label is the method name plus any
+method knob that differs from its default (``esacl[C,gamma=1]``), so ablations never merge with
+the main method. Each group becomes one `Row` holding mean ± sample std over its seeds.
 
 Units inside a `Row`: accuracies and forgetting in percent, training FLOPs in FLOPs, memory in
 bytes, wall time in seconds. Keys missing from older files (``training_flops``, ``memory``)

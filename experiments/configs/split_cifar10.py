@@ -1,12 +1,7 @@
-"""split_cifar10: 5 tasks x 2 classes,
-CIFAR ResNet-18 (nf 64), 50 epochs per task, batch 32 (PROTOCOLS.md).
-"""
+"""split_cifar10: `esacl_jax.harness.config.get_config("split_cifar10", method)` (docs/PROTOCOLS.md)."""
 
-from esacl_jax.harness.config import CIFAR_METHODS, make_config
-
-PROTOCOL = dict(benchmark="split_cifar10", model="resnet18", resnet_nf=64, epochs=50, batch_size=32,
-                eval_batch_size=500, steps_per_call=100, checkpoint=True)
+from esacl_jax.harness.config import get_config as _get_config
 
 
 def get_config(method: str = "finetune"):
-    return make_config(PROTOCOL, CIFAR_METHODS, method)
+    return _get_config("split_cifar10", method)

@@ -41,5 +41,32 @@ def build_method(config, model, benchmark) -> Method:
     return method_class(config.method)(config, model, benchmark)
 
 
+def config_section(name: str) -> str | None:
+    """The config sub-dict holding the method's own knobs (None: it has none)."""
+    return method_class(name).config_section
+
+
+def sparsity_key(name: str) -> str | None:
+    """The dotted config field of the method's target sparsity; None for dense methods."""
+    cls = method_class(name)
+    return f"{cls.config_section}.sparsity" if cls.sparse else None
+
+
+def uses_buffer(name: str) -> bool:
+    """Whether the method (with its default base) trains with the replay buffer."""
+    return method_class(name).uses_buffer
+
+
+def section_readers() -> dict[str, frozenset[str]]:
+    """Method-specific config sections -> the methods that read them."""
+    readers: dict[str, set[str]] = {}
+    for name in METHODS:
+        section = config_section(name)
+        if section is not None:
+            readers.setdefault(section, set()).add(name)
+    return {section: frozenset(names) for section, names in readers.items()}
+
+
 __all__ = ["Batch", "METHODS", "Method", "Pass", "StepMetrics", "TaskContext", "TrainState",
-           "build_method", "make_optimizer", "method_class"]
+           "build_method", "config_section", "make_optimizer", "method_class", "section_readers",
+           "sparsity_key", "uses_buffer"]

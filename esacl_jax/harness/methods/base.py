@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from esacl_jax import masks as masks_lib
 from esacl_jax.harness import flops as flops_lib
 from esacl_jax.harness import losses
 from esacl_jax.harness.data.augment import augment_batch
@@ -85,6 +86,10 @@ class Method:
 
     name = "finetune"
     scenarios: tuple[str, ...] = ("class_il", "domain_il")
+    # Facts reports and sweeps read through the registry (`methods.sparsity_key` and friends):
+    config_section: str | None = None  # the config sub-dict holding this method's own knobs
+    sparse: bool = False  # True: `<config_section>.sparsity` is the method's target sparsity
+    uses_buffer: bool = False  # True: the method trains with the replay buffer
 
     def __init__(self, config: ml_collections.ConfigDict, model, benchmark: Benchmark):
         if benchmark.scenario not in self.scenarios:
@@ -224,3 +229,65 @@ class Method:
         """Extra per-task facts for results.json (e.g. sparsity). Host-side."""
         del state
         return {}
+
+
+# ----------------------------------------------------------------------------- sparse wrappers
+
+
+class SparseWrapperMethod(Method):
+    """A method that runs a dense base method's loss and hooks with weight masks of its own.
+
+    Shared by SparCL and prune-then-retrain. The base (a method registry name) supplies
+    `replay_loss` (replay terms or the EWC penalty), `after_step` (reservoir insertion), `end_task`
+    (EWC's Fisher), `step_passes` and `end_task_passes`; its method_state entries are merged into
+    this method's dict.
+    """
+
+    allowed_bases: tuple[str, ...] = ()
+    base_name: str | None = None  # fixed by the convenience subclasses; else from the config
+
+    def __init__(self, config: ml_collections.ConfigDict, model, benchmark,
+                 base_name: str | None = None):
+        base_name = self.base_name or base_name
+        if base_name not in self.allowed_bases:
+            raise ValueError(f"{self.name} base must be one of {self.allowed_bases}, "
+                             f"got {base_name!r}")
+        from esacl_jax.harness.methods import method_class  # the registry imports this module
+
+        self.base = method_class(base_name)(config, model, benchmark)
+        self.scenarios = self.base.scenarios
+        super().__init__(config, model, benchmark)
+
+    def make_optimizer(self) -> optax.GradientTransformation:
+        return make_optimizer(self.config)
+
+    def replay_loss(self, params, batch_stats, state, key):
+        return self.base.replay_loss(params, batch_stats, state, key)
+
+    def step_passes(self) -> list[Pass]:
+        return self.base.step_passes()
+
+    def end_task_passes(self, num_examples: int) -> list[Pass]:
+        return self.base.end_task_passes(num_examples)
+
+    def loss_and_grads(self, state: TrainState, batch: Batch, ctx: TaskContext,
+                       key: jax.Array) -> tuple[jax.Array, tuple, Any]:
+        """The base method's loss (current-task CE + base terms) and its dense gradient."""
+        mask = self.current_loss_mask(ctx)
+
+        def loss_fn(params):
+            logits, new_stats = forward(self.model, params, state.batch_stats, batch.x, train=True)
+            per_example = losses.cross_entropy(logits, batch.y, mask)
+            total = per_example.mean() + self.base.replay_loss(params, state.batch_stats, state,
+                                                               key)
+            return total, (logits, new_stats, per_example)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return loss, aux, grads
+
+    def masked_update(self, state: TrainState, grads: Any, weight_masks: Any) -> tuple[Any, Any]:
+        """Optimizer step on masked grads; updates and resulting params masked: exact zeros."""
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        updates = masks_lib.apply_masks(updates, weight_masks)
+        params = masks_lib.apply_masks(optax.apply_updates(state.params, updates), weight_masks)
+        return params, opt_state

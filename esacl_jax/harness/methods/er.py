@@ -16,6 +16,8 @@ from esacl_jax.harness.models import forward
 class ReplayMethod(Method):
     """A method whose method_state holds a reservoir buffer filled with every example seen."""
 
+    uses_buffer = True
+
     def __init__(self, config, model, benchmark):
         super().__init__(config, model, benchmark)
         if config.buffer_size < 0 or config.replay_batch_size < 1:

@@ -26,7 +26,14 @@ import optax
 
 from esacl_jax import ids, masks, replay, sdp
 from esacl_jax.harness import losses
-from esacl_jax.harness.methods.base import Batch, Pass, StepMetrics, TaskContext, TrainState, make_optimizer
+from esacl_jax.harness.methods.base import (
+    Batch,
+    Pass,
+    StepMetrics,
+    TaskContext,
+    TrainState,
+    make_optimizer,
+)
 from esacl_jax.harness.methods.derpp import derpp_replay_loss
 from esacl_jax.harness.methods.er import ReplayMethod
 from esacl_jax.harness.models import forward
@@ -38,6 +45,8 @@ REPLAY_KINDS = ("derpp", "er", "none")
 
 class EsaCL(ReplayMethod):
     name = "esacl"
+    config_section = "esacl"
+    sparse = True
 
     def __init__(self, config, model, benchmark):
         e = config.esacl
@@ -79,8 +88,8 @@ class EsaCL(ReplayMethod):
         e = self.esacl
         front = sdp.sdp_transform(
             sparsity=e.sparsity, rho=e.rho, distribution=e.distribution, ema_decay=e.ema_decay,
-            mask_update_every_steps=e.mask_update_every_steps if e.sdp else 0, seed=self.config.seed,
-            **self.mask_kwargs())
+            mask_update_every_steps=e.mask_update_every_steps if e.sdp else 0,
+            seed=self.config.seed, **self.mask_kwargs())
         return sdp.keep_sparse(optax.chain(front, make_optimizer(self.config)))
 
     def init_method_state(self, params: Any) -> Any:

@@ -26,20 +26,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from esacl_jax import masks as masks_lib
 from esacl_jax.harness import flops as flops_lib
 from esacl_jax.harness import losses
-from esacl_jax import masks as masks_lib
 from esacl_jax.harness.data.base import class_mask
-from esacl_jax.harness.methods.base import Batch, Pass, StepMetrics, TaskContext, TrainState
-from esacl_jax.harness.methods.sparcl import WrappedBase
+from esacl_jax.harness.methods.base import (
+    Batch,
+    Pass,
+    SparseWrapperMethod,
+    StepMetrics,
+    TaskContext,
+    TrainState,
+)
 
 PRUNE_RETRAIN_BASES = ("finetune", "ewc", "er", "derpp")
 
 
-class PruneRetrain(WrappedBase):
+class PruneRetrain(SparseWrapperMethod):
     """Dense base training, then per-task magnitude pruning + masked retraining."""
 
     name = "prune_retrain"
+    config_section = "prune_retrain"
+    sparse = True
+    uses_buffer = True  # with the default base (DER++)
     allowed_bases = PRUNE_RETRAIN_BASES
 
     def __init__(self, config, model, benchmark):

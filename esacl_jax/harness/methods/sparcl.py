@@ -52,25 +52,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 
-from esacl_jax.harness import flops as flops_lib
 from esacl_jax import ids
-from esacl_jax.harness import losses
 from esacl_jax import masks as masks_lib
-from esacl_jax.harness.methods import method_class
+from esacl_jax.harness import flops as flops_lib
+from esacl_jax.harness import losses
 from esacl_jax.harness.methods.base import (
     Batch,
-    Method,
-    Pass,
+    SparseWrapperMethod,
     StepMetrics,
     TaskContext,
     TrainState,
-    make_optimizer,
 )
-from esacl_jax.harness.models import forward
 
 SPARCL_BASES = ("ewc", "er", "derpp")
 _INF_BITS = 0x7F800000  # bit pattern of +inf in float32: the largest finite-or-inf |grad| key
@@ -203,72 +197,16 @@ def ddr_removal(forgetting: np.ndarray, correct: np.ndarray, seen: np.ndarray,
     return new
 
 
-# ----------------------------------------------------------------------------- a wrapped base
-
-
-class WrappedBase(Method):
-    """A method that runs a dense base method's loss and hooks with weight masks of its own.
-
-    The base (`esacl_jax.harness.methods` registry name) supplies `replay_loss` (replay terms or the EWC
-    penalty), `after_step` (reservoir insertion), `end_task` (EWC's Fisher), `step_passes` and
-    `end_task_passes`; its method_state entries are merged into this method's dict.
-    """
-
-    allowed_bases: tuple[str, ...] = ()
-    base_name: str | None = None  # fixed by the convenience subclasses; else from the config
-
-    def __init__(self, config: ml_collections.ConfigDict, model, benchmark,
-                 base_name: str | None = None):
-        base_name = self.base_name or base_name
-        if base_name not in self.allowed_bases:
-            raise ValueError(f"{self.name} base must be one of {self.allowed_bases}, "
-                             f"got {base_name!r}")
-        self.base = method_class(base_name)(config, model, benchmark)
-        self.scenarios = self.base.scenarios
-        super().__init__(config, model, benchmark)
-
-    def make_optimizer(self) -> optax.GradientTransformation:
-        return make_optimizer(self.config)
-
-    def replay_loss(self, params, batch_stats, state, key):
-        return self.base.replay_loss(params, batch_stats, state, key)
-
-    def step_passes(self) -> list[Pass]:
-        return self.base.step_passes()
-
-    def end_task_passes(self, num_examples: int) -> list[Pass]:
-        return self.base.end_task_passes(num_examples)
-
-    def loss_and_grads(self, state: TrainState, batch: Batch, ctx: TaskContext,
-                       key: jax.Array) -> tuple[jax.Array, tuple, Any]:
-        """The base method's loss (current-task CE + base terms) and its dense gradient."""
-        mask = self.current_loss_mask(ctx)
-
-        def loss_fn(params):
-            logits, new_stats = forward(self.model, params, state.batch_stats, batch.x, train=True)
-            per_example = losses.cross_entropy(logits, batch.y, mask)
-            total = per_example.mean() + self.base.replay_loss(params, state.batch_stats, state,
-                                                               key)
-            return total, (logits, new_stats, per_example)
-
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        return loss, aux, grads
-
-    def masked_update(self, state: TrainState, grads: Any, weight_masks: Any) -> tuple[Any, Any]:
-        """Optimizer step on masked grads; updates and resulting params masked: exact zeros."""
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        updates = masks_lib.apply_masks(updates, weight_masks)
-        params = masks_lib.apply_masks(optax.apply_updates(state.params, updates), weight_masks)
-        return params, opt_state
-
-
 # ----------------------------------------------------------------------------- SparCL
 
 
-class SparCL(WrappedBase):
+class SparCL(SparseWrapperMethod):
     """SparCL-{EWC, ER, DER++}: TDM + DGM + DDR around the base chosen by config.sparcl.base."""
 
     name = "sparcl"
+    config_section = "sparcl"
+    sparse = True
+    uses_buffer = True  # with the default base (DER++); SparCL-EWC has none
     allowed_bases = SPARCL_BASES
 
     def __init__(self, config, model, benchmark):
@@ -431,6 +369,7 @@ class SparCL(WrappedBase):
 
 class SparCLEWC(SparCL):
     name = "sparcl_ewc"
+    uses_buffer = False
     base_name = "ewc"
 
 
@@ -444,6 +383,6 @@ class SparCLDERPP(SparCL):
     base_name = "derpp"
 
 
-__all__ = ["SPARCL_BASES", "SparCL", "SparCLDERPP", "SparCLER", "SparCLEWC", "WrappedBase",
+__all__ = ["SPARCL_BASES", "SparCL", "SparCLDERPP", "SparCLER", "SparCLEWC",
            "ddr_removal", "ddr_schedule", "dgm_leaf_mask", "dgm_masks", "tdm_schedule",
            "tdm_update"]
