@@ -29,7 +29,12 @@ from esacl_jax.harness.data import (
     random_crop_flip,
     sources,
 )
-from esacl_jax.harness.data.benchmarks import pixel_permutations, stratified_holdout, stratified_subset
+from esacl_jax.harness.data.benchmarks import (
+    pixel_permutations,
+    stratified_holdout,
+    stratified_subset,
+)
+from esacl_jax.harness.data.sources import tfds as tfds_source
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_FIRST_TRAIN_LABELS = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
@@ -46,7 +51,7 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     """No ESACL_DATA_DIR, an empty tfds dir, and no network: only explicit local data counts."""
     monkeypatch.delenv(sources.ENV_VAR, raising=False)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds_empty"))
-    monkeypatch.setattr(sources, "network_available", lambda timeout=3.0: False)
+    monkeypatch.setattr(tfds_source, "network_available", lambda timeout=3.0: False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +418,7 @@ def test_corrupt_idx(tmp_path: pathlib.Path, offline: None, damage: str, expecte
 def test_missing_data_names_every_place(
     tmp_path: pathlib.Path, offline: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sources, "tensorflow_available", lambda: True)  # exercise the probe path
+    monkeypatch.setattr(tfds_source, "tensorflow_available", lambda: True)  # exercise the probe
     empty = tmp_path / "nothing_here"
     empty.mkdir()
     for name in ("split_mnist", "split_cifar10", "split_cifar100", "split_tiny_imagenet"):
