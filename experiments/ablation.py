@@ -22,7 +22,7 @@ and seed. The ablation picks defaults, so by default it evaluates on a held-out 
 task's training set (--validation_fraction), never on the test set.
 
 Full ablation (2 benchmarks x (12 sparse rows x 3 sparsities + DER++) x 3 seeds = 222 runs):
-  python -m experiments.ablation --data_dir=/work/shared/data --jobs=2
+  python -m experiments.ablation --data_dir=DATA --jobs=2
 Quick smoke run:
   python -m experiments.ablation --benchmarks=split_digits --seeds=0 --sparsities=0.9 \
       --variants=esacl,no_sdp,derpp --epochs=1 --out=/tmp/ablation_smoke
@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from esacl_jax.harness import sweep
+from esacl_jax.harness.atomic_io import write_text_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,8 +305,6 @@ def to_csv(lines: Sequence[Line], info: dict[str, str]) -> str:
 def write_report(settings: Settings, runs: Sequence[sweep.Run]) -> list[Line]:
     """Writes <out>/ablation.md and <out>/ablation.csv from the results of `runs` (pass only
     runs whose results match their config: `SweepResult.usable_runs`); returns the rows."""
-    from esacl_jax.harness import reporting
-
     loaded = sweep.load_results(runs)
     lines = summarize(settings, loaded)
     results = [r for _, r in loaded]
@@ -314,8 +313,8 @@ def write_report(settings: Settings, runs: Sequence[sweep.Run]) -> list[Line]:
                             settings.jobs)
     out = pathlib.Path(settings.out)
     markdown = to_markdown(settings, lines, info, len(loaded), len(plan(settings)))
-    reporting.write_text_atomic(out / "ablation.md", markdown)
-    reporting.write_text_atomic(out / "ablation.csv", to_csv(lines, info))
+    write_text_atomic(out / "ablation.md", markdown)
+    write_text_atomic(out / "ablation.csv", to_csv(lines, info))
     return lines
 
 

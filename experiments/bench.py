@@ -131,7 +131,7 @@ def main(argv: list[str]) -> None:
     report = "\n".join(lines) + "\n"
     print(report)
     if _OUT.value:
-        from esacl_jax.harness.reporting import write_text_atomic
+        from esacl_jax.harness.atomic_io import write_text_atomic
 
         write_text_atomic(_OUT.value, report)
 

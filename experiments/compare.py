@@ -1,16 +1,17 @@
 """EsaCL against every baseline in one harness (`make compare ARGS=...`).
 
-Dense: finetune, joint, ewc, er, derpp. Sparse, at each of --sparsities (the method's own key:
-esacl.sparsity, sparcl.sparsity, prune_retrain.sparsity): esacl, sparcl_ewc, sparcl_er,
-sparcl_derpp, prune_retrain. Buffer 500, seeds 0,1,2, each benchmark's protocol rows
-(experiments/configs), evaluated on the TEST set (this is the reported comparison; tuning
-belongs in the ablation, which uses a validation split). Methods not registered in
-esacl_jax.harness.methods.METHODS (or without a protocol row) are skipped with a note in the report
-when they come from the default list, and an error when named in --methods.
+Dense: finetune, joint, ewc, er, derpp. Sparse, at each of --sparsities (the method's own
+sparsity field, from the method registry: esacl.sparsity, sparcl.sparsity,
+prune_retrain.sparsity): esacl, sparcl_ewc, sparcl_er, sparcl_derpp, prune_retrain. Buffer 500,
+seeds 0,1,2, each benchmark's protocol rows (experiments/configs), evaluated on the TEST set
+(this is the reported comparison; tuning belongs in the ablation, which uses a validation split).
+Methods not registered in esacl_jax.harness.methods.METHODS (or without a protocol row) are
+skipped with a note in the report when they come from the default list, and an error when named
+in --methods.
 
 Full comparison on the MNIST-family benchmarks (2 x (5 dense + 5 sparse x 3) x 3 seeds = 120 runs):
-  python -m experiments.compare --data_dir=/work/shared/data --jobs=2 --docs_dir=docs/results
-Split CIFAR-10 (ResNet-18, 50 epochs per task: a GPU job; the data are not on the dev machines):
+  python -m experiments.compare --data_dir=DATA --jobs=2 --docs_dir=docs/results
+Split CIFAR-10 (ResNet-18, 50 epochs per task: a GPU job):
   python -m experiments.compare --benchmarks=split_cifar10 --data_dir=/path/to/cifar \
       --out=runs/compare_cifar10 --jobs=1
 (--data_dir is the folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz.)
@@ -25,25 +26,15 @@ exit status is 1 when any run failed.
 from __future__ import annotations
 
 import dataclasses
-import io
 import pathlib
 import shlex
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
 from esacl_jax.harness import sweep
+from esacl_jax.harness.atomic_io import write_bytes_atomic, write_text_atomic
 
 DENSE_METHODS = ("finetune", "joint", "ewc", "er", "derpp")
-# sparse method -> the config field holding its target sparsity
-SPARSITY_KEYS = {
-    "esacl": "esacl.sparsity",
-    "sparcl_ewc": "sparcl.sparsity",
-    "sparcl_er": "sparcl.sparsity",
-    "sparcl_derpp": "sparcl.sparsity",
-    "sparcl": "sparcl.sparsity",
-    "prune_retrain": "prune_retrain.sparsity",
-}
 DEFAULT_METHODS = (*DENSE_METHODS, "esacl", "sparcl_ewc", "sparcl_er", "sparcl_derpp",
                    "prune_retrain")
 HEATMAP = dict(method="esacl", benchmark="split_mnist", sparsity=0.9, seed=0)
@@ -114,6 +105,14 @@ def unavailable_reason(benchmark: str, method: str) -> str | None:
     return None
 
 
+def sparsity_key(method: str) -> str | None:
+    """The config field holding the method's target sparsity (``esacl.sparsity``); None for
+    dense methods and for methods the registry does not know."""
+    from esacl_jax.harness import methods
+
+    return methods.sparsity_key(method) if method in methods.METHODS else None
+
+
 def resolve_methods(settings: Settings) -> tuple[list[str], list[str]]:
     """(methods to run, notes on default methods left out). ValueError for a named method that
     cannot run."""
@@ -160,7 +159,7 @@ def plan(settings: Settings, methods: Sequence[str]) -> list[sweep.Run]:
     runs = []
     for bench in settings.benchmarks:
         for method in methods:
-            key = SPARSITY_KEYS.get(method)
+            key = sparsity_key(method)
             if key is not None and not settings.sparsities:
                 raise ValueError(f"sparse method {method} needs at least one --sparsities value")
             for sparsity in settings.sparsities if key else (None,):
@@ -234,22 +233,15 @@ def write_report(settings: Settings, runs: Sequence[sweep.Run], usable: Sequence
     parts.append("![class-IL accuracy vs. training FLOPs](accuracy_vs_flops.png)\n")
     if heatmap:
         parts.append(heatmap)
-    reporting.write_text_atomic(out / "comparison.md", "\n".join(parts))
-
-    buf = io.StringIO()
-    tmp = out / ".comparison.body.csv"
-    reporting.to_csv(rows, tmp)
-    buf.write(sweep.provenance_csv(info))
-    buf.write(tmp.read_text(encoding="utf-8"))
-    tmp.unlink()
-    reporting.write_text_atomic(out / "comparison.csv", buf.getvalue())
+    write_text_atomic(out / "comparison.md", "\n".join(parts))
+    write_text_atomic(out / "comparison.csv",
+                      sweep.provenance_csv(info) + reporting.csv_text(rows))
 
     if settings.docs_dir:
         docs = pathlib.Path(settings.docs_dir)
-        docs.mkdir(parents=True, exist_ok=True)
         for name in OUTPUT_FILES:
             if (out / name).exists():
-                shutil.copyfile(out / name, docs / name)
+                write_bytes_atomic(docs / name, (out / name).read_bytes())
     return rows
 
 

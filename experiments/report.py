@@ -16,6 +16,7 @@ from collections import defaultdict
 from absl import app, flags
 
 from esacl_jax.harness import reporting
+from esacl_jax.harness.atomic_io import write_text_atomic
 
 _RUNS = flags.DEFINE_string("runs", None, "Directory searched (recursively) for results.json.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: RUNS/report).")
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> None:
 
     rows = reporting.aggregate(runs)
     table = reporting.to_markdown(rows)
-    reporting.write_text_atomic(out / "table.md", table)
+    write_text_atomic(out / "table.md", table)
     reporting.to_csv(rows, out / "table.csv")
 
     benchmarks = reporting.benchmarks_of(rows)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from esacl_jax.harness import config as common
 from esacl_jax.harness import loop as train
 from esacl_jax.harness.methods import METHODS, method_class
 from esacl_jax.harness.methods.base import Pass
@@ -28,7 +29,7 @@ from esacl_jax.harness.methods.sparcl import (
     tdm_update,
 )
 from esacl_jax.harness.models import forward
-from experiments.configs import common, split_digits, split_mnist
+from experiments.configs import split_digits, split_mnist
 
 DIGITS_PER_TASK = 260  # equal task sizes: the loop compiles once per run
 NEW_METHODS = ("ewc", "sparcl", "sparcl_ewc", "sparcl_er", "sparcl_derpp", "prune_retrain")
@@ -83,9 +84,7 @@ def probe_run(config, workdir):
         built["method"] = Probe(config, model, benchmark)
         return built["method"]
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "build_method", build)
-        result = train.train_and_evaluate(config, workdir, progress=False)
+    result = train.train_and_evaluate(config, workdir, progress=False, make_method=build)
     return result, built["method"], records
 
 

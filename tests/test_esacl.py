@@ -21,27 +21,20 @@ def esacl_config(**esacl_overrides):
 
 
 def final_state(config, tmp_path):
-    """Runs the loop and returns (result, method, final state) by re-running it in-process."""
+    """Runs the loop; returns (result, method, state after the last task)."""
     captured = {}
-    from esacl_jax.harness.methods import esacl as esacl_module
 
-    original_end_task = esacl_module.EsaCL.end_task
+    def capture(task_id, method, state):
+        captured["method"], captured["state"] = method, state
 
-    def capture(self, state, task_id, x, y):
-        captured["state"], captured["method"] = state, self
-        return original_end_task(self, state, task_id, x, y)
-
-    esacl_module.EsaCL.end_task = capture
-    try:
-        result = train_and_evaluate(config, tmp_path, progress=False)
-    finally:
-        esacl_module.EsaCL.end_task = original_end_task
+    result = train_and_evaluate(config, tmp_path, progress=False, on_task_end=capture)
     return result, captured["method"], captured["state"]
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    config = esacl_config(mask_update_every_epochs=2)  # 5 epochs per task: updates at epochs 2 and 4
+    # 5 epochs per task: mask updates at epochs 2 and 4
+    config = esacl_config(mask_update_every_epochs=2)
     return final_state(config, tmp_path_factory.mktemp("esacl"))
 
 

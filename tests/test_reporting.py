@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import pathlib
 import struct
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 
 from esacl_jax import metrics as metrics_lib
 from esacl_jax.harness import reporting, run_logger
+from esacl_jax.harness.atomic_io import write_json_atomic
 from esacl_jax.harness.config import base_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -145,6 +147,29 @@ def test_load_runs_skips_bad_files(tmp_path, caplog):
     assert all(pathlib.Path(r["path"]).name == "results.json" for r in runs)
     assert sum("skipping" in m for m in caplog.messages) == 3
     assert reporting.load_runs(tmp_path / "missing") == []
+
+
+def test_unregistered_method_counts_as_dense():
+    """A results.json of a method the registry does not know still reports (dense, buffer as
+    recorded)."""
+    result = make_result("retired_method", buffer_size=200)
+    assert reporting.sparsity_of(result) == 0.0
+    assert reporting.buffer_of(result) == 200
+    assert reporting.method_label(result) == "retired_method"
+    (row,) = reporting.aggregate([result])
+    assert row.sparsity == 0.0 and row.buffer == 200
+
+
+def test_results_json_mode_follows_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "run" / "results.json", {"acc": np.float32(0.5)})
+    finally:
+        os.umask(old)
+    path = tmp_path / "run" / "results.json"
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert json.loads(path.read_text()) == {"acc": 0.5}
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temporary left
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +304,7 @@ def test_plot_accuracy_vs_flops(tmp_path):
     reporting.plot_accuracy_vs_flops(two, tmp_path / "cifar.png", benchmark="split_cifar10")
     assert_png(tmp_path / "both.png")
     assert_png(tmp_path / "cifar.png")
-    # old runs without FLOPs: still a valid figure that says so
+    # runs without FLOPs: still a valid figure that says so
     old = reporting.aggregate([make_result(flops=None)])
     reporting.plot_accuracy_vs_flops(old, tmp_path / "old.png")
     assert (tmp_path / "old.png").read_bytes()[:8] == PNG_MAGIC

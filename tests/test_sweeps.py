@@ -16,9 +16,10 @@ import time
 import ml_collections
 import pytest
 
+from esacl_jax.harness import sweep
 from esacl_jax.harness.data import DataError
 from esacl_jax.harness.data import sources as data_sources
-from experiments import ablation, compare, sweep
+from experiments import ablation, compare
 from tests.conftest import REPO_ROOT
 
 TINY = dict(benchmarks=("split_digits",), sparsities=(0.9,), seeds=(0,), jobs=1, epochs=1,
@@ -88,7 +89,7 @@ def test_bad_settings_fail_before_running(tmp_path):
 
 
 def test_missing_data_stops_before_any_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_sources, "tfds_available", lambda: False)  # local files only
+    monkeypatch.setattr(data_sources.tfds, "tfds_available", lambda: False)  # local files only
     settings = _ablation_settings(tmp_path / "out", benchmarks=("split_mnist",),
                                   data_dir=str(tmp_path / "no_data"))
     with pytest.raises(DataError, match="MNIST"):
@@ -150,25 +151,25 @@ def test_config_differences_skip_sections_the_method_does_not_read():
 
 
 def test_config_differences_fields_only_one_side_has():
-    """A field added to the schema later only keeps old runs valid at its legacy value."""
+    """A field only one side has is a difference: a stored run lacking a field of the planned
+    config counts as made with another config."""
     stored = {"method": "esacl", "epochs": 1, "esacl": {"gamma": 0.25}}
-    legacy = {**stored, "esacl": {"gamma": 0.25, "init_rescale": False, "mask_update_every_steps": 0}}
-    assert sweep.config_differences(legacy, stored) == []
-    rescaled = {**stored, "esacl": {"gamma": 0.25, "init_rescale": True, "mask_update_every_steps": 0}}
-    assert sweep.config_differences(rescaled, stored) == [
-        "esacl.init_rescale: (not recorded: False) -> True"]
-    # A derpp run does not read the esacl section, so the new EsaCL default leaves it valid.
-    assert sweep.config_differences({**rescaled, "method": "derpp"},
-                                     {**stored, "method": "derpp"}) == []
-    # An unregistered new field, or one the schema dropped, means another config.
-    assert sweep.config_differences({**legacy, "new_field": 3}, stored) == [
-        "new_field: (not recorded) -> 3"]
-    assert sweep.config_differences(legacy, {**stored, "esacl": {"gamma": 0.25, "old": 1}}) == [
+    planned = {**stored, "esacl": {"gamma": 0.25, "init_rescale": False}}
+    assert sweep.config_differences(planned, stored) == [
+        "esacl.init_rescale: (not recorded) -> False"]
+    assert sweep.config_differences({**planned, "new_field": 3}, stored) == [
+        "esacl.init_rescale: (not recorded) -> False", "new_field: (not recorded) -> 3"]
+    # A derpp run does not read the esacl section, so a new EsaCL field leaves it valid.
+    assert sweep.config_differences({**planned, "method": "derpp"},
+                                    {**stored, "method": "derpp"}) == []
+    # A field the schema dropped, or a whole section the stored run lacks, means another config.
+    assert sweep.config_differences(stored, {**stored, "esacl": {"gamma": 0.25, "old": 1}}) == [
         "esacl.old: 1 -> (not in the config schema)"]
-    assert sweep.config_differences({**legacy, "extra": {"a": 1}}, stored) == [
+    assert sweep.config_differences({**stored, "extra": {"a": 1}}, stored) == [
         "extra.a: (not recorded) -> 1"]
     # Fields that do not change the computation are never compared.
-    assert sweep.config_differences({**legacy, "checkpoint": True, "data_dir": "/x"}, stored) == []
+    assert sweep.config_differences({**stored, "checkpoint": True, "data_dir": "/x"},
+                                    stored) == []
 
 
 def test_ablation_cli(ablation_out):

@@ -15,8 +15,7 @@ from typing import Any
 
 import jax
 
-# Config fields that may differ between the interrupted run and its resumption.
-_RUNTIME_FIELDS = ("progress", "tensorboard", "data_dir", "checkpoint")
+from esacl_jax.harness.config import NON_COMPUTATIONAL_FIELDS
 
 
 def _is_key(x: Any) -> bool:
@@ -36,8 +35,10 @@ def _data_to_keys(tree: Any, template: Any) -> Any:
 
 
 def _comparable(config_dict: dict) -> str:
-    return json.dumps({k: v for k, v in config_dict.items() if k not in _RUNTIME_FIELDS},
-                      sort_keys=True, default=str)
+    """The config as compared on resumption: fields that do not change the computation (and so
+    may differ between the interrupted run and its resumption) are left out."""
+    kept = {k: v for k, v in config_dict.items() if k not in NON_COMPUTATIONAL_FIELDS}
+    return json.dumps(kept, sort_keys=True, default=str)
 
 
 class RunCheckpointer:

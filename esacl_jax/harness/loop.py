@@ -11,6 +11,7 @@ import math
 import pathlib
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,6 +21,7 @@ import numpy as np
 import tqdm
 
 from esacl_jax import metrics as metrics_lib
+from esacl_jax.harness import atomic_io
 from esacl_jax.harness import flops as flops_lib
 from esacl_jax.harness import memory as memory_lib
 from esacl_jax.harness import results as results_lib
@@ -289,6 +291,10 @@ def format_summary(result: dict) -> str:
         lines.append(f"{setting:14}{100 * s['average_accuracy']:8.2f}"
                      f"{100 * s['learning_accuracy']:8.2f}"
                      f"{100 * s['backward_transfer']:8.2f}{100 * s['forgetting']:8.2f}")
+    if "weights" in result:
+        w = result["weights"]
+        lines.append(f"weights: {w['nonzero']:,} nonzero of {w['total']:,} "
+                     f"(sparsity over all weights {100 * w['sparsity']:.1f}%)")
     lines.append(f"training FLOPs {result['training_flops']:.4g}; peak host RSS "
                  f"{result['memory']['measured']['host_peak_rss_bytes'] / 2**20:.0f} MiB")
     lines.append(f"wall time {result['wall_time_s']:.1f} s "
@@ -296,17 +302,35 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def weight_counts(params: Any) -> dict[str, Any]:
+    """Nonzero and total counts over ALL parameters (every kernel, bias and norm scale)."""
+    leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
+    total = int(sum(x.size for x in leaves))
+    nonzero = int(sum(np.count_nonzero(x) for x in leaves))
+    return {"total": total, "nonzero": nonzero,
+            "sparsity": 1.0 - nonzero / total if total else 0.0}
+
+
+TaskEndCallback = Callable[[int, Any, Any], None]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-                       *, progress: bool = True) -> dict[str, Any]:
+                       *, progress: bool = True,
+                       on_task_end: TaskEndCallback | None = None,
+                       make_method: Callable[..., Any] = build_method) -> dict[str, Any]:
     """Runs the whole continual experiment and writes workdir/results.json atomically.
 
+    `on_task_end(task_id, method, state)` is called after each task is trained, evaluated (and
+    checkpointed), with the method object and its train state: the hook for inspecting or
+    interrupting a run. `make_method(config, model, benchmark)` builds the method (default: the
+    registry's class for config.method; tests pass an instrumented subclass).
     Returns the results dict. Raises ValueError (bad config), DataError (data) or TrainingError.
     """
     start = time.perf_counter()
     validate_config(config)
     benchmark = load_config_benchmark(config)
     model = build_model_for(config, benchmark)
-    method = build_method(config, model, benchmark)
+    method = make_method(config, model, benchmark)
     mesh = make_data_mesh(config.num_devices, config.batch_size)
     key = jax.random.key(config.seed)
     state = jax.jit(method.init)(key)  # one compilation instead of one per primitive
@@ -407,7 +431,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                          "train_examples_seen": examples_seen, **method.summary(state)})
         log_task(logger, per_task[-1], class_il[task_id], task_il[task_id], counter.total)
         if checkpointer is not None:
-            checkpointer.save(task_id, state, results_lib.to_jsonable({
+            checkpointer.save(task_id, state, atomic_io.to_jsonable({
                 "task": task_id, "class_il": class_il[: task_id + 1],
                 "task_il": task_il[: task_id + 1], "train_times": train_times,
                 "eval_times": eval_times, "per_task": per_task,
@@ -417,6 +441,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             print(f"  after task {task_id + 1}: class-IL "
                   f"{100 * np.nanmean(class_il[task_id, seen]):.2f}% "
                   f"task-IL {100 * np.nanmean(task_il[task_id, seen]):.2f}%", flush=True)
+        if on_task_end is not None:
+            on_task_end(task_id, method, state)
 
     logger.close()
     if checkpointer is not None:
@@ -438,9 +464,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         "training_flops_cumulative_per_task": flops_per_task,
         "dense_forward_flops_per_example": counter.dense_forward,
         "memory": memory_footprint(method, state, benchmark, config.batch_size),
+        "weights": weight_counts(method.eval_variables(state)[0]),
         "num_devices": 1 if mesh is None else mesh.size,
         "wall_time_s": time.perf_counter() - start,
         "environment": results_lib.environment(),
     }
-    results_lib.write_json_atomic(pathlib.Path(workdir) / "results.json", result)
+    atomic_io.write_json_atomic(pathlib.Path(workdir) / "results.json", result)
     return result

@@ -1,4 +1,4 @@
-"""permuted_mnist: `esacl_jax.harness.config.get_config("permuted_mnist", method)` (docs/PROTOCOLS.md)."""
+"""The permuted_mnist protocol (`esacl_jax.harness.config.BENCHMARK_PROTOCOLS`)."""
 
 from esacl_jax.harness.config import get_config as _get_config
 

@@ -1,4 +1,4 @@
-"""split_cifar10: `esacl_jax.harness.config.get_config("split_cifar10", method)` (docs/PROTOCOLS.md)."""
+"""The split_cifar10 protocol (`esacl_jax.harness.config.BENCHMARK_PROTOCOLS`)."""
 
 from esacl_jax.harness.config import get_config as _get_config
 

@@ -1,4 +1,4 @@
-"""split_cifar100: `esacl_jax.harness.config.get_config("split_cifar100", method)` (docs/PROTOCOLS.md)."""
+"""The split_cifar100 protocol (`esacl_jax.harness.config.BENCHMARK_PROTOCOLS`)."""
 
 from esacl_jax.harness.config import get_config as _get_config
 

@@ -1,4 +1,4 @@
-"""split_mnist: `esacl_jax.harness.config.get_config("split_mnist", method)` (docs/PROTOCOLS.md)."""
+"""The split_mnist protocol (`esacl_jax.harness.config.BENCHMARK_PROTOCOLS`)."""
 
 from esacl_jax.harness.config import get_config as _get_config
 

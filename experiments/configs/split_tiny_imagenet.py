@@ -1,4 +1,4 @@
-"""split_tiny_imagenet: `esacl_jax.harness.config.get_config("split_tiny_imagenet", method)` (docs/PROTOCOLS.md)."""
+"""The split_tiny_imagenet protocol (`esacl_jax.harness.config.BENCHMARK_PROTOCOLS`)."""
 
 from esacl_jax.harness.config import get_config as _get_config
 

@@ -37,6 +37,7 @@ from esacl_jax.harness.methods.base import (
 from esacl_jax.harness.methods.derpp import derpp_replay_loss
 from esacl_jax.harness.methods.er import ReplayMethod
 from esacl_jax.harness.models import forward
+from esacl_jax.sharpness import add_perturbation, sam_perturbation
 
 STEP_VARIANTS = ("A", "B", "C")
 IDS_SCORES = ("sharpness", "perturbed_loss", "clean_loss", "random")
@@ -117,123 +118,157 @@ class EsaCL(ReplayMethod):
             return replay.er_loss(logits, y, valid)
         return jnp.zeros((), jnp.float32)
 
-    # ----- the step -----
+    # ----- the step: one function per variant, then a shared update -----
     def train_step(self, state: TrainState, batch: Batch, ctx: TaskContext,
                    key: jax.Array) -> tuple[TrainState, StepMetrics]:
-        e = self.esacl
         replay_key, insert_key, select_key = jax.random.split(key, 3)
-        no_sam = isinstance(e.rho, (int, float)) and e.rho == 0.0
-        mask = self.current_loss_mask(ctx)
-        stats = state.batch_stats
-        variant = e.step_variant
-        # With variant A the clean pass already includes replay; B and C may evaluate it at w.
-        replay_at_clean = e.replay_at == "clean" and variant in ("B", "C") and not no_sam
-        method_state = dict(state.method_state)
-        side: dict[str, jax.Array] = {}  # values computed inside grad_fn (same trace level)
+        variant = {"A": self._clean_pass_step, "B": self._clean_pass_step,
+                   "C": self._score_table_step}[self.esacl.step_variant]
+        return variant(state, batch, ctx, replay_key, insert_key, select_key)
 
-        def current_ce(params, x, y, train_stats=stats):
-            logits, new_stats = forward(self.model, params, train_stats, x, train=True)
-            return losses.cross_entropy(logits, y, mask), logits, new_stats
+    def _no_sam(self) -> bool:
+        return isinstance(self.esacl.rho, (int, float)) and self.esacl.rho == 0.0
 
-        if replay_at_clean:  # replay gradient at w, outside the SAM perturbation (B and C)
-            replay_value, replay_grads = jax.value_and_grad(
-                lambda p: self.replay_loss(p, stats, state, replay_key))(state.params)
+    def _replay_at_clean(self) -> bool:
+        """B and C may take the replay gradient at w instead of w + eps (A has it in the clean
+        pass already)."""
+        e = self.esacl
+        return e.replay_at == "clean" and e.step_variant in ("B", "C") and not self._no_sam()
 
-        if variant == "C":
-            table = method_state["example_stats"]
-            if e.ids_score == "random":
-                table_score = jax.random.uniform(select_key, batch.index.shape)
-            else:
-                kind = "sharpness" if e.ids_score == "sharpness" else "loss"
-                table_score = ids.table_scores(table, batch.index, kind)
-            selected, _ = ids.select_top(table_score, e.gamma)
-            x_sel, y_sel = batch.x[selected], batch.y[selected]
+    def _current_ce(self, params, stats, x, y, mask):
+        logits, new_stats = forward(self.model, params, stats, x, train=True)
+        return losses.cross_entropy(logits, y, mask), logits, new_stats
 
-            def clean_loss(params):
-                per_example, logits, new_stats = current_ce(params, x_sel, y_sel)
-                return per_example.mean(), (per_example, logits, new_stats)
+    def _perturbed(self, state: TrainState, clean_grads: Any) -> Any:
+        """w + eps with SAM's eps on the active weights (w itself when rho == 0): the point where
+        sdp_transform evaluates the descent gradient."""
+        if self._no_sam():
+            return state.params
+        active = sdp.find_sdp_state(state.opt_state).masks
+        return add_perturbation(state.params,
+                                sam_perturbation(clean_grads, active, self.esacl.rho))
 
-            (_, (clean_sel, _, new_stats)), grads = jax.value_and_grad(
+    def _descent(self, state, params, x, y, mask, replay_key, with_replay: bool):
+        """Loss, per-example CE, logits and gradient of the descent objective at `params`."""
+
+        def loss_fn(p):
+            per_example, logits, _ = self._current_ce(p, state.batch_stats, x, y, mask)
+            total = per_example.mean()
+            if with_replay:
+                total = total + self.replay_loss(p, state.batch_stats, state, replay_key)
+            return total, (per_example, logits)
+
+        (loss, (per_example, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, per_example, logits, grads
+
+    def _clean_replay(self, state, replay_key):
+        """(value, gradient) of the replay loss at the clean w."""
+        return jax.value_and_grad(
+            lambda p: self.replay_loss(p, state.batch_stats, state, replay_key))(state.params)
+
+    def _clean_pass_step(self, state, batch, ctx, replay_key, insert_key, select_key):
+        """Variants A and B: a clean pass on the current batch (A: plus replay) gives the ascent
+        direction; the top-gamma examples by IDS score and the replay batch give the descent."""
+        e, mask = self.esacl, self.current_loss_mask(ctx)
+        with_replay_in_clean = e.step_variant == "A" and not self._no_sam()
+
+        def clean_loss(params):
+            per_example, logits, new_stats = self._current_ce(
+                params, state.batch_stats, batch.x, batch.y, mask)
+            total = per_example.mean()
+            if with_replay_in_clean:
+                total = total + self.replay_loss(params, state.batch_stats, state, replay_key)
+            return total, (per_example, logits, new_stats)
+
+        if self._no_sam():  # eps = 0: the clean gradient is never used, only the forward pass
+            _, (clean_per_example, clean_logits, new_stats) = clean_loss(state.params)
+            grads = jax.tree.map(jnp.zeros_like, state.params)
+        else:
+            (_, (clean_per_example, clean_logits, new_stats)), grads = jax.value_and_grad(
                 clean_loss, has_aux=True)(state.params)
+        perturbed = self._perturbed(state, grads)
 
-            def grad_fn(perturbed):
-                def descent_loss(p):
-                    per_example, logits, _ = current_ce(p, batch.x, batch.y)
-                    total = per_example.mean()
-                    if not replay_at_clean:
-                        total = total + self.replay_loss(p, stats, state, replay_key)
-                    return total, (per_example, logits)
-
-                (total, (per_example, logits)), g = jax.value_and_grad(
-                    descent_loss, has_aux=True)(perturbed)
-                side.update(loss=total, per_example=per_example, logits=logits)
-                if replay_at_clean:
-                    side["loss"] = total + replay_value
-                    g = jax.tree.map(jnp.add, g, replay_grads)
-                return g
+        if e.gamma >= 1.0:
+            x_kept, y_kept = batch.x, batch.y
         else:
-            def clean_loss(params):
-                per_example, logits, new_stats = current_ce(params, batch.x, batch.y)
-                total = per_example.mean()
-                if variant == "A" and not no_sam:
-                    total = total + self.replay_loss(params, stats, state, replay_key)
-                return total, (per_example, logits, new_stats)
-
-            if no_sam:  # eps = 0: the clean gradient is never used, only the forward pass
-                _, (clean_per_example, clean_logits, new_stats) = clean_loss(state.params)
-                grads = jax.tree.map(jnp.zeros_like, state.params)
+            if e.ids_score == "clean_loss":
+                scores = clean_per_example
+            elif e.ids_score == "random" or self._no_sam():  # rho = 0: every sharpness is 0
+                scores = jax.random.uniform(select_key, clean_per_example.shape)
             else:
-                (_, (clean_per_example, clean_logits, new_stats)), grads = jax.value_and_grad(
-                    clean_loss, has_aux=True)(state.params)
+                scores, _, _ = self._current_ce(perturbed, state.batch_stats, batch.x, batch.y,
+                                                mask)
+                if e.ids_score == "sharpness":
+                    scores = scores - clean_per_example
+            kept, _ = ids.select_top(jax.lax.stop_gradient(scores), e.gamma)
+            x_kept, y_kept = batch.x[kept], batch.y[kept]
 
-            def grad_fn(perturbed):
-                if e.gamma >= 1.0:
-                    x_kept, y_kept = batch.x, batch.y
-                else:
-                    if e.ids_score == "clean_loss":
-                        scores = clean_per_example
-                    elif e.ids_score == "random" or no_sam:  # rho = 0: every sharpness is 0
-                        scores = jax.random.uniform(select_key, clean_per_example.shape)
-                    else:
-                        perturbed_per_example, _, _ = current_ce(perturbed, batch.x, batch.y)
-                        scores = perturbed_per_example
-                        if e.ids_score == "sharpness":
-                            scores = perturbed_per_example - clean_per_example
-                    kept, _ = ids.select_top(jax.lax.stop_gradient(scores), e.gamma)
-                    x_kept, y_kept = batch.x[kept], batch.y[kept]
+        replay_at_clean = self._replay_at_clean()
+        loss, _, _, descent_grads = self._descent(state, perturbed, x_kept, y_kept, mask,
+                                                  replay_key, with_replay=not replay_at_clean)
+        if replay_at_clean:
+            _, replay_grads = self._clean_replay(state, replay_key)
+            descent_grads = jax.tree.map(jnp.add, descent_grads, replay_grads)
+        state = self._apply(state, grads, descent_grads, new_stats)
+        return self._record(state, batch, ctx, insert_key, clean_logits, loss)
 
-                def descent_loss(p):
-                    per_example, _, _ = current_ce(p, x_kept, y_kept)
-                    if replay_at_clean:
-                        return per_example.mean()
-                    return per_example.mean() + self.replay_loss(p, stats, state, replay_key)
-
-                total, g = jax.value_and_grad(descent_loss)(perturbed)
-                side.update(loss=total)
-                if replay_at_clean:
-                    g = jax.tree.map(jnp.add, g, replay_grads)
-                return g
-
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
-        params = optax.apply_updates(state.params, updates)
-
-        if variant == "C":
-            logits_for_buffer = side["logits"]
-            sharp = side["per_example"][selected] - clean_sel
-            table = ids.update_example_stats(table, batch.index, loss=side["per_example"],
-                                             correct=losses.correct(side["logits"], batch.y, mask))
-            method_state["example_stats"] = ids.update_example_stats(
-                table, batch.index[selected], sharpness=sharp)
+    def _score_table_step(self, state, batch, ctx, replay_key, insert_key, select_key):
+        """Variant C: the ascent pass uses only the top-gamma examples of the per-example score
+        table (filled by earlier passes); descent on the whole batch + replay at w + eps; the
+        descent pass records loss, correctness and (for the selected examples) sharpness."""
+        e, mask = self.esacl, self.current_loss_mask(ctx)
+        table = state.method_state["example_stats"]
+        if e.ids_score == "random":
+            table_score = jax.random.uniform(select_key, batch.index.shape)
         else:
-            logits_for_buffer = clean_logits
+            kind = "sharpness" if e.ids_score == "sharpness" else "loss"
+            table_score = ids.table_scores(table, batch.index, kind)
+        selected, _ = ids.select_top(table_score, e.gamma)
+
+        def clean_loss(params):
+            per_example, logits, new_stats = self._current_ce(
+                params, state.batch_stats, batch.x[selected], batch.y[selected], mask)
+            return per_example.mean(), (per_example, new_stats)
+
+        (_, (clean_selected, new_stats)), grads = jax.value_and_grad(
+            clean_loss, has_aux=True)(state.params)
+        perturbed = self._perturbed(state, grads)
+
+        replay_at_clean = self._replay_at_clean()
+        loss, per_example, logits, descent_grads = self._descent(
+            state, perturbed, batch.x, batch.y, mask, replay_key, with_replay=not replay_at_clean)
+        if replay_at_clean:
+            replay_value, replay_grads = self._clean_replay(state, replay_key)
+            loss = loss + replay_value
+            descent_grads = jax.tree.map(jnp.add, descent_grads, replay_grads)
+
+        table = ids.update_example_stats(table, batch.index, loss=per_example,
+                                         correct=losses.correct(logits, batch.y, mask))
+        table = ids.update_example_stats(table, batch.index[selected],
+                                         sharpness=per_example[selected] - clean_selected)
+        state = state.replace(method_state={**state.method_state, "example_stats": table})
+        state = self._apply(state, grads, descent_grads, new_stats)
+        return self._record(state, batch, ctx, insert_key, logits, loss)
+
+    def _apply(self, state: TrainState, clean_grads: Any, descent_grads: Any,
+               new_stats: Any) -> TrainState:
+        """The optimizer step: sdp_transform gets the clean gradient (ascent direction) and a
+        `grad_fn` that is the descent gradient already taken at w + eps (the point the transform
+        perturbs to, computed above with the same library functions)."""
+        updates, opt_state = self.tx.update(clean_grads, state.opt_state, state.params,
+                                            grad_fn=lambda _: descent_grads)
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             batch_stats=new_stats, opt_state=opt_state)
+
+    def _record(self, state, batch, ctx, insert_key, logits, loss):
+        """Reservoir insertion with the step's logits, and the step's metrics."""
         if self.buffer_size > 0:
-            method_state["buffer"] = replay.add_reservoir(
-                method_state["buffer"], insert_key, batch.x_raw, batch.y,
-                jax.lax.stop_gradient(logits_for_buffer).astype(jnp.float32), ctx.task_id)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                                  opt_state=opt_state, method_state=method_state)
-        accuracy = losses.correct(logits_for_buffer, batch.y, mask).mean()
-        return new_state, StepMetrics(side["loss"], accuracy)
+            buffer = replay.add_reservoir(
+                state.method_state["buffer"], insert_key, batch.x_raw, batch.y,
+                jax.lax.stop_gradient(logits).astype(jnp.float32), ctx.task_id)
+            state = state.replace(method_state={**state.method_state, "buffer": buffer})
+        accuracy = losses.correct(logits, batch.y, self.current_loss_mask(ctx)).mean()
+        return state, StepMetrics(loss, accuracy)
 
     # ----- host-side hooks: SDP mask updates, never a retraining phase -----
     def _refresh(self, state: TrainState) -> TrainState:

@@ -1,0 +1,75 @@
+"""The command line the sweeps share (`experiments.ablation`, `experiments.compare`).
+
+Flags are defined only when a sweep module runs as a program (`define_common_flags`), so
+importing several sweep modules (tests) never defines a flag twice.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+
+def format_list(values: Iterable[Any]) -> str:
+    """Comma-separated flag value: ``0.75,0.9,0.95``."""
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def exit_with(run: Callable[[], int]) -> None:
+    """The sweeps' command-line contract: run, then exit 0/1; one-line errors exit 2 (bad
+    settings, missing data), an interrupt exits 130 with the finished runs kept."""
+    from esacl_jax.harness.data import DataError
+
+    try:
+        code = run()
+    except (ValueError, DataError) as err:
+        hint = " (here: --data_dir=DIR)" if isinstance(err, DataError) else ""
+        print(f"error: {err}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)
+
+
+def define_common_flags(defaults: Any, sparsity_help: str) -> None:
+    """The absl flags every sweep shares, with `defaults` (a Settings instance) as defaults.
+
+    Called only when a sweep module runs as a program, so importing several sweep modules
+    (tests) never defines a flag twice.
+    """
+    from absl import flags
+
+    d = defaults
+    flags.DEFINE_list("benchmarks", list(d.benchmarks), "Benchmarks (experiments/configs names).")
+    flags.DEFINE_list("sparsities", [f"{s:g}" for s in d.sparsities], sparsity_help)
+    flags.DEFINE_list("seeds", [str(s) for s in d.seeds], "Seeds.")
+    flags.DEFINE_integer("jobs", d.jobs, "Worker processes.")
+    flags.DEFINE_string("out", d.out, "Output directory (one workdir per run below it).")
+    flags.DEFINE_float("validation_fraction", d.validation_fraction,
+                       "Held-out fraction of each task's training set evaluated instead of the "
+                       "test set; 0 evaluates on test.")
+    flags.DEFINE_integer("max_train_per_task", d.max_train_per_task,
+                         "Training examples per task (0: all; for quick smoke runs).")
+    flags.DEFINE_integer("epochs", d.epochs, "Epochs per task (0: the protocol's).")
+    flags.DEFINE_integer("buffer_size", d.buffer_size, "Replay buffer size.")
+    flags.DEFINE_string("data_dir", d.data_dir, "Dataset directory (else $ESACL_DATA_DIR).")
+    flags.DEFINE_bool("force", d.force, "Redo runs whose results.json exists.")
+    flags.DEFINE_bool("isolate", d.isolate, "Run each config in a fresh process (slower: a process "
+                      "start and JAX import per run); only then is the measured peak memory the "
+                      "run's own.")
+    flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every run, repeatable "
+                              "(e.g. --set=steps_per_call=500).")
+    flags.DEFINE_bool("dry_run", False, "Only list the planned runs.")
+
+
+def common_settings(f: Any) -> dict[str, Any]:
+    """The Settings fields of the flags `define_common_flags` defines, read from parsed `f`."""
+    return dict(
+        benchmarks=tuple(f.benchmarks), sparsities=tuple(float(s) for s in f.sparsities),
+        seeds=tuple(int(s) for s in f.seeds), jobs=f.jobs, out=f.out,
+        validation_fraction=f.validation_fraction, max_train_per_task=f.max_train_per_task,
+        epochs=f.epochs, buffer_size=f.buffer_size, data_dir=f.data_dir, force=f.force,
+        isolate=f.isolate, overrides=tuple(f.set))

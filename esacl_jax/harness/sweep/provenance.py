@@ -1,0 +1,87 @@
+"""What a sweep's report is made from and where it came from.
+
+`load_results` reads the results.json of planned runs; `provenance` describes what produced a
+report (command, commit, machine, evaluation split), and `provenance_markdown` /
+`provenance_csv` turn that into a report's header.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+from collections.abc import Iterable, Mapping, Sequence
+
+from esacl_jax.harness.sweep.plan import Run
+
+
+def load_results(runs: Iterable[Run]) -> list[tuple[Run, dict]]:
+    """(run, results.json dict with a ``"path"`` key) for every run that has a readable one."""
+    out = []
+    for run in runs:
+        try:
+            result = json.loads(run.results_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(result, dict) and "metrics" in result:
+            result["path"] = str(run.results_path)
+            out.append((run, result))
+    return out
+
+
+def provenance(command: str, evaluation: str, results: Sequence[dict] = (),
+               jobs: int = 1) -> dict[str, str]:
+    """What produced a report: command, commit, machine, evaluation split, result commits."""
+    import jax
+
+    from esacl_jax.harness.results import git_commit
+
+    devices = jax.devices()
+    kinds = sorted({str(d.device_kind) for d in devices})
+    info = {
+        "command": command,
+        "git commit": git_commit(),
+        "machine": (f"{platform.platform()}; {os.cpu_count()} CPU cores; JAX {jax.__version__} "
+                    f"backend {jax.default_backend()}, {len(devices)} device(s): "
+                    f"{', '.join(kinds)}"),
+        "evaluation split": evaluation,
+        "runs at a time (--jobs)": (f"{jobs}: wall times include the contention between "
+                                    "parallel runs" if jobs > 1 else "1"),
+        "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    commits = sorted({str((r.get("environment") or {}).get("git_commit")) for r in results
+                      if (r.get("environment") or {}).get("git_commit")})
+    if commits:
+        info["results from commit(s)"] = ", ".join(commits)
+    return info
+
+
+def provenance_markdown(title: str, info: Mapping[str, str]) -> str:
+    """A report's Markdown head: ``# title`` and one ``- key: value`` line per `info` entry."""
+    lines = [f"# {title}", ""]
+    for key, value in info.items():
+        shown = f"`{value}`" if key in ("command", "git commit") else value
+        lines.append(f"- {key}: {shown}")
+    return "\n".join(lines) + "\n"
+
+
+def provenance_csv(info: Mapping[str, str]) -> str:
+    """``# key: value`` comment lines (read the CSV with ``pandas.read_csv(path, comment="#")``
+    or `read_csv_records`)."""
+    return "".join(f"# {key}: {' '.join(str(value).split())}\n" for key, value in info.items())
+
+
+def read_csv_records(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a CSV written with a `provenance_csv` header, as dicts."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+def evaluation_split(validation_fraction: float) -> str:
+    """The provenance line saying what a sweep was evaluated on (validation split or test)."""
+    if validation_fraction > 0:
+        return (f"validation: {validation_fraction:g} of each task's training set held out "
+                "(stratified); the test set is not used")
+    return "test"
