@@ -6,7 +6,6 @@ The loop knows nothing about which method it runs.
 
 from __future__ import annotations
 
-import functools
 import math
 import pathlib
 import sys
@@ -27,15 +26,14 @@ from esacl_jax.harness import memory as memory_lib
 from esacl_jax.harness import results as results_lib
 from esacl_jax.harness.data import Benchmark, class_mask, load_benchmark, preprocess
 from esacl_jax.harness.methods import (
-    Batch,
     Method,
     Pass,
-    StepMetrics,
     TaskContext,
     TrainState,
     build_method,
     method_class,
 )
+from esacl_jax.harness.methods.base import make_train_chunk
 from esacl_jax.harness.models import MODELS, build_model, forward
 from esacl_jax.harness.run_logger import make_logger
 
@@ -95,37 +93,6 @@ def task_context(benchmark: Benchmark, task_id: int) -> TaskContext:
         task_classes=jnp.asarray(class_mask(benchmark.tasks[task_id].classes, k)),
         seen_classes=jnp.asarray(class_mask(benchmark.classes_up_to(task_id), k)),
     )
-
-
-def make_train_chunk(method: Method):
-    """A jit-compiled function running a fixed-size chunk of steps as one lax.scan.
-
-    Steps past the end of the epoch (padding of the last chunk) are skipped with lax.cond, so
-    every chunk has the same shape and the whole run compiles once.
-    """
-
-    def step(state: TrainState, x_all, y_all, idx, ctx):
-        key = jax.random.fold_in(state.rng, state.step)
-        aug_key, step_key = jax.random.split(key)
-        x_raw = x_all[idx]
-        x = method.prepare_inputs(aug_key, x_raw)
-        return method.train_step(state, Batch(x=x, x_raw=x_raw, y=y_all[idx], index=idx),
-                                 ctx, step_key)
-
-    @functools.partial(jax.jit, donate_argnums=(0,))
-    def run_chunk(state, x_all, y_all, batch_idx, valid, ctx):
-        def body(state, inputs):
-            idx, ok = inputs
-            nan = jnp.full((), jnp.nan, jnp.float32)
-            return jax.lax.cond(
-                ok,
-                lambda s: step(s, x_all, y_all, idx, ctx),
-                lambda s: (s, StepMetrics(nan, nan)),
-                state)
-
-        return jax.lax.scan(body, state, (batch_idx, valid))
-
-    return run_chunk
 
 
 def make_predict(method: Method, benchmark: Benchmark):

@@ -6,6 +6,8 @@ host-side hooks at task and epoch boundaries. The loop never knows which method 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -90,6 +92,9 @@ class Method:
     config_section: str | None = None  # the config sub-dict holding this method's own knobs
     sparse: bool = False  # True: `<config_section>.sparsity` is the method's target sparsity
     uses_buffer: bool = False  # True: the method trains with the replay buffer
+    # Which weights sparse methods prune: conv/dense kernels except the first layer, the
+    # classifier and ResNet shortcuts (by layer name; for the ResNet-18, SparCL's 16 block convs).
+    prunable = staticmethod(masks_lib.name_prunable)
 
     def __init__(self, config: ml_collections.ConfigDict, model, benchmark: Benchmark):
         if benchmark.scenario not in self.scenarios:
@@ -229,6 +234,41 @@ class Method:
         """Extra per-task facts for results.json (e.g. sparsity). Host-side."""
         del state
         return {}
+
+
+# ----------------------------------------------------------------------------- compiled steps
+
+
+def make_train_chunk(method: Method) -> Callable:
+    """A jit-compiled function running a fixed-size chunk of steps as one lax.scan.
+
+    Steps past the end of the epoch (padding of the last chunk) are skipped with lax.cond, so
+    every chunk has the same shape and the whole run compiles once.
+    """
+
+    def step(state: TrainState, x_all, y_all, idx, ctx):
+        key = jax.random.fold_in(state.rng, state.step)
+        aug_key, step_key = jax.random.split(key)
+        x_raw = x_all[idx]
+        x = method.prepare_inputs(aug_key, x_raw)
+        return method.train_step(state, Batch(x=x, x_raw=x_raw, y=y_all[idx], index=idx),
+                                 ctx, step_key)
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def run_chunk(state, x_all, y_all, batch_idx, valid, ctx):
+        def body(state, inputs):
+            idx, ok = inputs
+            nan = jnp.full((), jnp.nan, jnp.float32)
+            return jax.lax.cond(
+                ok,
+                lambda s: step(s, x_all, y_all, idx, ctx),
+                lambda s: (s, StepMetrics(nan, nan)),
+                state)
+
+        return jax.lax.scan(body, state, (batch_idx, valid))
+
+    return run_chunk
+
 
 
 # ----------------------------------------------------------------------------- sparse wrappers

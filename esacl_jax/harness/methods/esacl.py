@@ -90,7 +90,7 @@ class EsaCL(ReplayMethod):
         front = sdp.sdp_transform(
             sparsity=e.sparsity, rho=e.rho, distribution=e.distribution, ema_decay=e.ema_decay,
             mask_update_every_steps=e.mask_update_every_steps if e.sdp else 0,
-            seed=self.config.seed, **self.mask_kwargs())
+            seed=self.config.seed, prunable=self.prunable, **self.mask_kwargs())
         return sdp.keep_sparse(optax.chain(front, make_optimizer(self.config)))
 
     def init_method_state(self, params: Any) -> Any:
@@ -310,6 +310,6 @@ class EsaCL(ReplayMethod):
         return [*clean, *sharpness, Pass("fwd_bwd", self.kept), *replay]
 
     def summary(self, state: TrainState) -> dict:
-        prunable = masks.prunable_tree(state.params)
+        prunable = masks.prunable_tree(state.params, self.prunable)
         return {"sparsity": masks.sparsity_summary(self.sparse_masks(state), prunable)}
 

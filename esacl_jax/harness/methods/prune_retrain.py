@@ -1,10 +1,10 @@
 """Magnitude prune-then-retrain: the expensive retraining EsaCL avoids, as a baseline.
 
 Per task: train the base method (`config.prune_retrain.base`, DER++ by default) densely; at the
-task end prune every prunable layer (`masks.default_prunable`) to `sparsity` by weight magnitude
-and retrain the surviving weights for `retrain_epochs` epochs on the task's data with the mask
-fixed (masked gradients and updates, pruned weights exactly zero), running the same train step
-(base loss, replay insertion, per-step PRNG keys as the loop) inside a jit-compiled `lax.scan`.
+task end prune every prunable layer (`Method.prunable`) to `sparsity` by weight magnitude and
+retrain the surviving weights for `retrain_epochs` epochs on the task's data with the mask fixed
+(masked gradients and updates, pruned weights exactly zero), through the loop's own compiled
+chunk of steps (`methods.base.make_train_chunk`: base loss, replay insertion, per-step keys).
 Evaluation uses the sparse weights.
 
 Mask policy (a choice): the mask is refreshed per task, not accumulated. The next task starts
@@ -37,6 +37,7 @@ from esacl_jax.harness.methods.base import (
     StepMetrics,
     TaskContext,
     TrainState,
+    make_train_chunk,
 )
 
 PRUNE_RETRAIN_BASES = ("finetune", "ewc", "er", "derpp")
@@ -59,12 +60,12 @@ class PruneRetrain(SparseWrapperMethod):
             raise ValueError(f"prune_retrain.retrain_epochs must be >= 0, got {c.retrain_epochs}")
         self.pr = c
         super().__init__(config, model, benchmark, base_name=c.base)
-        self._retrain_epoch = jax.jit(self._scan_epoch, donate_argnums=(0,))
+        self._retrain_chunk = None  # the loop's compiled chunk of steps, built on first use
 
     # ----- state -----
     def dense_masks(self, params: Any) -> Any:
         """All-True masks in the masks convention (full arrays on prunable leaves)."""
-        prunable = masks_lib.prunable_tree(params)
+        prunable = masks_lib.prunable_tree(params, self.prunable)
         return jax.tree.map(lambda w, p: jnp.ones(w.shape, bool) if p else jnp.ones((), bool),
                             params, prunable)
 
@@ -87,19 +88,6 @@ class PruneRetrain(SparseWrapperMethod):
         accuracy = losses.correct(logits, batch.y, self.current_loss_mask(ctx)).mean()
         return new_state, StepMetrics(loss, accuracy)
 
-    def _scan_epoch(self, state: TrainState, x_all: jax.Array, y_all: jax.Array,
-                    batch_idx: jax.Array, ctx: TaskContext) -> tuple[TrainState, StepMetrics]:
-        """One retraining epoch: the loop's per-step keys, augmentation and train step."""
-        def body(state, idx):
-            key = jax.random.fold_in(state.rng, state.step)
-            aug_key, step_key = jax.random.split(key)
-            x_raw = x_all[idx]
-            batch = Batch(x=self.prepare_inputs(aug_key, x_raw), x_raw=x_raw, y=y_all[idx],
-                          index=idx)
-            return self.train_step(state, batch, ctx, step_key)
-
-        return jax.lax.scan(body, state, batch_idx)
-
     # ----- host-side hooks -----
     def begin_task(self, state: TrainState, task_id: int) -> TrainState:
         state = self.base.begin_task(state, task_id)
@@ -116,9 +104,10 @@ class PruneRetrain(SparseWrapperMethod):
 
     def prune(self, state: TrainState) -> TrainState:
         """Per-layer magnitude pruning of the current weights to `prune_retrain.sparsity`."""
+        prunable = masks_lib.prunable_tree(state.params, self.prunable)
         sparsities = masks_lib.layer_sparsities(state.params, self.pr.sparsity,
-                                                self.pr.distribution)
-        weight_masks = masks_lib.magnitude_masks(state.params, sparsities)
+                                                self.pr.distribution, prunable)
+        weight_masks = masks_lib.magnitude_masks(state.params, sparsities, prunable)
         return state.replace(params=masks_lib.apply_masks(state.params, weight_masks),
                              method_state={**state.method_state, "masks": weight_masks,
                                            "pruned": jnp.ones((), bool)})
@@ -131,12 +120,15 @@ class PruneRetrain(SparseWrapperMethod):
         steps = x.shape[0] // self.config.batch_size
         if self.pr.retrain_epochs > 0 and steps > 0:
             ctx = self.task_context(task_id)
+            if self._retrain_chunk is None:
+                self._retrain_chunk = make_train_chunk(self)
             x_dev, y_dev = jax.device_put(x), jax.device_put(np.asarray(y, np.int32))
             for epoch in range(int(self.pr.retrain_epochs)):
                 key = jax.random.fold_in(jax.random.fold_in(state.rng, 3_000_017 + task_id), epoch)
                 order = np.asarray(jax.random.permutation(key, x.shape[0]), np.int32)
                 batch_idx = order[: steps * self.config.batch_size].reshape(steps, -1)
-                state, _ = self._retrain_epoch(state, x_dev, y_dev, batch_idx, ctx)
+                state, _ = self._retrain_chunk(state, x_dev, y_dev, batch_idx,
+                                               np.ones((steps,), bool), ctx)
         return self.base.end_task(state, task_id, x, y)
 
     # ----- accounting -----

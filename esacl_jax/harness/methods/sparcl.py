@@ -236,12 +236,13 @@ class SparCL(SparseWrapperMethod):
     # ----- state -----
     def sparsities(self, params: Any) -> Any:
         if self._sparsities is None:
-            self._sparsities = masks_lib.layer_sparsities(params, self.sp.sparsity,
-                                                          self.sp.distribution)
+            self._sparsities = masks_lib.layer_sparsities(
+                params, self.sp.sparsity, self.sp.distribution,
+                masks_lib.prunable_tree(params, self.prunable))
         return self._sparsities
 
     def init_method_state(self, params: Any) -> Any:
-        weight_masks = masks_lib.magnitude_masks(params, self.sparsities(params))
+        weight_masks = masks_lib.magnitude_masks(params, self.sparsities(params), self.prunable)
         sparse_params = masks_lib.apply_masks(params, weight_masks)
         state = {**self.base.init_method_state(sparse_params), "masks": weight_masks}
         state["last_grad"] = jax.tree.map(
