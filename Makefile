@@ -4,8 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXP ?= split_digits
-METHOD ?=
-WORKDIR ?= runs/$(EXP)$(if $(METHOD),_$(METHOD))
+METHOD ?= esacl
+BASELINE ?= derpp
+WORKDIR ?= runs/$(EXP)_$(METHOD)
 ARGS ?=
 RUNS ?= runs
 
@@ -17,11 +18,16 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[harness,test]"
 	touch $(STAMP)
 
+# METHOD on EXP, then BASELINE (empty: none) with the same overrides, then both side by side.
 run: install
-	$(PY) -m experiments.main --config=experiments/configs/$(EXP).py$(if $(METHOD),:$(METHOD)) --workdir=$(WORKDIR) $(ARGS)
+	$(PY) -m experiments.main --config=experiments/configs/$(EXP).py:$(METHOD) --workdir=$(WORKDIR) $(ARGS)
+ifneq ($(BASELINE),)
+	$(PY) -m experiments.main --config=experiments/configs/$(EXP).py:$(BASELINE) --workdir=runs/$(EXP)_$(BASELINE) --config.progress=False $(ARGS) > runs/$(EXP)_$(BASELINE).log
+	$(PY) -m experiments.side_by_side $(WORKDIR) runs/$(EXP)_$(BASELINE)
+endif
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

@@ -18,4 +18,4 @@ def readme_section_code(title: str) -> str:
 def test_sdp_transform_example_runs(capsys):
     code = readme_section_code("sdp_transform in your own training loop")
     exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
-    assert "sparsity 0.90" in capsys.readouterr().out
+    assert "sparsity of the pruned layers 0.90" in capsys.readouterr().out
