@@ -123,26 +123,57 @@ def test_mask_update_every_steps_moves_the_mask_inside_a_task(tmp_path):
     assert np.all(kernel[~moved] == 0.0)
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(step_variant="A"),
-    dict(step_variant="B"),
-    dict(gamma=1.0),
-    dict(rho=0.0),
-    dict(ids_score="clean_loss"),
-    dict(ids_score="random"),
-    dict(replay_at="clean"),
-    dict(step_variant="B", replay_at="clean"),
-    dict(init_rescale=False),
-    dict(mask_update_every_steps=25),
-    dict(replay="er"),
-    dict(replay="none"),
-])
-def test_every_variant_runs_and_learns(tmp_path, overrides):
+def short_config(**overrides):
     config = esacl_config(**overrides)
     config.num_tasks, config.epochs = 2, 3
-    result = train_and_evaluate(config, tmp_path, progress=False)
-    assert np.diag(np.asarray(result["task_il_matrix"])).min() > 0.7  # chance: 0.5
-    assert result["training_flops"] > 0
+    return config
+
+
+@pytest.fixture(scope="module")
+def short_default_run(tmp_path_factory):
+    return final_state(short_config(), tmp_path_factory.mktemp("short_default"))
+
+
+def hidden_mask(state):
+    return np.asarray(sdp.find_sdp_state(state.opt_state).masks["hidden_1"]["kernel"])
+
+
+def flops(run):
+    return run[0]["training_flops"]
+
+
+# Each option with the assertion that tells its run apart from the default's (same seed, same
+# data order): a check specific to what the option changes.
+VARIANT_CHECKS = {
+    "A": (dict(step_variant="A"), lambda run, default: flops(run) > 1.3 * flops(default)),
+    "B": (dict(step_variant="B"), lambda run, default: flops(run) > 1.05 * flops(default)),
+    "gamma1": (dict(gamma=1.0), lambda run, default: run[1].kept == 10 and default[1].kept == 3),
+    "rho0": (dict(rho=0.0),
+             lambda run, default: run[1]._no_sam() and not default[1]._no_sam()),
+    "clean_loss": (dict(ids_score="clean_loss"), None),
+    "random": (dict(ids_score="random"), None),
+    "replay_clean": (dict(replay_at="clean"), lambda run, default: run[1]._replay_at_clean()),
+    "B_replay_clean": (dict(step_variant="B", replay_at="clean"),
+                       lambda run, default: run[1]._replay_at_clean()),
+    "plain_init": (dict(init_rescale=False), None),
+    "in_task_sdp": (dict(mask_update_every_steps=25),
+                    lambda run, default: np.any(hidden_mask(run[2]) != hidden_mask(default[2]))),
+    "er": (dict(replay="er"), None),
+    "no_buffer": (dict(replay="none"),
+                  lambda run, default: run[1].buffer_size == 0 and default[1].buffer_size == 500),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANT_CHECKS))
+def test_every_variant_runs_learns_and_differs(tmp_path, name, short_default_run):
+    overrides, check = VARIANT_CHECKS[name]
+    run = final_state(short_config(**overrides), tmp_path)
+    assert np.diag(np.asarray(run[0]["task_il_matrix"])).min() > 0.7  # chance: 0.5
+    # The option changes the computation: the final weights differ from the default run's.
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(run[2].params), jax.tree.leaves(short_default_run[2].params)))
+    if check is not None:
+        assert check(run, short_default_run)
 
 
 def test_step_passes_follow_the_cost_model():

@@ -26,8 +26,7 @@ three efficiency mechanisms (METHOD.md "SparCL"):
   No lax.cond: the candidate mask is computed every step and selected with jnp.where. Its cost is
   kept low by an exact top-k without sorting: a 32-step bisection on the float32 bit patterns of
   |grad| (monotone for non-negative floats), i.e. ~32 compare-and-count passes over the prunable
-  kernels per step, and a cumulative sum to break ties by index (measured: 0.5 s per step for
-  ResNet-18's 11M prunable weights on 2 CPU cores; not yet measured on an accelerator).
+  kernels per step, and a cumulative sum to break ties by index.
   FLOPs: gradient density min(weight density, dgm_keep) per prunable layer (0.20 at s = 0.75,
   SparCL's published g = 0.80).
 - DDR, dynamic data removal. Per-example forgetting events (correct -> incorrect transitions of
