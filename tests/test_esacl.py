@@ -171,7 +171,8 @@ def test_every_variant_runs_learns_and_differs(tmp_path, name, short_default_run
     assert np.diag(np.asarray(run[0]["task_il_matrix"])).min() > 0.7  # chance: 0.5
     # The option changes the computation: the final weights differ from the default run's.
     assert any(not np.array_equal(a, b) for a, b in
-               zip(jax.tree.leaves(run[2].params), jax.tree.leaves(short_default_run[2].params)))
+               zip(jax.tree.leaves(run[2].params), jax.tree.leaves(short_default_run[2].params),
+                   strict=True))
     if check is not None:
         assert check(run, short_default_run)
 
