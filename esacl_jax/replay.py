@@ -173,6 +173,22 @@ def er_loss(logits: jax.Array, y: jax.Array, valid: jax.Array) -> jax.Array:
     return _masked_mean(ce, valid)
 
 
+def joint_ce(current_ce: jax.Array, replay_logits: jax.Array, replay_y: jax.Array,
+             valid: jax.Array) -> jax.Array:
+    """One mean cross-entropy over the current examples and the valid replayed ones together.
+
+    `current_ce` is the current batch's per-example CE. This is ER as the reference
+    implementation computes it (current and replay examples concatenated into one batch):
+    (sum current + sum replay) / (n current + n valid), which weighs every example alike, unlike
+    the sum of the two means (`current_ce.mean() + er_loss(...)`).
+    """
+    replay_ce = optax.softmax_cross_entropy_with_integer_labels(
+        replay_logits.astype(jnp.float32), replay_y)
+    weights = valid.astype(jnp.float32)
+    total = jnp.sum(current_ce.astype(jnp.float32)) + jnp.sum(replay_ce * weights)
+    return total / (current_ce.shape[0] + jnp.sum(weights))
+
+
 def der_loss(logits: jax.Array, stored_logits: jax.Array, valid: jax.Array) -> jax.Array:
     """Mean over valid rows of the MSE (mean over classes) to the stored logits (DER's alpha
     term); 0 if none is valid."""

@@ -332,7 +332,9 @@ def test_sparcl_dgm_keeps_exactly_the_top_fraction_of_gradients(sparcl_run):
             assert gm.sum() == round(keep * gm.size)  # exactly 20% of the layer's entries
             assert not np.any(gm & ~wm)
     weight, grad = method.flops_densities(method.init(jax.random.key(0)))
-    assert weight["hidden_1/kernel"] == pytest.approx(0.25) and weight["stem/kernel"] == 1.0
+    # Whole-network sparsity (prune_scope "model" for the MLP): the first layer is pruned too.
+    assert weight["hidden_1/kernel"] == pytest.approx(0.25)
+    assert weight["stem/kernel"] == pytest.approx(0.25) and weight["classifier/kernel"] == 1.0
     assert grad["hidden_1/kernel"] == pytest.approx(0.2) and grad["classifier/kernel"] == 1.0
 
 
@@ -373,7 +375,7 @@ def test_prune_retrain_final_sparsity_exact_and_learns(tmp_path):
     assert method.flops_densities(before) == (None, None)  # dense training
     weight, grad = method.flops_densities(after)  # the retraining passes are sparse
     assert weight == grad and weight["hidden_1/kernel"] == pytest.approx(1 - s)
-    assert weight["stem/kernel"] == 1.0
+    assert weight["stem/kernel"] == pytest.approx(1 - s) and weight["classifier/kernel"] == 1.0
     passes = method.end_task_passes(DIGITS_PER_TASK)
     assert [p.examples for p in passes] == [steps * 10] * 3  # DER++: current + 2 replay draws
 
@@ -391,7 +393,9 @@ def test_split_mnist_slice_smoke(tmp_path, shared_data_dir, row):
     config.tensorboard = False
     result = train.train_and_evaluate(config, tmp_path, progress=False)
     task_il = np.asarray(result["task_il_matrix"])
-    assert np.all(np.isfinite(task_il)) and np.diag(task_il).min() > 0.85
+    # Task-IL chance is 0.5; 500 examples a task, the sparse rows pruned over the whole network.
+    floor = 0.85 if row in ("ewc", "prune_retrain") else 0.75
+    assert np.all(np.isfinite(task_il)) and np.diag(task_il).min() > floor
     if row != "ewc":
         s = config.prune_retrain.sparsity if row == "prune_retrain" else config.sparcl.sparsity
         for entry in result["per_task"]:

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esacl_jax.harness import memory, replay
+from esacl_jax import replay
+from esacl_jax.harness import memory
 from esacl_jax.harness.models.cnn import SmallCNN
 
 

@@ -235,3 +235,21 @@ def test_reservoir_draws_cover_inclusive_range():
         counts = np.bincount(draws[:, i], minlength=n + 1)
         assert counts.shape == (n + 1,)  # never above num_seen + i
         np.testing.assert_allclose(counts / 3000, 1 / (n + 1), atol=0.04)
+
+
+def test_joint_ce_is_one_mean_over_current_and_valid_replay_rows():
+    """ER's loss as the reference computes it: the concatenated batch's mean CE, by hand."""
+    current_ce = jnp.array([0.5, 1.5, 1.0])
+    logits = jnp.array([[2.0, 0.0], [0.0, 0.0], [5.0, -5.0]])
+    y = jnp.array([0, 1, 1])
+    valid = jnp.array([True, True, False])  # the third replay row is padding
+    replay_ce = [math.log(1 + math.exp(-2.0)), math.log(2.0)]
+    expected = (0.5 + 1.5 + 1.0 + sum(replay_ce)) / 5
+    assert float(replay.joint_ce(current_ce, logits, y, valid)) == pytest.approx(expected, 1e-6)
+    # Not the sum of the two means (what ER computed before): that doubles the replay weight.
+    two_means = float(current_ce.mean() + replay.er_loss(logits, y, valid))
+    assert two_means == pytest.approx(1.0 + sum(replay_ce) / 2, 1e-6)
+    assert abs(two_means - expected) > 0.3
+    # An empty buffer leaves the current mean.
+    none = jnp.zeros(3, bool)
+    assert float(replay.joint_ce(current_ce, logits, y, none)) == pytest.approx(1.0)

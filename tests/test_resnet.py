@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from esacl_jax.harness.flops import path_to_str
 from esacl_jax.harness.models.cnn import SmallCNN
@@ -83,3 +84,24 @@ def test_small_cnn_shapes_and_param_count():
     rgb = SmallCNN(num_classes=4, features=(8, 8), dense=16)
     v = jax.eval_shape(rgb.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     assert jax.eval_shape(rgb.apply, v, jnp.zeros((5, 32, 32, 3))).shape == (5, 4)
+
+
+def test_mlp_init_is_xavier_uniform_with_zero_biases_by_default():
+    """The MNIST-family MLP starts as the reference protocol's (torch xavier_uniform_, bias 0)."""
+    from esacl_jax.harness.models import build_model
+
+    x = jnp.zeros((1, 28, 28, 1))
+    params = build_model("mlp", 10).init(jax.random.key(0), x)["params"]
+    for name, fan_in, fan_out in (("stem", 784, 100), ("hidden_1", 100, 100),
+                                  ("classifier", 100, 10)):
+        kernel = np.asarray(params[name]["kernel"])
+        bound = np.sqrt(6.0 / (fan_in + fan_out))
+        assert kernel.shape == (fan_in, fan_out)
+        assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.95 * bound
+        assert np.var(kernel) == pytest.approx(bound**2 / 3, rel=0.1)  # uniform(-b, b)
+        assert np.all(np.asarray(params[name]["bias"]) == 0.0)
+    lecun = build_model("mlp", 10, mlp_init="lecun_normal").init(jax.random.key(0), x)["params"]
+    stem = np.asarray(lecun["stem"]["kernel"])
+    assert np.var(stem) == pytest.approx(1.0 / 784, rel=0.1)  # flax's default, a smaller scale
+    with pytest.raises(ValueError, match="mlp_init"):
+        build_model("mlp", 10, mlp_init="kaiming").init(jax.random.key(0), x)

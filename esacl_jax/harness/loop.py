@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import pathlib
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +64,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(config.num_tasks >= 0,
          f"num_tasks must be >= 0 (0 = the protocol's), got {config.num_tasks}")
     need(config.steps_per_call > 0, f"steps_per_call must be > 0, got {config.steps_per_call}")
+    every = config.get("checkpoint_every_steps", 0)
+    need(every >= 0, f"checkpoint_every_steps must be >= 0 (0: at task ends only), got {every}")
     need(0.0 <= config.validation_fraction < 1.0,
          f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
 
@@ -83,7 +87,7 @@ def load_config_benchmark(config: ml_collections.ConfigDict) -> Benchmark:
 def build_model_for(config: ml_collections.ConfigDict, benchmark: Benchmark):
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
     return build_model(config.model, benchmark.num_classes, widths=tuple(config.mlp_widths),
-                       nf=config.resnet_nf, dtype=dtype)
+                       nf=config.resnet_nf, dtype=dtype, mlp_init=config.mlp_init)
 
 
 def task_context(benchmark: Benchmark, task_id: int) -> TaskContext:
@@ -281,6 +285,42 @@ def weight_counts(params: Any) -> dict[str, Any]:
 TaskEndCallback = Callable[[int, Any, Any], None]
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run at a chunk boundary (after saving a checkpoint when
+    checkpointing is on). `exit_code` is the shell's 128 + signal number (130, 143)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+class _StopSignals:
+    """While active, SIGINT and SIGTERM only set `signum`; the loop checks it after every compiled
+    chunk, saves and stops. A second signal interrupts at once (KeyboardInterrupt). Handlers are
+    installed only in the main thread (the only one Python delivers signals to)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                        *, progress: bool = True,
                        on_task_end: TaskEndCallback | None = None,
@@ -291,10 +331,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     checkpointed), with the method object and its train state: the hook for inspecting or
     interrupting a run. `make_method(config, model, benchmark)` builds the method (default: the
     registry's class for config.method; tests pass an instrumented subclass).
-    Returns the results dict. Raises ValueError (bad config), DataError (data) or TrainingError.
+
+    Before loading data the workdir is proved writable and locked (`workdir/.lock`) against a
+    second run. With config.checkpoint, the state is saved every config.checkpoint_every_steps
+    steps (at a chunk boundary) and after every task, and a restarted run resumes from the latest
+    good checkpoint, mid-task included, to the same result. SIGINT/SIGTERM stop the run at the
+    next chunk boundary (saving first) with RunInterrupted.
+
+    Returns the results dict. Raises ValueError (bad config, unusable checkpoint), DataError
+    (data), TrainingError, atomic_io.WriteError (a write failed: one line; when results.json
+    itself failed, the error's `result` holds the results), WorkdirBusyError or RunInterrupted.
     """
     start = time.perf_counter()
     validate_config(config)
+    workdir = pathlib.Path(workdir)
+    atomic_io.check_writable(workdir)
+    with atomic_io.WorkdirLock(workdir), _StopSignals() as stop:
+        return _run(config, workdir, progress, on_task_end, make_method, stop, start)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: bool,
+         on_task_end: TaskEndCallback | None, make_method: Callable[..., Any],
+         stop: _StopSignals, start: float) -> dict[str, Any]:
     benchmark = load_config_benchmark(config)
     model = build_model_for(config, benchmark)
     method = make_method(config, model, benchmark)
@@ -316,54 +374,91 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     flops_per_task = []
 
     t_count = benchmark.num_tasks
+    spc = config.steps_per_call
     capacity = max(method.training_data(t)[1].shape[0] for t in range(t_count))
     logger = make_logger(workdir, bool(config.tensorboard))
     class_il = np.full((t_count, t_count), np.nan)
     task_il = np.full((t_count, t_count), np.nan)
     train_times, eval_times, per_task = [], [], []
     checkpointer = None
-    first_task = 0
+    every = int(config.get("checkpoint_every_steps", 0)) if config.checkpoint else 0
+    first_task, resume, earlier_wall_time = 0, None, 0.0
     if config.checkpoint:
         from esacl_jax.harness.checkpoint import RunCheckpointer
 
-        checkpointer = RunCheckpointer(pathlib.Path(workdir) / "checkpoints", config.to_dict())
+        checkpointer = RunCheckpointer(workdir / "checkpoints", config.to_dict())
         restored = checkpointer.restore(state)
         if restored is not None:
             state, done = restored
-            first_task = done["task"] + 1
-            class_il[:first_task] = np.asarray(done["class_il"], dtype=float)
-            task_il[:first_task] = np.asarray(done["task_il"], dtype=float)
+            first_task = done["tasks_done"]
+            class_il[:first_task] = np.asarray(done["class_il"], dtype=float).reshape(-1, t_count)
+            task_il[:first_task] = np.asarray(done["task_il"], dtype=float).reshape(-1, t_count)
             train_times, eval_times = done["train_times"], done["eval_times"]
             per_task, flops_per_task = done["per_task"], done["flops_per_task"]
-            counter.total = flops_per_task[-1]
+            counter.total = done["flops_total"]
+            earlier_wall_time = done["wall_time_s"]
+            resume = done["in_task"]  # None: at a task boundary
             if progress:
-                print(f"resuming after task {first_task} from {workdir}/checkpoints", flush=True)
+                where = (f"task {first_task + 1}" if resume is None else
+                         f"task {resume['task'] + 1}, epoch {resume['epoch'] + 1}, "
+                         f"step {int(state.step)}")
+                print(f"resuming at {where} from {checkpointer.directory}", flush=True)
+
+    def snapshot(tasks_done: int, in_task: dict | None) -> dict:
+        """Everything the loop needs to go on from here (beside the train state)."""
+        return atomic_io.to_jsonable({
+            "tasks_done": tasks_done, "class_il": class_il[:tasks_done],
+            "task_il": task_il[:tasks_done], "train_times": train_times,
+            "eval_times": eval_times, "per_task": per_task, "flops_per_task": flops_per_task,
+            "flops_total": counter.total,
+            "wall_time_s": earlier_wall_time + time.perf_counter() - start,
+            "in_task": in_task})
+
+    def stop_now(saved: bool, where: str) -> RunInterrupted:
+        name = signal.Signals(stop.signum).name
+        if saved:
+            return RunInterrupted(stop.signum, f"interrupted by {name} {where}: state saved in "
+                                  f"{checkpointer.directory}; the same command resumes there")
+        return RunInterrupted(stop.signum, f"interrupted by {name} {where}: nothing was saved "
+                              "(with --config.checkpoint=True the same command resumes)")
+
+    steps_since_save = 0
     for task_id in range(first_task, t_count):
-        task_start = time.perf_counter()
+        mid = resume if resume is not None and resume["task"] == task_id else None
+        task_start = time.perf_counter() - (mid["train_time_s"] if mid else 0.0)
         x_np, y_np = method.training_data(task_id)
         x_dev = jax.device_put(pad_to(x_np, capacity), replicated)
         y_dev = jax.device_put(pad_to(y_np.astype(np.int32), capacity), replicated)
         ctx = task_context(benchmark, task_id)
-        state = state.replace(task_id=jnp.asarray(task_id, jnp.int32))
-        state = method.begin_task(state, task_id)
+        if mid is None:
+            state = state.replace(task_id=jnp.asarray(task_id, jnp.int32))
+            state = method.begin_task(state, task_id)
+            examples_seen, first_epoch = 0, 0
+        else:  # the restored state is past begin_task (and the epoch's begin_epoch)
+            examples_seen, first_epoch = mid["examples_seen"], mid["epoch"]
         bar = tqdm.tqdm(desc=f"task {task_id + 1}/{t_count}", unit="step", disable=not progress,
                         file=sys.stdout, leave=True, dynamic_ncols=True)
-        examples_seen = 0
-        for epoch in range(config.epochs):
-            indices = method.epoch_indices(state, task_id, epoch, x_np.shape[0])
-            if indices is None:
-                indices = np.arange(x_np.shape[0], dtype=np.int32)
-            state = method.begin_epoch(state, task_id, epoch)
-            counter.set_densities(*method.flops_densities(state))
+        for epoch in range(first_epoch, config.epochs):
+            if mid is not None and epoch == mid["epoch"]:
+                custom = mid["indices"]
+                custom = None if custom is None else np.asarray(custom, np.int32)
+                counter.f_fwd, counter.f_wgrad = mid["f_fwd"], mid["f_wgrad"]
+                first_chunk = mid["chunk"]
+            else:
+                custom = method.epoch_indices(state, task_id, epoch, x_np.shape[0])
+                state = method.begin_epoch(state, task_id, epoch)
+                counter.set_densities(*method.flops_densities(state))
+                first_chunk = 0
+            indices = custom if custom is not None else np.arange(x_np.shape[0], dtype=np.int32)
             task_key = jax.random.fold_in(state.rng, 1_000_003 + task_id)
             epoch_key = jax.random.fold_in(task_key, epoch)
-            batch_idx, valid, steps = epoch_batches(epoch_key, indices, config.batch_size,
-                                                    config.steps_per_call)
-            if epoch == 0:
+            batch_idx, valid, steps = epoch_batches(epoch_key, indices, config.batch_size, spc)
+            if epoch == first_epoch:
                 bar.reset(total=steps * config.epochs)
+                bar.update(min(steps, first_chunk * spc) + steps * (epoch))
             losses_, accs = [], []
-            for c in range(0, batch_idx.shape[0], config.steps_per_call):
-                sl = slice(c, c + config.steps_per_call)
+            for c in range(first_chunk * spc, batch_idx.shape[0], spc):
+                sl = slice(c, c + spc)
                 chunk_idx = jax.device_put(batch_idx[sl], batch_sharding)
                 state, step_metrics = run_chunk(state, x_dev, y_dev, chunk_idx, valid[sl], ctx)
                 ok = valid[sl]
@@ -382,6 +477,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 logger.scalars({"train/loss": float(np.mean(chunk_loss)),
                                 "train/accuracy": float(np.mean(accs[-1])),
                                 "train/flops": counter.total}, global_step)
+                steps_since_save += int(ok.sum())
+                due = every > 0 and steps_since_save >= every
+                if checkpointer is not None and (due or stop.signum is not None):
+                    checkpointer.save(state, snapshot(task_id, {
+                        "task": task_id, "epoch": epoch, "chunk": c // spc + 1,
+                        "examples_seen": examples_seen, "indices": custom,
+                        "f_fwd": counter.f_fwd, "f_wgrad": counter.f_wgrad,
+                        "train_time_s": time.perf_counter() - task_start}))
+                    steps_since_save = 0
+                if stop.signum is not None:
+                    bar.close()
+                    raise stop_now(checkpointer is not None,
+                                   f"in task {task_id + 1}, epoch {epoch + 1}")
             examples_seen += steps * config.batch_size
         bar.close()
         state = method.end_task(state, task_id, x_np, y_np)
@@ -398,11 +506,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                          "train_examples_seen": examples_seen, **method.summary(state)})
         log_task(logger, per_task[-1], class_il[task_id], task_il[task_id], counter.total)
         if checkpointer is not None:
-            checkpointer.save(task_id, state, atomic_io.to_jsonable({
-                "task": task_id, "class_il": class_il[: task_id + 1],
-                "task_il": task_il[: task_id + 1], "train_times": train_times,
-                "eval_times": eval_times, "per_task": per_task,
-                "flops_per_task": flops_per_task}))
+            checkpointer.save(state, snapshot(task_id + 1, None))
+            steps_since_save = 0
         if progress:
             seen = slice(0, task_id + 1)
             print(f"  after task {task_id + 1}: class-IL "
@@ -410,6 +515,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                   f"task-IL {100 * np.nanmean(task_il[task_id, seen]):.2f}%", flush=True)
         if on_task_end is not None:
             on_task_end(task_id, method, state)
+        if stop.signum is not None and task_id + 1 < t_count:
+            raise stop_now(checkpointer is not None, f"after task {task_id + 1}")
 
     logger.close()
     if checkpointer is not None:
@@ -433,8 +540,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         "memory": memory_footprint(method, state, benchmark, config.batch_size),
         "weights": weight_counts(method.eval_variables(state)[0]),
         "num_devices": 1 if mesh is None else mesh.size,
-        "wall_time_s": time.perf_counter() - start,
+        # across resumptions: the time of every process up to its last checkpoint
+        "wall_time_s": earlier_wall_time + time.perf_counter() - start,
         "environment": results_lib.environment(),
     }
-    atomic_io.write_json_atomic(pathlib.Path(workdir) / "results.json", result)
+    try:
+        atomic_io.write_json_atomic(workdir / "results.json", result)
+    except atomic_io.WriteError as err:
+        err.result = result  # the caller can still show what the run computed
+        raise
     return result

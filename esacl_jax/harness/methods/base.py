@@ -78,6 +78,38 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     raise ValueError(f"unknown optimizer {name!r}; choose sgd, adam or adamw")
 
 
+PRUNE_SCOPES = ("model", "all_but_classifier", "sparcl")
+# prune_scope="model": the model's default scope.
+MODEL_PRUNE_SCOPES = {"mlp": "all_but_classifier", "cnn": "all_but_classifier",
+                      "resnet18": "sparcl"}
+
+
+def all_but_classifier(path: Any, leaf: Any) -> bool:
+    """Every dense/conv kernel (first layer and shortcuts included) except the classifier's."""
+    names = masks_lib.path_names(path)
+    return (bool(names) and names[-1] == "kernel" and np.ndim(leaf) >= 2
+            and "classifier" not in names)
+
+
+def prunable_filter(config: ml_collections.ConfigDict) -> Callable[[Any, Any], bool]:
+    """The `(path, leaf) -> bool` filter of config.prune_scope.
+
+    "all_but_classifier": whole-network sparsity, every kernel but the classifier's.
+    "sparcl": METHOD.md's name-based set (`masks.name_prunable`: no first layer, classifier or
+    ResNet shortcut; for the ResNet-18 exactly SparCL's 16 block convolutions).
+    "model": all_but_classifier for the MLP and the small CNN, sparcl for the ResNet-18 (so its
+    sparsity is comparable with SparCL's published figures).
+    """
+    scope = config.prune_scope
+    if scope == "model":
+        scope = MODEL_PRUNE_SCOPES.get(config.model, "all_but_classifier")
+    if scope == "all_but_classifier":
+        return all_but_classifier
+    if scope == "sparcl":
+        return masks_lib.name_prunable
+    raise ValueError(f"prune_scope must be one of {', '.join(PRUNE_SCOPES)}, got {scope!r}")
+
+
 class Method:
     """Base class: plain SGD on the current task (finetune). Subclasses override the hooks.
 
@@ -92,9 +124,6 @@ class Method:
     config_section: str | None = None  # the config sub-dict holding this method's own knobs
     sparse: bool = False  # True: `<config_section>.sparsity` is the method's target sparsity
     uses_buffer: bool = False  # True: the method trains with the replay buffer
-    # Which weights sparse methods prune: conv/dense kernels except the first layer, the
-    # classifier and ResNet shortcuts (by layer name; for the ResNet-18, SparCL's 16 block convs).
-    prunable = staticmethod(masks_lib.name_prunable)
 
     def __init__(self, config: ml_collections.ConfigDict, model, benchmark: Benchmark):
         if benchmark.scenario not in self.scenarios:
@@ -105,6 +134,8 @@ class Method:
         self.benchmark = benchmark
         self.num_classes = benchmark.num_classes
         self.use_task_logit_mask = bool(config.current_task_logit_mask)
+        # Which weights sparse methods prune (config.prune_scope).
+        self.prunable = prunable_filter(config)
         self.tx = self.make_optimizer()
 
     # ----- state -----
@@ -145,6 +176,11 @@ class Method:
         del params, batch_stats, state, key
         return jnp.zeros((), jnp.float32)
 
+    def objective(self, current_per_example: jax.Array, params: Any, batch_stats: Any,
+                  state: TrainState, key: jax.Array) -> jax.Array:
+        """The step's loss from the current batch's per-example CE: its mean + `replay_loss`."""
+        return current_per_example.mean() + self.replay_loss(params, batch_stats, state, key)
+
     def after_step(self, state: TrainState, batch: Batch, ctx: TaskContext, logits: jax.Array,
                    per_example_loss: jax.Array, key: jax.Array) -> Any:
         """New method_state after a step (e.g. reservoir insertion). Identity by default."""
@@ -160,8 +196,7 @@ class Method:
         def loss_fn(params):
             logits, new_stats = forward(self.model, params, state.batch_stats, batch.x, train=True)
             per_example = losses.cross_entropy(logits, batch.y, mask)
-            replay = self.replay_loss(params, state.batch_stats, state, replay_key)
-            total = per_example.mean() + replay
+            total = self.objective(per_example, params, state.batch_stats, state, replay_key)
             return total, (logits, new_stats, per_example)
 
         (loss, (logits, new_stats, per_example)), grads = jax.value_and_grad(
@@ -318,8 +353,7 @@ class SparseWrapperMethod(Method):
         def loss_fn(params):
             logits, new_stats = forward(self.model, params, state.batch_stats, batch.x, train=True)
             per_example = losses.cross_entropy(logits, batch.y, mask)
-            total = per_example.mean() + self.base.replay_loss(params, state.batch_stats, state,
-                                                               key)
+            total = self.base.objective(per_example, params, state.batch_stats, state, key)
             return total, (logits, new_stats, per_example)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -48,14 +48,21 @@ class ReplayMethod(Method):
 
 
 class ER(ReplayMethod):
-    """CE on the current batch + CE on a replay minibatch (Chaudhry et al. 2019)."""
+    """Experience replay (Chaudhry et al. 2019): one CE averaged over the current batch and a
+    replay minibatch together, as the reference implementation concatenates them."""
 
     name = "er"
 
     def step_passes(self) -> list[Pass]:
         return [Pass("fwd_bwd", self.config.batch_size), Pass("fwd_bwd", self.replay_batch_size)]
 
+    def objective(self, current_per_example, params, batch_stats, state, key):
+        logits, (_, y, _, _, valid) = self.replay_logits(params, batch_stats, key,
+                                                         state.method_state["buffer"])
+        return replay.joint_ce(current_per_example, logits, y, valid)
+
     def replay_loss(self, params, batch_stats, state, key):
+        """The replay CE alone (mean over valid rows); ER's step loss is `objective`."""
         logits, (_, y, _, _, valid) = self.replay_logits(params, batch_stats, key,
                                                          state.method_state["buffer"])
         return replay.er_loss(logits, y, valid)

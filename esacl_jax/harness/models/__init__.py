@@ -15,10 +15,10 @@ MODELS = ("mlp", "cnn", "resnet18")
 
 
 def build_model(name: str, num_classes: int, *, widths=(100, 100), nf: int = 64,
-                dtype: Any = jnp.float32) -> nn.Module:
+                dtype: Any = jnp.float32, mlp_init: str = "xavier_uniform") -> nn.Module:
     """Builds a registered model by name (config.model)."""
     if name == "mlp":
-        return MLP(num_classes=num_classes, widths=tuple(widths), dtype=dtype)
+        return MLP(num_classes=num_classes, widths=tuple(widths), dtype=dtype, init_name=mlp_init)
     if name == "cnn":
         from esacl_jax.harness.models.cnn import SmallCNN
 
