@@ -8,7 +8,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
 # Kernel initialisers by config name (`config.mlp_init`); biases start at zero in both.
 KERNEL_INITS = {
     # The reference protocol's (mammoth's MNIST MLP: torch's xavier_uniform_, gain 1).
