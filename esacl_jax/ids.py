@@ -20,7 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-SCORE_FIELDS = ("loss", "sharpness")
+SCORE_FIELDS = ("loss", "sharpness", "estimated_sharpness")
+UNSEEN_POLICIES = ("mean", "first")
 
 
 def num_selected(batch_size: int, gamma: float) -> int:
@@ -120,13 +121,42 @@ def update_example_stats(
     return new._replace(seen=stats.seen.at[idx].add(1, mode="drop"))
 
 
-def table_scores(stats: ExampleStats, idx: jax.Array, kind: str = "loss") -> jax.Array:
-    """The batch's recorded scores (float32[B]).
+def _nanmean(x: jax.Array) -> jax.Array:
+    """Mean of the non-NaN entries; 0 when there is none."""
+    ok = ~jnp.isnan(x)
+    return jnp.sum(jnp.where(ok, x, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
 
-    Never-recorded examples get +inf (picked first); padding indices (>= capacity) get -inf.
+
+def estimated_sharpness(stats: ExampleStats) -> jax.Array:
+    """A sharpness for every recorded example (float32[N], NaN where nothing is recorded).
+
+    Where the sharpness l_i(w + eps) - l_i(w) was measured it is used as it is; elsewhere it is
+    estimated from the example's recorded loss by the ratio of measured sharpness to loss over
+    the examples where both are known (per-example sharpness grows with the loss), so that every
+    example the training passes touched has a score to rank by.
+    """
+    both = ~jnp.isnan(stats.sharpness) & ~jnp.isnan(stats.loss)
+    ratio = (jnp.sum(jnp.where(both, stats.sharpness, 0.0))
+             / jnp.maximum(jnp.sum(jnp.where(both, stats.loss, 0.0)), 1e-12))
+    return jnp.where(jnp.isnan(stats.sharpness), ratio * stats.loss, stats.sharpness)
+
+
+def table_scores(stats: ExampleStats, idx: jax.Array, kind: str = "loss",
+                 unseen: str = "first") -> jax.Array:
+    """The batch's recorded scores (float32[B]); padding indices (>= capacity) get -inf.
+
+    `kind`: "loss", "sharpness", or "estimated_sharpness" (measured sharpness where known, else
+    estimated from the loss: `estimated_sharpness`). `unseen` places examples with no score:
+    "first" gives them +inf (coverage first: every example is scored before any is ranked);
+    "mean" gives them the mean of the recorded scores, so an example with a higher recorded
+    score than average is chosen before an unscored one (ranking from the first recorded pass).
     """
     if kind not in SCORE_FIELDS:
         raise ValueError(f"kind must be one of {SCORE_FIELDS}, got {kind!r}")
-    table = stats.loss if kind == "loss" else stats.sharpness
+    if unseen not in UNSEEN_POLICIES:
+        raise ValueError(f"unseen must be one of {UNSEEN_POLICIES}, got {unseen!r}")
+    table = {"loss": lambda: stats.loss, "sharpness": lambda: stats.sharpness,
+             "estimated_sharpness": lambda: estimated_sharpness(stats)}[kind]()
     values = table.at[jnp.asarray(idx, jnp.int32)].get(mode="fill", fill_value=-jnp.inf)
-    return jnp.where(jnp.isnan(values), jnp.inf, values)
+    fill = jnp.inf if unseen == "first" else _nanmean(table)
+    return jnp.where(jnp.isnan(values), fill, values)

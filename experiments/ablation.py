@@ -133,7 +133,7 @@ def check(settings: Settings) -> None:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from "
                          f"{', '.join(VARIANTS)}")
     for bench in settings.benchmarks:
-        sweep.config_module(bench)
+        sweep.check_benchmark(bench)
     if not settings.variants or not settings.benchmarks or not settings.seeds:
         raise ValueError("need at least one variant, benchmark and seed")
     if any(VARIANTS[v].sparse for v in settings.variants) and not settings.sparsities:

@@ -99,7 +99,7 @@ def unavailable_reason(benchmark: str, method: str) -> str | None:
     if method not in METHODS:
         return "not registered in esacl_jax.harness.methods.METHODS"
     try:
-        sweep.config_module(benchmark).get_config(method)
+        sweep.protocol_config(benchmark, method)
     except ValueError as err:
         return str(err)
     return None
@@ -136,7 +136,7 @@ def check(settings: Settings) -> None:
     if not settings.benchmarks or not settings.seeds:
         raise ValueError("need at least one benchmark and seed")
     for bench in settings.benchmarks:
-        sweep.config_module(bench)
+        sweep.check_benchmark(bench)
     for s in settings.sparsities:
         if not 0.0 <= s < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {s}")

@@ -2,17 +2,30 @@
 
 Any config field is overridable as --config.field=value; the config-file argument picks the
 method's protocol row: --config=experiments/configs/split_mnist.py:esacl.
+
+Every failure a user can cause or meet (bad value, unknown field, data, a workdir that is full,
+read-only or in use by another run, a damaged checkpoint, NaN loss) ends with one line on stderr
+and exit status 1 (2 for command-line errors). SIGINT and SIGTERM stop the run at the next chunk
+boundary, saving a checkpoint when --config.checkpoint=True, and exit 130 or 143.
 """
 
 from __future__ import annotations
 
+import difflib
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
+from esacl_jax.harness.atomic_io import WorkdirBusyError, WriteError
+from esacl_jax.harness.config import base_config
 from esacl_jax.harness.data import DataError
-from esacl_jax.harness.loop import TrainingError, format_summary, train_and_evaluate
+from esacl_jax.harness.loop import (
+    RunInterrupted,
+    TrainingError,
+    format_summary,
+    train_and_evaluate,
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Benchmark config file (and :method).",
                                           lock_config=True)
@@ -20,18 +33,68 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for results.json and 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _field_paths(config, prefix: str = "") -> list[str]:
+    """Every dotted field path of a ConfigDict (sub-dicts and their fields)."""
+    paths = []
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        paths.append(path)
+        if hasattr(value, "items"):
+            paths.extend(_field_paths(value, f"{path}."))
+    return paths
+
+
+def unknown_field_message(argv: list[str]) -> str | None:
+    """One line for the first --config.FIELD override that names no field, with the closest."""
+    known = _field_paths(base_config())
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        name = arg[len("--config."):].split("=", 1)[0]
+        if name not in known:
+            match = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean --config.{match[0]}?" if match else ""
+            return f"error: unknown config field {name!r}{hint}"
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with each command-line mistake reported in one line (exit 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as err:
+        message = unknown_field_message(argv)
+        if message is None:
+            text = " ".join(str(err).split())
+            message = f"error: {text[:300]}"
+        print(message, file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # no storage-library INFO lines on stderr
     config = _CONFIG.value
     try:
         result = train_and_evaluate(config, _WORKDIR.value, progress=config.progress)
-    except (ValueError, DataError, TrainingError) as err:
+    except RunInterrupted as err:
+        print(f"{err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except WriteError as err:
+        result = getattr(err, "result", None)
+        if result is not None:  # only results.json failed: show what the run computed
+            print()
+            print(format_summary(result))
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except (ValueError, DataError, TrainingError, WorkdirBusyError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: no results were written (with --config.checkpoint=True the same "
-              "command resumes after the last finished task)", file=sys.stderr)
+              "command resumes from the last checkpoint)", file=sys.stderr)
         sys.exit(130)
     print()
     print(format_summary(result))
@@ -39,4 +102,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -12,6 +12,9 @@ from esacl_jax.harness.methods import Pass, build_method
 from experiments.configs import split_digits, split_mnist
 
 
+DIGITS_TASK0 = 269  # training examples of split_digits' first task (classes 0 and 1)
+
+
 def esacl_config(**esacl_overrides):
     config = split_digits.get_config("esacl")
     config.progress = False
@@ -225,3 +228,43 @@ def test_esacl_state_is_one_pytree_that_survives_jit(default_run):
     assert jax.tree.all(jax.tree.map(
         lambda a, b: bool(np.array_equal(raw(a), raw(b), equal_nan=raw(a).dtype.kind == "f")),
         state, again))
+
+
+def test_dense_to_sparse_reaches_the_target_exactly_on_a_cubic_ramp(tmp_path):
+    """Start dense, prune along SDP scores every k steps of the first task: exact final sparsity,
+    masks only shrink, pruned weights exactly zero, no retraining phase."""
+    config = esacl_config(dense_to_sparse=True, prune_every_steps=20, prune_end_fraction=0.5)
+    config.num_tasks, config.epochs = 2, 2
+    snapshots = []
+
+    def record(task_id, method, state):
+        snapshots.append((method, state))
+
+    result = train_and_evaluate(config, tmp_path, progress=False, on_task_end=record)
+    method, state = snapshots[0]
+    assert method.ramp_steps == int(0.5 * 2 * (DIGITS_TASK0 // config.batch_size))
+    assert float(method.target_sparsity(0)) == 0.0
+    assert float(method.target_sparsity(method.ramp_steps)) == pytest.approx(0.9)
+    half = float(method.target_sparsity(method.ramp_steps // 2))
+    assert half == pytest.approx(0.9 * (1 - 0.5**3), abs=0.02)  # cubic: most pruning early
+    for _, state in snapshots:
+        sdp_masks = sdp.find_sdp_state(state.opt_state).masks
+        for name in ("stem", "hidden_1"):  # whole network except the classifier
+            mask = np.asarray(sdp_masks[name]["kernel"])
+            assert mask.size - mask.sum() == round(0.9 * mask.size)
+            assert np.all(np.asarray(state.params[name]["kernel"])[~mask] == 0.0)
+        assert np.ndim(sdp_masks["classifier"]["kernel"]) == 0  # not prunable
+    assert np.diag(np.asarray(result["task_il_matrix"])).min() > 0.7
+
+
+def test_a_schedule_that_never_fires_is_a_warning(caplog):
+    config = esacl_config(mask_update_every_epochs=5)  # split_digits: 5 epochs, epochs 0-4
+    benchmark = load_config_benchmark(config)
+    with caplog.at_level("WARNING"):
+        build_method(config, build_model_for(config, benchmark), benchmark)
+    assert "never fires" in caplog.text
+    caplog.clear()
+    config.esacl.mask_update_every_epochs = 2
+    with caplog.at_level("WARNING"):
+        build_method(config, build_model_for(config, benchmark), benchmark)
+    assert "never fires" not in caplog.text

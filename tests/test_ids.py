@@ -87,3 +87,37 @@ def test_example_stats_fields_scores_and_padding():
     )
     with pytest.raises(ValueError):
         ids.table_scores(stats, jnp.array([0]), kind="accuracy")
+
+
+def test_unseen_examples_rank_at_the_mean_of_recorded_scores():
+    """unseen="mean": an example scored above average beats an unscored one; "first" inverts."""
+    stats = ids.init_example_stats(6)
+    stats = ids.update_example_stats(stats, jnp.array([0, 1, 2]), loss=jnp.array([1.0, 2.0, 6.0]))
+    idx = jnp.array([0, 2, 4, 9])  # 4 never recorded, 9 is padding
+    mean = np.asarray(ids.table_scores(stats, idx, "loss", unseen="mean"))
+    np.testing.assert_allclose(mean, [1.0, 6.0, 3.0, -np.inf])
+    first = np.asarray(ids.table_scores(stats, idx, "loss", unseen="first"))
+    np.testing.assert_allclose(first, [1.0, 6.0, np.inf, -np.inf])
+    chosen, _ = ids.select_top(jnp.asarray(mean), 0.5)
+    assert sorted(np.asarray(chosen).tolist()) == [1, 2]  # 6.0, then the unseen at 3.0
+    with pytest.raises(ValueError, match="unseen"):
+        ids.table_scores(stats, idx, "loss", unseen="last")
+
+
+def test_estimated_sharpness_scores_every_recorded_example():
+    """Measured sharpness where known; elsewhere loss x (sum measured sharpness / their loss)."""
+    stats = ids.init_example_stats(5)
+    stats = ids.update_example_stats(stats, jnp.arange(4), loss=jnp.array([1.0, 3.0, 2.0, 4.0]))
+    stats = ids.update_example_stats(stats, jnp.array([0, 1]), sharpness=jnp.array([0.5, 0.7]))
+    ratio = (0.5 + 0.7) / (1.0 + 3.0)
+    est = np.asarray(ids.estimated_sharpness(stats))
+    np.testing.assert_allclose(est[:4], [0.5, 0.7, 2.0 * ratio, 4.0 * ratio], rtol=1e-6)
+    assert np.isnan(est[4])
+    scores = np.asarray(ids.table_scores(stats, jnp.arange(5), "estimated_sharpness",
+                                         unseen="mean"))
+    np.testing.assert_allclose(scores, [*est[:4], np.mean(est[:4])], rtol=1e-6)
+    # With no measured sharpness yet the ratio is 0: every score ties and selection is random
+    # over the shuffled batch.
+    only_loss = ids.update_example_stats(ids.init_example_stats(3), jnp.arange(3),
+                                         loss=jnp.ones(3))
+    assert np.all(np.asarray(ids.estimated_sharpness(only_loss)) == 0.0)

@@ -152,3 +152,43 @@ def test_cifar_pipeline_end_to_end_on_cifar_format_files(tmp_path):
     assert sparsity["global_sparsity"] == pytest.approx(0.9, abs=1e-3)
     assert len(sparsity["layers"]) == 16  # exactly the 3x3 convolutions of the residual blocks
     assert result["dense_forward_flops_per_example"] > 0
+
+
+def test_prune_scopes_of_the_harness_models():
+    """MLP/CNN: every kernel but the classifier's; ResNet-18: SparCL's 16 block convs."""
+    import jax
+
+    from esacl_jax import masks
+    from esacl_jax.harness.methods.base import prunable_filter
+    from esacl_jax.harness.models import build_model
+
+    config = split_digits.get_config("esacl")
+    mlp = build_model("mlp", 10).init(jax.random.key(0), np.zeros((1, 784)))["params"]
+    flags = masks.prunable_tree(mlp, prunable_filter(config))
+    assert flags["stem"]["kernel"] and flags["hidden_1"]["kernel"]
+    assert not flags["classifier"]["kernel"] and not flags["stem"]["bias"]
+    config.prune_scope = "sparcl"
+    flags = masks.prunable_tree(mlp, prunable_filter(config))
+    assert not flags["stem"]["kernel"] and flags["hidden_1"]["kernel"]
+    config.prune_scope, config.model = "model", "resnet18"
+    assert prunable_filter(config) is masks.name_prunable
+    config.prune_scope = "everything"
+    with pytest.raises(ValueError, match="prune_scope"):
+        prunable_filter(config)
+
+
+def test_over_parameterized_protocols_name_their_dataset():
+    from esacl_jax.harness.config import get_config
+    from esacl_jax.harness.reporting import benchmark_of
+
+    c = get_config("split_fashion_mnist_w400_e5", "esacl")
+    assert (c.protocol, c.benchmark, tuple(c.mlp_widths)) == (
+        "split_fashion_mnist_w400_e5", "split_fashion_mnist", (400, 400))
+    assert (c.epochs, c.batch_size, c.replay_batch_size) == (5, 32, 32)
+    assert 0 < c.esacl.mask_update_every_epochs < c.epochs  # SDP's schedule fires
+    assert get_config("split_mnist_w1000", "derpp").mlp_widths == (1000, 1000)
+    # Reports group runs by protocol, so wide and narrow runs never share a row.
+    assert benchmark_of({"config": c.to_dict(), "benchmark": {"name": "split_fashion_mnist"}}) == (
+        "split_fashion_mnist_w400_e5")
+    with pytest.raises(ValueError, match="did you mean"):
+        get_config("split_mnist_w40", "esacl")

@@ -25,7 +25,8 @@ NON_COMPUTATIONAL_FIELDS = frozenset(
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # data
-    c.benchmark = "split_digits"
+    c.protocol = "split_digits"  # the protocol row (BENCHMARK_PROTOCOLS key) the config came from
+    c.benchmark = "split_digits"  # the dataset benchmark (esacl_jax.harness.data.BENCHMARKS)
     c.data_dir = ""  # empty: $ESACL_DATA_DIR, then tensorflow-datasets (see README "Data")
     c.seed = 0
     c.class_order_seed = -1  # -1: classes go to tasks in label order
@@ -68,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
         sparsity=0.9, distribution="uniform", rho=0.01, gamma=0.25,
         step_variant="C",  # A: clean pass on current+replay; B: current only; C: score table
         ids_score="sharpness",  # sharpness | perturbed_loss | clean_loss | random
+        # C: where an example with no recorded score ranks: "mean" (of the recorded scores) or
+        # "first" (every example is scored once before any is ranked).
+        ids_unseen="mean",
         replay="derpp",  # derpp | er | none
         replay_at="perturbed",  # B, C: replay gradient at w + eps (METHOD.md) or at the clean w
         mask_update_every_epochs=5,  # masks also update at every task start
@@ -75,6 +79,11 @@ def base_config() -> ml_collections.ConfigDict:
         mask_update_every_steps=0,  # > 0: also every k optimizer steps, inside sdp_transform
         prune_fraction=0.01, score="magnitude_gradient", score_lambda=0.5, ema_decay=0.9,
         regrow="gradient", sdp=True,  # sdp=False: magnitude masks fixed at init (ablation)
+        # Dense-to-sparse: start at initial_sparsity and prune along SDP scores to `sparsity` on
+        # a cubic schedule over the first prune_end_fraction of the first task, every
+        # prune_every_steps steps; SAM keeps training sharpness-aware, no retraining phase.
+        dense_to_sparse=False, initial_sparsity=0.0, prune_end_fraction=1.0,
+        prune_every_steps=50,
     ))
     # online EWC (ewc, sparcl_ewc): penalty ewc_lambda * sum(F * (w - w*)^2), F <- gamma F + new
     c.ewc = ml_collections.ConfigDict(dict(
@@ -179,7 +188,8 @@ _RESNET = dict(model="resnet18", resnet_nf=64, batch_size=32, eval_batch_size=50
 BENCHMARK_PROTOCOLS: dict[str, tuple[dict, dict]] = {
     # The offline default (`make run`): scikit-learn's bundled 8x8 digits, runs in seconds.
     "split_digits": (dict(model="mlp", mlp_widths=(100, 100), epochs=5, batch_size=10,
-                          eval_batch_size=500, steps_per_call=50), MNIST_METHODS),
+                          eval_batch_size=500, steps_per_call=50,
+                          esacl=dict(mask_update_every_epochs=2)), MNIST_METHODS),
     "split_mnist": (_MLP_1_EPOCH, MNIST_METHODS),
     "split_fashion_mnist": (_MLP_1_EPOCH, MNIST_METHODS),
     # Batch 128 for current and replay examples alike.
@@ -187,6 +197,19 @@ BENCHMARK_PROTOCOLS: dict[str, tuple[dict, dict]] = {
                             replay_batch_size=128),
                        {name: {k: v for k, v in row.items() if k != "replay_batch_size"}
                         for name, row in MNIST_METHODS.items()}),
+    # Our over-parameterized protocols (docs/PROTOCOLS.md): the same tasks with wider MLPs,
+    # where a sparse network has room to spare. 1 epoch, batch 10: the DER protocol.
+    **{f"{bench}_w{width}": (dict(_MLP_1_EPOCH, benchmark=bench, mlp_widths=(width, width)),
+                             MNIST_METHODS)
+       for bench in ("split_mnist", "split_fashion_mnist") for width in (400, 1000)},
+    # Multi-epoch: 5 epochs a task, batch 32 (replay minibatch 32), so that IDS's score table has
+    # earlier epochs to rank by and SDP's between-epoch mask updates fire (every 2 epochs).
+    **{f"{bench}_w400_e5": (dict(model="mlp", benchmark=bench, mlp_widths=(400, 400), epochs=5,
+                                 batch_size=32, replay_batch_size=32,
+                                 esacl=dict(mask_update_every_epochs=2)),
+                            {name: {k: v for k, v in row.items() if k != "replay_batch_size"}
+                             for name, row in MNIST_METHODS.items()})
+       for bench in ("split_mnist", "split_fashion_mnist")},
     "split_cifar10": (dict(_RESNET, epochs=50), CIFAR_METHODS),
     "split_cifar100": (dict(_RESNET, epochs=50), CIFAR_METHODS),
     "split_tiny_imagenet": (dict(_RESNET, epochs=100), CIFAR_METHODS),
@@ -210,7 +233,8 @@ def get_config(benchmark: str, method: str = "finetune") -> ml_collections.Confi
         raise ValueError(f"no protocol row for method {method!r}{_closest(method, list(methods))}"
                          f"; known: {', '.join(methods)}")
     c = base_config()
-    for source in (dict(protocol, benchmark=benchmark), methods[method]):
+    c.protocol = benchmark
+    for source in (dict(dict(benchmark=benchmark), **protocol), methods[method]):
         for key, value in source.items():
             if isinstance(value, dict):
                 c[key].update(value)

@@ -18,6 +18,7 @@ BatchNorm running statistics come from the clean pass only.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import jax
@@ -69,6 +70,26 @@ class EsaCL(ReplayMethod):
         for field in ("mask_update_every_epochs", "mask_update_every_steps"):
             if e[field] < 0:
                 raise ValueError(f"esacl.{field} must be >= 0, got {e[field]}")
+        if e.dense_to_sparse:
+            if not 0.0 <= e.initial_sparsity < e.sparsity:
+                raise ValueError("esacl.dense_to_sparse needs 0 <= esacl.initial_sparsity < "
+                                 f"esacl.sparsity, got {e.initial_sparsity} and {e.sparsity}")
+            if not 0.0 < e.prune_end_fraction <= 1.0 or e.prune_every_steps < 1:
+                raise ValueError("esacl.prune_end_fraction must be in (0, 1] and "
+                                 "esacl.prune_every_steps >= 1, got "
+                                 f"{e.prune_end_fraction} and {e.prune_every_steps}")
+            if e.distribution != "uniform":
+                raise ValueError("esacl.dense_to_sparse prunes every layer to the same sparsity: "
+                                 'it needs esacl.distribution="uniform"')
+        if e.ids_unseen not in ids.UNSEEN_POLICIES:
+            raise ValueError(f"esacl.ids_unseen must be one of {ids.UNSEEN_POLICIES}, "
+                             f"got {e.ids_unseen!r}")
+        every = e.mask_update_every_epochs
+        if e.sdp and config.epochs > 1 and every and every >= config.epochs:
+            logging.warning(
+                "esacl.mask_update_every_epochs=%d never fires within a %d-epoch task (SDP then "
+                "updates masks at task starts only): set it below %d, or 0 to say so",
+                every, config.epochs, config.epochs)
         self.esacl = e
         if e.replay == "none":
             config = config.copy_and_resolve_references()
@@ -76,6 +97,10 @@ class EsaCL(ReplayMethod):
                 config.buffer_size = 0
         super().__init__(config, model, benchmark)
         self.kept = ids.num_selected(config.batch_size, e.gamma)
+        # Dense-to-sparse: the cubic ramp ends after this many optimizer steps (a fraction of the
+        # first task's steps).
+        first_task_steps = (benchmark.tasks[0].num_train // config.batch_size) * config.epochs
+        self.ramp_steps = max(1, int(e.prune_end_fraction * first_task_steps))
         # Mask updates run between compiled epochs (task start, every k epochs), not in the scan.
         self._refresh_masks = jax.jit(functools.partial(sdp.refresh_masks, **self.mask_kwargs()))
 
@@ -88,7 +113,8 @@ class EsaCL(ReplayMethod):
     def make_optimizer(self) -> optax.GradientTransformation:
         e = self.esacl
         front = sdp.sdp_transform(
-            sparsity=e.sparsity, rho=e.rho, distribution=e.distribution, ema_decay=e.ema_decay,
+            sparsity=e.initial_sparsity if e.dense_to_sparse else e.sparsity, rho=e.rho,
+            distribution=e.distribution, ema_decay=e.ema_decay,
             mask_update_every_steps=e.mask_update_every_steps if e.sdp else 0,
             seed=self.config.seed, prunable=self.prunable, **self.mask_kwargs())
         return sdp.keep_sparse(optax.chain(front, make_optimizer(self.config)))
@@ -221,8 +247,8 @@ class EsaCL(ReplayMethod):
         if e.ids_score == "random":
             table_score = jax.random.uniform(select_key, batch.index.shape)
         else:
-            kind = "sharpness" if e.ids_score == "sharpness" else "loss"
-            table_score = ids.table_scores(table, batch.index, kind)
+            kind = "estimated_sharpness" if e.ids_score == "sharpness" else "loss"
+            table_score = ids.table_scores(table, batch.index, kind, unseen=e.ids_unseen)
         selected, _ = ids.select_top(table_score, e.gamma)
 
         def clean_loss(params):
@@ -257,8 +283,47 @@ class EsaCL(ReplayMethod):
         perturbs to, computed above with the same library functions)."""
         updates, opt_state = self.tx.update(clean_grads, state.opt_state, state.params,
                                             grad_fn=lambda _: descent_grads)
-        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                             batch_stats=new_stats, opt_state=opt_state)
+        state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
+                              batch_stats=new_stats, opt_state=opt_state)
+        return self._gradual_prune(state) if self.esacl.dense_to_sparse else state
+
+    # ----- dense-to-sparse: prune along SDP scores on a cubic schedule, no retraining -----
+    def target_sparsity(self, step: jax.Array) -> jax.Array:
+        """s(t) = s_f + (s_0 - s_f) (1 - t / T)^3 (Zhu & Gupta's gradual schedule), T the ramp."""
+        e = self.esacl
+        t = jnp.minimum(jnp.asarray(step, jnp.float32) / self.ramp_steps, 1.0)
+        return e.sparsity + (e.initial_sparsity - e.sparsity) * (1.0 - t) ** 3
+
+    def _gradual_prune(self, state: TrainState) -> TrainState:
+        """Every prune_every_steps steps of the ramp (and at its last step, which reaches the
+        target exactly) keep each layer's top SDP scores among its active weights; the newly
+        pruned weights become exactly 0. The rare prune runs under lax.cond: other steps skip it.
+        """
+        e, step = self.esacl, state.step
+        do = ((step % e.prune_every_steps == 0) & (step < self.ramp_steps)) | (
+            step == self.ramp_steps)
+
+        def prune(state: TrainState) -> TrainState:
+            sdp_state = sdp.find_sdp_state(state.opt_state)
+            scores = masks.sdp_scores(
+                state.params, sdp_state.grad_ema, kind=e.score, score_lambda=e.score_lambda,
+                curvature=sdp_state.curvature_ema if e.score == "taylor" else None)
+            target = self.target_sparsity(step)
+
+            def layer(mask: jax.Array, score: jax.Array) -> jax.Array:
+                if jnp.ndim(mask) == 0:  # not prunable
+                    return mask
+                keep = mask.size - jnp.round(target * mask.size).astype(jnp.int32)
+                return masks.keep_top(jnp.where(mask, score, -jnp.inf), keep) & mask
+
+            new_masks = jax.tree.map(layer, sdp_state.masks, scores)
+            params = masks.apply_masks(state.params, new_masks)
+            opt_state = sdp.replace_sdp_state(state.opt_state,
+                                              sdp_state._replace(masks=new_masks))
+            return state.replace(params=params, opt_state=opt_state)
+
+        return jax.lax.cond(do, prune, lambda s: s, state)
 
     def _record(self, state, batch, ctx, insert_key, logits, loss):
         """Reservoir insertion with the step's logits, and the step's metrics."""

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 VARIANT_KNOBS: dict[str, tuple[str, dict[str, Any]]] = {
     "esacl": ("esacl", {"step_variant": "C", "gamma": 0.25, "rho": 0.01, "sdp": True,
                         "replay": "derpp", "ids_score": "sharpness", "replay_at": "perturbed",
-                        "init_rescale": True, "mask_update_every_steps": 0}),
+                        "init_rescale": True, "mask_update_every_steps": 0,
+                        "ids_unseen": "mean", "dense_to_sparse": False}),
     "sparcl": ("sparcl", {"base": "derpp", "ddr": True, "dgm": True}),
     "sparcl_ewc": ("sparcl", {"ddr": True, "dgm": True}),
     "sparcl_er": ("sparcl", {"ddr": True, "dgm": True}),
@@ -109,6 +110,9 @@ def _finite(value: Any) -> float | None:
 
 def benchmark_of(result: dict) -> str:
     """The benchmark's name (results.json stores a dict; hand-made files may hold a string)."""
+    protocol = _config(result).get("protocol")
+    if protocol:  # the protocol row (e.g. split_mnist_w400), finer than the dataset benchmark
+        return str(protocol)
     bench = result.get("benchmark")
     if isinstance(bench, dict):
         bench = bench.get("name")

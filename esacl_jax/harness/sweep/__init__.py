@@ -30,11 +30,12 @@ from esacl_jax.harness.sweep.plan import (
     apply_overrides,
     available_benchmarks,
     build_config,
-    config_module,
+    check_benchmark,
     one_line,
     parse_overrides,
     parse_value,
     plain_config,
+    protocol_config,
 )
 from esacl_jax.harness.sweep.provenance import (
     evaluation_split,
@@ -49,7 +50,8 @@ from esacl_jax.harness.sweep.reuse import check_existing, config_differences
 __all__ = [
     "Outcome", "Run", "SweepResult", "accuracy", "apply_overrides", "available_benchmarks",
     "build_config", "check_data", "check_existing", "common_settings", "config_differences",
-    "config_module", "define_common_flags", "evaluation_split", "execute", "exit_with",
+    "check_benchmark", "protocol_config", "define_common_flags", "evaluation_split", "execute",
+    "exit_with",
     "format_duration", "format_list", "load_results", "one_line", "parse_overrides",
     "parse_value", "plain_config", "provenance", "provenance_csv", "provenance_markdown",
     "read_csv_records", "run_all",

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib
 import json
 import pathlib
-import pkgutil
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -114,18 +112,24 @@ def one_line(err: BaseException) -> str:
 
 
 def available_benchmarks() -> list[str]:
-    """The benchmark config modules under experiments/configs."""
-    import experiments.configs as configs
+    """The protocol names (`esacl_jax.harness.config.BENCHMARK_PROTOCOLS`)."""
+    from esacl_jax.harness.config import BENCHMARK_PROTOCOLS
 
-    return sorted(m.name for m in pkgutil.iter_modules(configs.__path__))
+    return sorted(BENCHMARK_PROTOCOLS)
 
 
-def config_module(benchmark: str) -> Any:
-    """The ``experiments.configs.<benchmark>`` module; ValueError naming the known ones."""
+def protocol_config(benchmark: str, method: str) -> ml_collections.ConfigDict:
+    """The protocol's config with the method's row; ValueError naming the known ones."""
+    from esacl_jax.harness.config import get_config
+
+    return get_config(benchmark, method)
+
+
+def check_benchmark(benchmark: str) -> None:
+    """ValueError for an unknown protocol name."""
     known = available_benchmarks()
     if benchmark not in known:
-        raise ValueError(f"no config for benchmark {benchmark!r}; choose from {', '.join(known)}")
-    return importlib.import_module(f"experiments.configs.{benchmark}")
+        raise ValueError(f"no protocol {benchmark!r}; choose from {', '.join(known)}")
 
 
 def parse_value(text: str) -> Any:
@@ -168,7 +172,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
 
 def build_config(run: Run, data_dir: str | None = None) -> ml_collections.ConfigDict:
     """The run's protocol row + overrides + seed, with progress bars and TensorBoard off."""
-    config = config_module(run.benchmark).get_config(run.method)
+    config = protocol_config(run.benchmark, run.method)
     apply_overrides(config, run.overrides)
     config.seed = run.seed
     config.progress = False
