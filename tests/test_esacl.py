@@ -11,7 +11,6 @@ from esacl_jax.harness.loop import build_model_for, load_config_benchmark, train
 from esacl_jax.harness.methods import Pass, build_method
 from experiments.configs import split_digits, split_mnist
 
-
 DIGITS_TASK0 = 269  # training examples of split_digits' first task (classes 0 and 1)
 
 
