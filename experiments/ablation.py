@@ -45,6 +45,7 @@ from typing import Any
 
 from esacl_jax.harness import sweep
 from esacl_jax.harness.atomic_io import write_text_atomic
+from esacl_jax.harness.methods import sparsity_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,15 @@ VARIANTS: dict[str, Variant] = {
                               {**_REFERENCE, "esacl.ids_score": "clean_loss"}),
     "ids_random": Variant("B, IDS score=random (a random subset of the same size)", "esacl",
                           {**_REFERENCE, "esacl.ids_score": "random"}),
+    # Controls of the published default (step C), one knob each: what IDS, SDP and SAM buy
+    # where they act (the multi-epoch protocols), and the dense-to-sparse reading of SDP.
+    "c_ids_random": Variant("default, IDS score=random (same cost)", "esacl",
+                            {"esacl.ids_score": "random"}),
+    "c_no_sdp": Variant("default, no SDP (masks fixed at init)", "esacl", {"esacl.sdp": False}),
+    "c_no_sam": Variant("default, no SAM (rho=0)", "esacl", {"esacl.rho": 0.0}),
+    "dense_to_sparse": Variant("default, dense-to-sparse (cubic ramp over the first task)",
+                               "esacl", {"esacl.dense_to_sparse": True}),
+    "sparcl_derpp": Variant("SparCL-DER++", "sparcl_derpp", {}),
     "derpp": Variant("DER++ (dense)", "derpp", {}, sparse=False),
 }
 REFERENCE = "derpp"
@@ -169,7 +179,7 @@ def plan(settings: Settings) -> list[sweep.Run]:
                 overrides = {**common, **variant.overrides}
                 workdir = out / bench / name
                 if sparsity is not None:
-                    overrides["esacl.sparsity"] = sparsity
+                    overrides[sparsity_key(variant.method)] = sparsity
                     workdir = workdir / f"s{sparsity:g}"
                 for seed in settings.seeds:
                     runs.append(sweep.Run(bench, variant.method, overrides, seed,
@@ -202,7 +212,7 @@ def summarize(settings: Settings, loaded: Sequence[tuple[sweep.Run, dict]]) -> l
             for sparsity in settings.sparsities if sparse else (0.0,):
                 members = [r for run, r in loaded if run.benchmark == bench and
                            run.group == name and
-                           (not sparse or run.overrides.get("esacl.sparsity") == sparsity)]
+                           (not sparse or run.overrides.get(sparsity_key(run.method)) == sparsity)]
                 rows = reporting.aggregate(members)
                 if len(rows) > 1:
                     raise RuntimeError(f"{bench}/{name}: runs fall into several groups")
