@@ -31,11 +31,13 @@ from esacl_jax.masks import (
     keep_top,
     layer_sparsities,
     magnitude_masks,
+    name_prunable,
     prunable_tree,
     prune_and_regrow,
     sdp_scores,
     sparse_init,
     sparsity_summary,
+    structural_prunable,
 )
 from esacl_jax.metrics import (
     average_accuracy,
@@ -56,6 +58,7 @@ from esacl_jax.replay import (
 )
 from esacl_jax.sdp import (
     SDPState,
+    accumulate_grad_fn,
     find_sdp_state,
     keep_sparse,
     refresh_masks,
@@ -75,9 +78,10 @@ __version__ = "0.1.0"
 __all__ = [
     # SDP: the optax transform and its state
     "sdp_transform", "keep_sparse", "SDPState", "update_masks", "refresh_masks",
-    "find_sdp_state", "replace_sdp_state",
+    "find_sdp_state", "replace_sdp_state", "accumulate_grad_fn",
     # masks
-    "default_prunable", "prunable_tree", "layer_sparsities", "magnitude_masks", "apply_masks",
+    "default_prunable", "name_prunable", "structural_prunable", "prunable_tree",
+    "layer_sparsities", "magnitude_masks", "apply_masks",
     "keep_top", "sdp_scores", "prune_and_regrow", "sparsity_summary", "sparse_init",
     # sharpness (SAM)
     "sam_perturbation", "add_perturbation", "masked_global_norm", "per_example_sharpness",

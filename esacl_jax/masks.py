@@ -13,11 +13,16 @@ Conventions (shared with `sdp.py` and `sharpness.py`):
   is traced; both give the same masks (ties go to the lower index).
 - Explicitly sharded leaves (sharding in types) are gathered for the per-layer ranking and the
   results get the leaf's sharding back.
+- Which leaves are prunable: `structural_prunable` (from shapes and order: every kernel except the
+  input layer/embedding and the logits layer; `sdp_transform`'s default) or `name_prunable`
+  (METHOD.md's name-based set). `default_prunable`, the default of the functions in this module
+  that take a filter, is still an alias of `name_prunable`.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -84,6 +89,86 @@ def name_prunable(path: KeyPath, leaf: Any) -> bool:
 
 
 default_prunable = name_prunable
+
+
+def _natural_key(path: KeyPath) -> tuple:
+    """Sort key of a path with numbers compared as numbers ("Dense_2" before "Dense_10")."""
+    return tuple(
+        tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+        for name in path_names(path)
+    )
+
+
+def _dtype(x: Any) -> Any:
+    dtype = getattr(x, "dtype", None)
+    return np.result_type(x) if dtype is None else dtype
+
+
+def _in_dims(shape: tuple[int, ...]) -> set[int]:
+    """The dimensions a kernel may read its input from: (in, out) dense -> in; conv kernels
+    (..., in, out) -> in; 3-D kernels (DenseGeneral's (in, heads, head_dim) or (heads, head_dim,
+    out), Conv1D's (width, in, out)) -> the first two."""
+    if len(shape) == 2:
+        return {shape[0]}
+    if len(shape) == 3:
+        return {shape[0], shape[1]}
+    return {shape[-2]}
+
+
+def structural_prunable(params: PyTree) -> PyTree:
+    """The default prunable set, from shapes and order only (no names): a tree of Python bools.
+
+    Candidates are the floating leaves with ndim >= 2 (dense, conv, attention and embedding
+    kernels; biases, norms and scalars never). Two of them are excluded:
+    - the output (logits) layer: among the candidates whose output dimension (last axis) feeds no
+      other candidate (it is none of their input dimensions), the last in natural path order;
+    - the input layer or embedding: among the candidates whose input dimensions are produced by no
+      other candidate (none is another's last axis), the first in natural path order.
+    When no candidate qualifies for a role, the last (first) candidate in natural path order
+    (numbers in names compared as numbers) is used. A single candidate is both, so nothing is
+    prunable. Check the result with `sparsity_summary` or `prunable_tree(params,
+    structural_prunable)`, and pass a filter or bool tree (`prunable=`) when it is not what you
+    want (e.g. `name_prunable`, METHOD.md's name-based set).
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    cands = [
+        i
+        for i, (_, x) in enumerate(flat)
+        if len(np.shape(x)) >= 2 and jnp.issubdtype(_dtype(x), jnp.floating)
+    ]
+    cands.sort(key=lambda i: _natural_key(flat[i][0]))
+    shapes = {i: tuple(np.shape(flat[i][1])) for i in cands}
+    flags = [False] * len(flat)
+    if len(cands) >= 2:
+        def outputs_of_others(i: int) -> set[int]:
+            return {shapes[j][-1] for j in cands if j != i}
+
+        def inputs_of_others(i: int) -> set[int]:
+            return set().union(*(_in_dims(shapes[j]) for j in cands if j != i))
+
+        last = [i for i in cands if shapes[i][-1] not in inputs_of_others(i)]
+        first = [i for i in cands if not _in_dims(shapes[i]) & outputs_of_others(i)]
+        logits = last[-1] if last else cands[-1]
+        rest = [i for i in cands if i != logits]
+        first = [i for i in first if i != logits]
+        embed = first[0] if first else rest[0]
+        for i in rest:
+            flags[i] = i != embed
+    return treedef.unflatten(flags)
+
+
+def resolve_prunable(prunable: Any, params: PyTree) -> PyTree:
+    """The bool tree of a `prunable=` argument: None or "structural" -> `structural_prunable`,
+    "name" -> `name_prunable`, a `(path, leaf) -> bool` filter, or a bool tree as it is."""
+    if prunable is None or (isinstance(prunable, str) and prunable == "structural"):
+        return structural_prunable(params)
+    if isinstance(prunable, str):
+        if prunable != "name":
+            raise ValueError(f'prunable must be "structural", "name", a filter or a bool tree: '
+                             f"{prunable!r}")
+        prunable = name_prunable
+    _, flags, treedef = _flat_with_prunable(params, prunable)
+    return treedef.unflatten(flags)
 
 
 def _flat_with_prunable(
@@ -326,26 +411,40 @@ def sdp_scores(
     kind: str = "magnitude_gradient",
     score_lambda: Any = 0.5,
     curvature: PyTree | None = None,
+    normalize: bool = True,
 ) -> PyTree:
     """Importance of each weight for SDP pruning (higher = keep), in float32.
 
-    - `"magnitude_gradient"`: |w| + lambda * |G|, G the EMA of the sharpness-aware gradient.
-    - `"taylor"`: |w * G| + 0.5 * h * w**2 (first- plus second-order loss change of zeroing w,
-      h a diagonal curvature estimate such as an EMA of squared gradients); needs `curvature`.
+    - `"magnitude_gradient"`: |w| + lambda * |G| * c, G the EMA of the sharpness-aware gradient.
+    - `"taylor"`: |w * G| * c' + 0.5 * h * w**2 * c'**2 (first- plus second-order loss change of
+      zeroing w, h a diagonal curvature estimate such as an EMA of squared gradients); needs
+      `curvature`.
+    With `normalize` (default) the scores do not depend on the loss's scale (its reduction, the
+    batch size, a loss weight): per layer, c = mean|w| / mean|G| (G brought to the layer's weight
+    scale, so lambda weighs two terms of the same size) and c' = 1 / mean|G| (the Taylor estimate
+    for the loss rescaled so that mean|G| = 1); a layer with G == 0 gets c = c' = 0. Without it,
+    c = c' = 1 (the raw formulas, which change with the loss's scale).
     Leaves whose `grad_ema` is a scalar placeholder get the placeholder shape back (not scored).
     """
     if kind not in SCORE_KINDS:
         raise ValueError(f"score must be one of {SCORE_KINDS}, got {kind!r}")
+
+    def inverse_mean(x: jax.Array) -> jax.Array:
+        m = jnp.mean(x)
+        return jnp.where(m > 0, 1.0 / jnp.where(m > 0, m, 1.0), 0.0)
 
     def one(w: jax.Array, g: jax.Array, h: jax.Array | None) -> jax.Array:
         w = jnp.asarray(w, jnp.float32)
         g = jnp.asarray(g, jnp.float32)
         if jnp.ndim(g) == 0 and jnp.ndim(w) > 0:  # non-prunable placeholder
             return jnp.zeros((), jnp.float32)
+        abs_g = jnp.abs(g)
+        c = inverse_mean(abs_g) if normalize else jnp.ones((), jnp.float32)
         if kind == "magnitude_gradient":
-            return jnp.abs(w) + score_lambda * jnp.abs(g)
+            scale = c * jnp.mean(jnp.abs(w)) if normalize else c
+            return jnp.abs(w) + score_lambda * abs_g * scale
         h = jnp.asarray(h, jnp.float32)
-        return jnp.abs(w * g) + 0.5 * h * jnp.square(w)
+        return jnp.abs(w * g) * c + 0.5 * h * jnp.square(w) * jnp.square(c)
 
     if kind == "taylor":
         if curvature is None:

@@ -23,18 +23,44 @@ are EMAs of g_sam and g_sam**2 (used to score weights at mask updates); the outp
 `optax.apply_updates` every pruned (and every just-regrown) weight is exactly zero, whatever the
 followers did (momentum, Adam moments, weight decay).
 
+Compositions (each decided, tested in tests/test_sdp_compose.py, see docs/OWN_LOOP.md); anything
+else raises at trace time with one sentence naming the fix:
+- `sdp_transform` is the FIRST transform inside `keep_sparse` (what comes before it is discarded:
+  its output replaces the gradient), and an optimizer follows it (its output is a gradient, which
+  `apply_updates` would add). `clip_by_global_norm` and the like go after it.
+- `update` needs `grad_fn` unless `rho` is a static 0 or the transform was built with
+  `require_grad_fn=False` (then the incoming updates are the descent gradient, no SAM inside).
+- `optax.MultiSteps` (either nesting) is rejected: accumulate micro-batches inside one update
+  with `accumulate_grad_fn` (SAM on the accumulated gradient, grad_fn called once per update).
+- `optax.apply_if_finite` goes after `sdp_transform` (it then sees what grad_fn returned); around
+  it, it would check only the clean gradient, so that nesting is rejected. The transform's
+  score averages G and h skip the non-finite entries of the sharpness-aware gradient, so a NaN
+  step does not poison later mask updates.
+- `optax.multi_transform` (or `optax.masked`) inside `keep_sparse` works: `grad_fn` always gets
+  the full params (w + eps on the transform's own leaves, w elsewhere); SAM's radius and the
+  masks cover the transform's leaves only. Every other leaf needs its own optimizer (or
+  `optax.set_to_zero()`): a leaf whose final update is the raw gradient is rejected.
+  `keep_sparse` inside them is rejected.
+- flax's `TrainState.apply_gradients` cannot pass `grad_fn`: use
+  `esacl_jax.flax_utils.SDPTrainState`.
+- `batch_axis_name` (under `jax.shard_map` / `pmap`): the descent gradient is all-reduced; the
+  perturbation uses the all-reduced gradient (`perturbation="global"`, default) or each device's
+  own (`"per_device"`, m-sharpness). Under plain `jit` of sharded arrays the gradient is global.
+
 Notes:
 - `grad_fn` takes the (perturbed) params only, unlike `optax.contrib.sam`'s `grad_fn(params, i)`.
 - Under `optax.inject_hyperparams(sdp_transform)`, numeric arguments become arrays in the params'
-  dtype: pass `hyperparam_dtype=jnp.float32` for bf16 params, and
-  `static_args=("mask_update_every_steps",)` to keep a 0 schedule free (a traced schedule computes the
-  candidate masks at every step); a custom `prunable` filter needs `static_args=("prunable",)`.
+  dtype: pass `hyperparam_dtype=jnp.float32` for bf16 params; a custom `prunable` filter needs
+  `static_args=("prunable",)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+import types
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +71,7 @@ from esacl_jax.masks import PrunableFn, PyTree
 from esacl_jax.sharpness import add_perturbation, sam_perturbation
 
 KEEP_SPARSE_MARKER = "_esacl_keep_sparse"
+PERTURBATIONS = ("global", "per_device")
 
 _MISSING_WRAPPER = (
     "sdp_transform was updated outside keep_sparse, so pruned weights would drift (momentum, Adam "
@@ -52,10 +79,65 @@ _MISSING_WRAPPER = (
     "as esacl_jax.keep_sparse(optax.chain(sdp_transform(...), optimizer)), or build "
     "sdp_transform(..., check_projection=False) if you zero the pruned weights yourself."
 )
+_MISSING_GRAD_FN = (
+    "sdp_transform.update needs grad_fn=, the gradient function it evaluates at the perturbed "
+    "params (without it SAM would silently be off): call tx.update(grads, state, params, "
+    "grad_fn=lambda p: jax.grad(loss)(p, batch)) (with flax's TrainState use "
+    "esacl_jax.flax_utils.SDPTrainState.apply_gradients(grads=..., grad_fn=...)), or build "
+    "sdp_transform(rho=0) or sdp_transform(..., require_grad_fn=False) to use the incoming "
+    "gradient as it is."
+)
+_NOT_FIRST = (
+    "sdp_transform must be the first transform inside keep_sparse: it replaces the incoming "
+    "gradient by grad_fn(w + eps), so whatever runs before it (an optimizer, "
+    "clip_by_global_norm, ...) is discarded; move it after: "
+    "keep_sparse(optax.chain(sdp_transform(...), optax.clip_by_global_norm(1.0), optimizer))."
+)
+_NO_OPTIMIZER = (
+    "no optimizer runs after sdp_transform: its output is a gradient, which optax.apply_updates "
+    "would add to the params (gradient ascent); chain one after it: "
+    "keep_sparse(optax.chain(sdp_transform(...), optax.sgd(learning_rate)))."
+)
+_RAW_GRADIENT = (
+    "some parameters receive the raw gradient as their update (no optimizer ran on them, e.g. "
+    "leaves left out by optax.masked), which optax.apply_updates would add (gradient ascent): "
+    "give every leaf an optimizer with optax.multi_transform, or optax.set_to_zero() to freeze it."
+)
+_NOT_UPDATED = (
+    "the sdp_transform inside keep_sparse was not updated with keep_sparse's extra arguments (a "
+    "transform between them dropped them, e.g. a plain optax.GradientTransformation wrapper): "
+    "put sdp_transform directly in the optax.chain that keep_sparse wraps."
+)
+_MULTISTEPS = (
+    "sdp_transform cannot run inside optax.MultiSteps, which would perturb with one "
+    "micro-batch's gradient and call grad_fn at every micro-step: accumulate inside one update "
+    "instead, with grads = esacl_jax.accumulate_grad_fn(per_batch_grad, microbatches)(params) "
+    "and grad_fn=esacl_jax.accumulate_grad_fn(per_batch_grad, microbatches)."
+)
+_IF_FINITE = (
+    "optax.apply_if_finite around sdp_transform checks only the clean gradient, not the one "
+    "grad_fn returns: put it after sdp_transform, "
+    "keep_sparse(optax.chain(sdp_transform(...), optax.apply_if_finite(optimizer, 5)))."
+)
+_PER_DEVICE_REDUCED = (
+    'perturbation="per_device" got a gradient that is already reduced over batch_axis_name '
+    "(under jax.shard_map, jax.grad with respect to replicated params sums over the devices): "
+    "compute it at jax.lax.pcast(params, axis_name, to='varying') so that each device perturbs "
+    "along its own gradient."
+)
+_INSIDE_MASKED = (
+    "keep_sparse received partial params (optax.MaskedNode leaves): put keep_sparse outside "
+    "optax.masked / optax.multi_transform, keep_sparse(optax.multi_transform({'sparse': "
+    "optax.chain(sdp_transform(...), opt), ...}, labels)), so grad_fn gets the full params."
+)
 
 
-class SDPState(NamedTuple):
-    """State of `sdp_transform`.
+# ----------------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass(frozen=True)
+class SDPState:
+    """State of `sdp_transform` (a pytree; every leaf is an array, nothing is None).
 
     Attributes:
       count: int32 step counter.
@@ -64,7 +146,14 @@ class SDPState(NamedTuple):
         non-prunable leaves, which are never scored).
       curvature_ema: h, float32 EMA of g_sam**2 for the "taylor" score (scalar 0 placeholders
         everywhere unless the transform was built with score="taylor").
-      key: typed PRNG key for random regrowth.
+      key: uint32 raw key data (`jax.random.key_data`) of the PRNG key for random regrowth
+        (plain integers, so `optax.tree_utils.tree_cast` and checkpointers handle it).
+      score_lambda: float32, the transform's score_lambda (read by `update_masks`).
+      prune_fraction: float32, the transform's prune_fraction (read by `update_masks`).
+      score: the transform's score kind (static: part of the tree structure).
+      regrow: the transform's regrowth kind (static).
+      static_prune_fraction: prune_fraction as a Python float when the transform was built with
+        a Python number (static, so mask updates use `lax.top_k` with a static k), else None.
     """
 
     count: jax.Array
@@ -72,6 +161,24 @@ class SDPState(NamedTuple):
     grad_ema: PyTree
     curvature_ema: PyTree
     key: jax.Array
+    score_lambda: jax.Array
+    prune_fraction: jax.Array
+    score: str = dataclasses.field(default="magnitude_gradient", metadata={"static": True})
+    regrow: str = dataclasses.field(default="gradient", metadata={"static": True})
+    static_prune_fraction: float | None = dataclasses.field(default=None,
+                                                            metadata={"static": True})
+
+    def _replace(self, **changes: Any) -> SDPState:
+        """`dataclasses.replace`, under the NamedTuple name the state had before."""
+        return dataclasses.replace(self, **changes)
+
+
+jax.tree_util.register_dataclass(
+    SDPState,
+    data_fields=["count", "masks", "grad_ema", "curvature_ema", "key", "score_lambda",
+                 "prune_fraction"],
+    meta_fields=["score", "regrow", "static_prune_fraction"],
+)
 
 
 def _is_placeholder(state_leaf: jax.Array, mask_leaf: jax.Array) -> bool:
@@ -79,8 +186,17 @@ def _is_placeholder(state_leaf: jax.Array, mask_leaf: jax.Array) -> bool:
     return jnp.ndim(state_leaf) == 0 and jnp.ndim(mask_leaf) > 0
 
 
+def _is_masked_node(x: Any) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _has_masked_nodes(tree: PyTree) -> bool:
+    return any(_is_masked_node(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked_node))
+
+
 def _validate(
-    sparsity: Any, rho: Any, distribution: str, score: str, regrow: str, every: Any
+    sparsity: Any, rho: Any, distribution: str, score: str, regrow: str, every: Any,
+    perturbation: str, batch_axis_name: Any,
 ) -> None:
     """Check the static choices and whatever numbers are concrete (traced ones pass through)."""
     if distribution not in masks_lib.DISTRIBUTIONS:
@@ -89,6 +205,11 @@ def _validate(
         raise ValueError(f"score must be one of {masks_lib.SCORE_KINDS}: {score!r}")
     if regrow not in masks_lib.REGROW_KINDS:
         raise ValueError(f"regrow must be one of {masks_lib.REGROW_KINDS}: {regrow!r}")
+    if perturbation not in PERTURBATIONS:
+        raise ValueError(f"perturbation must be one of {PERTURBATIONS}: {perturbation!r}")
+    if perturbation == "per_device" and batch_axis_name is None:
+        raise ValueError('perturbation="per_device" needs batch_axis_name= (the axis of '
+                         "jax.shard_map or pmap the devices' gradients are reduced over)")
     s = masks_lib.concrete_float(sparsity)
     if s is not None and not 0.0 <= s <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {s}")
@@ -100,22 +221,101 @@ def _validate(
         raise ValueError(f"mask_update_every_steps must be >= 0, got {e}")
 
 
+# ----------------------------------------------------------------------------- trace-time checks
+
+
+def _code_objects(fn: Any) -> set[types.CodeType]:
+    """The code object of `fn` and of every function defined inside it."""
+    todo, seen = [fn.__code__], set()
+    while todo:
+        code = todo.pop()
+        seen.add(code)
+        todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return seen
+
+
+_ENCLOSING: list[tuple[set[types.CodeType], str]] = []
+
+
+def _check_enclosing() -> None:
+    """Raise when called (at trace time) from inside optax.MultiSteps or optax.apply_if_finite."""
+    if not _ENCLOSING:
+        _ENCLOSING.extend([
+            (_code_objects(optax.MultiSteps.update), _MULTISTEPS),
+            (_code_objects(optax.apply_if_finite), _IF_FINITE),
+        ])
+    frame = sys._getframe(1)
+    while frame is not None:
+        for codes, message in _ENCLOSING:
+            if frame.f_code in codes:
+                raise ValueError(message)
+        frame = frame.f_back
+
+
+def _axes(axis_name: Any) -> tuple[Any, ...]:
+    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+
+def _varies(x: Any, axis_name: Any) -> bool | None:
+    """Whether `x` varies over the mapped axes (shard_map's typing), None when not typed so."""
+    varying = getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", None)
+    if varying is None:
+        return None
+    return all(a in varying for a in _axes(axis_name))
+
+
+def _as_varying(tree: PyTree, axis_name: Any) -> PyTree:
+    """Mark the leaves as varying over the mapped axes (a no-op on values): then `jax.grad` at
+    them under `jax.shard_map` gives each device's own gradient, not the sum over devices."""
+
+    def one(x: jax.Array) -> jax.Array:
+        varying = getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", None)
+        missing = tuple(a for a in _axes(axis_name) if varying is None or a not in varying)
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(one, tree)
+
+
+class _KeepSparseCall:
+    """What `keep_sparse` tells the `sdp_transform` inside it during one `update` (Python
+    objects, trace time only): the full params and the identity of the incoming gradient's
+    leaves, and back the identity of the transform's output leaves."""
+
+    def __init__(self, updates: PyTree, params: PyTree):
+        self.params = params
+        self.inputs = jax.tree.leaves(updates)  # kept alive so that their ids stay unique
+        self.input_ids = {id(x) for x in self.inputs}
+        self.outputs: list[Any] = []
+        self.updated = 0
+
+
+# ----------------------------------------------------------------------------- mask updates
+
+
 def update_masks(
     state: SDPState,
     params: PyTree,
     *,
-    score: str = "magnitude_gradient",
-    score_lambda: Any = 0.5,
-    prune_fraction: Any = 0.01,
-    regrow: str = "gradient",
+    score: str | None = None,
+    score_lambda: Any = None,
+    prune_fraction: Any = None,
+    regrow: str | None = None,
     prunable: PrunableFn | PyTree | None = None,
 ) -> SDPState:
     """One SDP mask update at constant sparsity: score, prune the lowest, regrow by |G|.
 
     The function `sdp_transform` uses on its schedule; call it directly (under `jit` or not) to
     refresh masks at host-chosen points. It only changes `masks` and `key`: use `refresh_masks`
-    to also zero the newly pruned weights. Pass the same options the transform was built with.
+    to also zero the newly pruned weights. The options default to those the transform was built
+    with (read from the state); pass one to override it for this update only.
     """
+    score = state.score if score is None else score
+    regrow = state.regrow if regrow is None else regrow
+    score_lambda = state.score_lambda if score_lambda is None else score_lambda
+    if prune_fraction is None:
+        prune_fraction = state.static_prune_fraction
+        if prune_fraction is None:
+            prune_fraction = state.prune_fraction
     if score == "taylor":
         curvature, leaves = jax.tree.leaves(state.curvature_ema), jax.tree.leaves(state.masks)
         if any(_is_placeholder(h, m) for h, m in zip(curvature, leaves, strict=True)):
@@ -127,7 +327,7 @@ def update_masks(
         score_lambda=score_lambda,
         curvature=state.curvature_ema,
     )
-    key, sub = jax.random.split(state.key)
+    key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
     new_masks, _ = masks_lib.prune_and_regrow(
         state.masks,
         scores,
@@ -137,7 +337,10 @@ def update_masks(
         regrow=regrow,
         prunable=prunable,
     )
-    return state._replace(masks=new_masks, key=key)
+    return state._replace(masks=new_masks, key=jax.random.key_data(key))
+
+
+# ----------------------------------------------------------------------------- the transform
 
 
 def sdp_transform(
@@ -145,7 +348,7 @@ def sdp_transform(
     rho: Any = 0.05,
     *,
     distribution: str = "uniform",
-    prunable: PrunableFn | PyTree | None = None,
+    prunable: PrunableFn | PyTree | str | None = None,
     score: str = "magnitude_gradient",
     score_lambda: Any = 0.5,
     ema_decay: Any = 0.9,
@@ -154,44 +357,77 @@ def sdp_transform(
     mask_update_every_steps: Any = 0,
     seed: Any = 0,
     check_projection: bool = True,
+    require_grad_fn: bool = True,
+    batch_axis_name: Any = None,
+    perturbation: str = "global",
+    perturbation_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
     """Sharpness-aware directional pruning: masked SAM gradient + SDP mask updates.
 
     Args:
       sparsity: fraction of pruned weights in each prunable layer (global target for "erk");
-        only used at init.
+        only used at init. With no prunable leaf, a sparsity > 0 raises.
       rho: SAM radius. A static 0 evaluates `grad_fn` at w itself (no perturbation).
       distribution: "uniform" or "erk" per-layer sparsities.
-      prunable: filter `(path, leaf) -> bool` or bool tree; None means
-        `masks.default_prunable`. (None, not the function, is the default so that
-        `optax.inject_hyperparams` does not mistake it for a schedule; a custom filter under
+      prunable: which leaves are pruned: None or "structural" (default:
+        `masks.structural_prunable`, kernels with ndim >= 2 except the input layer/embedding and
+        the logits layer, found from shapes and order), "name" (`masks.name_prunable`, by layer
+        name), a filter `(path, leaf) -> bool` or a bool tree. (A custom filter under
         inject_hyperparams needs `static_args=("prunable",)`.)
-      score: "magnitude_gradient" (|w| + lambda |G|) or "taylor" (|w G| + 0.5 h w^2; also keeps
-        the curvature EMA h, one more float32 copy of the prunable weights).
+      score: "magnitude_gradient" (|w| + lambda |G| c) or "taylor" (|w G| c + 0.5 h w^2 c^2;
+        also keeps the curvature EMA h, one more float32 copy of the prunable weights); c
+        normalises G per layer so the ranking does not depend on the loss's scale
+        (`masks.sdp_scores`).
       score_lambda: lambda of the magnitude_gradient score.
       ema_decay: decay of the G (and h) EMAs.
       prune_fraction: fraction of each layer pruned and regrown per mask update.
       regrow: "gradient" (largest |G| among inactive weights) or "random".
-      mask_update_every_steps: 0 (default): masks change only through `update_masks`/`refresh_masks`
-        called by the training loop. k > 0: inside `update`, at steps with count > 0 and
-        count % k == 0 (selected with jnp.where, no lax.cond: the candidate masks, two top_k
-        per prunable layer, are then computed at every step).
+      mask_update_every_steps: 0 (default): masks change only through `update_masks` /
+        `refresh_masks` called by the training loop. k > 0: inside `update`, at steps with
+        count > 0 and count % k == 0, under `lax.cond`: steps that do not update masks do not
+        compute candidate masks (under `vmap` with a batched count, cond becomes a select).
       seed: seed of the PRNG key used by random regrowth.
       check_projection: raise at trace time when not run inside `keep_sparse`.
+      require_grad_fn: raise when `update` gets no `grad_fn` and rho is not a static 0. False:
+        without `grad_fn` the incoming updates are the descent gradient (no SAM inside; pass a
+        sharpness-aware gradient you computed yourself).
+      batch_axis_name: the mapped axis name (or names) under `jax.shard_map` / `pmap`, as in
+        `optax.contrib.sam`: `grad_fn` returns this device's gradient of its local loss (as
+        under pmap; the transform hands it the point marked varying over the axis, so that
+        shard_map's autodiff does not sum it over devices) and the transform averages it
+        (`lax.pmean`), so every device applies the same update.
+      perturbation: with `batch_axis_name`, "global" (default): eps from the averaged incoming
+        gradient (the SAM of the whole batch; an incoming gradient already reduced by shard_map
+        is fine); "per_device": eps from each device's own incoming gradient (m-sharpness with
+        m = the per-device batch), which must then be computed at
+        `jax.lax.pcast(params, axis, to="varying")` (a reduced one raises).
+      perturbation_dtype: dtype of w + eps handed to `grad_fn` for low-precision (bf16, f16)
+        params (default "float32": in bf16, w + eps == w on most coordinates); None keeps the
+        params' dtype. 32-bit params are unaffected. (A string, so that inject_hyperparams
+        keeps it static; a dtype object there needs `static_args=("perturbation_dtype",)`.)
 
     Returns:
       A `GradientTransformationExtraArgs`. `update(updates, state, params, *, grad_fn=None)`:
       `updates` is the clean gradient g at `params`, used only for the ascent direction eps;
       `grad_fn(params) -> grads` is the descent gradient (it may use other data than g, e.g.
-      IDS-selected examples plus replay), evaluated at the perturbed point w + eps (at w itself
-      when rho is a static 0). With `grad_fn=None` there is NO SAM inside: the incoming
-      `updates` are used as g_sam (pass a g_sam you computed yourself).
+      IDS-selected examples plus replay), evaluated once at the perturbed point w + eps (at w
+      itself when rho is a static 0). The output is the masked descent gradient in the params'
+      dtypes. See the module docstring for how it composes with other optax wrappers.
     """
-    _validate(sparsity, rho, distribution, score, regrow, mask_update_every_steps)
-    prunable_fn = masks_lib.default_prunable if prunable is None else prunable
+    _validate(sparsity, rho, distribution, score, regrow, mask_update_every_steps, perturbation,
+              batch_axis_name)
 
     def init_fn(params: PyTree) -> SDPState:
-        flat, flags, treedef = masks_lib._flat_with_prunable(params, prunable_fn)
+        flat, flags, treedef = masks_lib._flat_with_prunable(
+            params, masks_lib.resolve_prunable(prunable, params)
+        )
+        static_sparsity = masks_lib.concrete_float(sparsity)
+        if not any(flags) and static_sparsity is not None and static_sparsity > 0:
+            raise ValueError(
+                f"sdp_transform(sparsity={static_sparsity}) found no prunable leaf in the params: "
+                "pass prunable= (a (path, leaf) -> bool filter, a bool tree, or \"name\") or "
+                "sparsity=0."
+            )
         flag_tree = treedef.unflatten(flags)
         sparsities = masks_lib.layer_sparsities(params, sparsity, distribution, flag_tree)
         init_masks = masks_lib.magnitude_masks(params, sparsities, flag_tree)
@@ -211,7 +447,16 @@ def sdp_transform(
             masks=init_masks,
             grad_ema=zeros(True),
             curvature_ema=zeros(score == "taylor"),
-            key=jax.random.key(seed),
+            key=jax.random.key_data(jax.random.key(jnp.asarray(seed).astype(jnp.int32))),
+            score_lambda=jnp.asarray(score_lambda, jnp.float32),
+            prune_fraction=jnp.asarray(prune_fraction, jnp.float32),
+            score=score,
+            regrow=regrow,
+            static_prune_fraction=(
+                float(prune_fraction)
+                if isinstance(prune_fraction, (int, float)) and not isinstance(prune_fraction, bool)
+                else None
+            ),
         )
 
     def update_fn(
@@ -222,19 +467,45 @@ def sdp_transform(
         grad_fn: Callable[[PyTree], PyTree] | None = None,
         **extra_args: Any,
     ) -> tuple[PyTree, SDPState]:
-        if check_projection and not extra_args.get(KEEP_SPARSE_MARKER, False):
+        _check_enclosing()
+        call = extra_args.get(KEEP_SPARSE_MARKER)
+        if not isinstance(call, _KeepSparseCall):
+            call = None
+        if check_projection and call is None:
             raise ValueError(_MISSING_WRAPPER)
         if params is None:
             raise ValueError("sdp_transform needs params: call update(updates, state, params)")
+        if call is not None:
+            call.updated += 1
+            if not all(id(x) in call.input_ids for x in jax.tree.leaves(updates)):
+                raise ValueError(_NOT_FIRST)
+        static_rho = masks_lib.concrete_float(rho)
+        if grad_fn is None and require_grad_fn and static_rho != 0.0:
+            raise ValueError(_MISSING_GRAD_FN)
+
+        def all_reduce(tree: PyTree) -> PyTree:
+            if batch_axis_name is None:
+                return tree
+            return jax.lax.pmean(tree, axis_name=batch_axis_name)
+
         if grad_fn is None:
-            g_sam = updates  # no SAM: the caller's gradient is used as it is
-        elif masks_lib.concrete_float(rho) == 0.0:
-            # rho == 0: no perturbation, but grad_fn is still the descent gradient, which may
-            # differ from the clean one (e.g. EsaCL's descent adds replay and IDS selection).
-            g_sam = grad_fn(params)
+            g_sam = all_reduce(updates)
         else:
-            eps = sam_perturbation(updates, state.masks, rho)
-            g_sam = grad_fn(add_perturbation(params, eps))
+            if perturbation == "per_device" and static_rho != 0.0 and any(
+                _varies(x, batch_axis_name) is False for x in jax.tree.leaves(updates)
+            ):
+                raise ValueError(_PER_DEVICE_REDUCED)
+            if static_rho == 0.0:
+                # rho == 0: no perturbation, but grad_fn is still the descent gradient, which may
+                # differ from the clean one (e.g. EsaCL's descent adds replay and IDS selection).
+                point = params
+            else:
+                g = updates if perturbation == "per_device" else all_reduce(updates)
+                eps = sam_perturbation(g, _active(state.masks), rho, dtype=perturbation_dtype)
+                point = add_perturbation(params, eps, dtype=perturbation_dtype)
+            if batch_axis_name is not None:
+                point = _as_varying(point, batch_axis_name)
+            g_sam = all_reduce(_call_grad_fn(grad_fn, point, params, call))
 
         decay = jnp.asarray(ema_decay, jnp.float32)
 
@@ -242,47 +513,98 @@ def sdp_transform(
             if jnp.shape(old) != jnp.shape(g):  # placeholder of a leaf that is never scored
                 return old
             g = jnp.asarray(g, jnp.float32)
-            return decay * old + (1.0 - decay) * (jnp.square(g) if square else g)
+            new = decay * old + (1.0 - decay) * (jnp.square(g) if square else g)
+            # A non-finite entry of g_sam leaves its average unchanged (elementwise: no extra
+            # pass over the gradient, unlike a global all-finite reduction).
+            return jnp.where(jnp.isfinite(g), new, old)
 
-        grad_ema = jax.tree.map(lambda o, g: ema(o, g, False), state.grad_ema, g_sam)
-        curvature_ema = jax.tree.map(lambda o, g: ema(o, g, True), state.curvature_ema, g_sam)
         new_state = state._replace(
             count=optax.safe_increment(state.count),
-            grad_ema=grad_ema,
-            curvature_ema=curvature_ema,
+            grad_ema=jax.tree.map(lambda o, g: ema(o, g, False), state.grad_ema, g_sam),
+            curvature_ema=jax.tree.map(lambda o, g: ema(o, g, True), state.curvature_ema, g_sam),
+            # Array values (inject_hyperparams) are recorded for update_masks; Python numbers are
+            # already in the state since init (passed through: no new buffers).
+            score_lambda=state.score_lambda if isinstance(score_lambda, (int, float))
+            else jnp.asarray(score_lambda, jnp.float32),
+            prune_fraction=state.prune_fraction if isinstance(prune_fraction, (int, float))
+            else jnp.asarray(prune_fraction, jnp.float32),
         )
 
         every = masks_lib.concrete_int(mask_update_every_steps)
         if every != 0:  # a positive static int, or traced (inject_hyperparams)
-            candidate = update_masks(
-                new_state,
-                params,
-                score=score,
-                score_lambda=score_lambda,
-                prune_fraction=prune_fraction,
-                regrow=regrow,
-                prunable=None,
-            )
             if every is not None:
                 do = (state.count > 0) & (state.count % every == 0)
             else:
                 k = jnp.asarray(mask_update_every_steps, jnp.int32)
                 do = (k > 0) & (state.count > 0) & (state.count % jnp.maximum(k, 1) == 0)
-            new_masks = jax.tree.map(lambda a, b: jnp.where(do, a, b), candidate.masks, state.masks)
-            key_data = jnp.where(
-                do, jax.random.key_data(candidate.key), jax.random.key_data(state.key)
+            new_state = jax.lax.cond(
+                do,
+                lambda s: update_masks(s, params, score_lambda=score_lambda,
+                                       prune_fraction=prune_fraction),
+                lambda s: s,
+                new_state,
             )
-            new_state = new_state._replace(masks=new_masks, key=jax.random.wrap_key_data(key_data))
 
         out = jax.tree.map(
             lambda g, m, p: jnp.where(m, g, jnp.zeros((), jnp.result_type(g))).astype(p.dtype),
             g_sam,
-            new_state.masks,
+            _active(new_state.masks),
             params,
         )
+        if call is not None:
+            call.outputs.extend(jax.tree.leaves(out))
         return out, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _call_grad_fn(
+    grad_fn: Callable[[PyTree], PyTree], point: PyTree, params: PyTree,
+    call: _KeepSparseCall | None,
+) -> PyTree:
+    """grad_fn at `point`; under optax.masked / multi_transform (params with MaskedNode leaves)
+    the user's grad_fn gets the full params (keep_sparse's), with `point` on this transform's
+    leaves, and its result is cut back to them."""
+    if not _has_masked_nodes(params):
+        return grad_fn(point)
+    if call is None or _has_masked_nodes(call.params):
+        raise ValueError(_INSIDE_MASKED)
+    full = jax.tree.map(
+        lambda full_p, q: full_p if _is_masked_node(q) else q,
+        call.params, point, is_leaf=_is_masked_node,
+    )
+    grads = grad_fn(full)
+    return jax.tree.map(
+        lambda q, g: q if _is_masked_node(q) else g, point, grads, is_leaf=_is_masked_node
+    )
+
+
+def accumulate_grad_fn(
+    grad_fn: Callable[[PyTree, Any], PyTree], microbatches: Any
+) -> Callable[[PyTree], PyTree]:
+    """`params -> mean_i grad_fn(params, microbatches[i])` over the leading axis, via `lax.scan`.
+
+    Gradient accumulation with SAM, in place of `optax.MultiSteps` (rejected): compute the clean
+    gradient as `accumulate_grad_fn(f, mbs)(params)` and pass `grad_fn=accumulate_grad_fn(f,
+    mbs)`; the update then perturbs along the accumulated gradient and evaluates the descent
+    gradient of all micro-batches at that one point (exactly SAM on the full batch when the
+    loss is a mean over equal micro-batches). Sums in float32; results in grad_fn's dtypes.
+    """
+
+    def fn(params: PyTree) -> PyTree:
+        first = jax.tree.map(lambda x: x[0], microbatches)
+        shapes = jax.eval_shape(grad_fn, params, first)
+        n = jax.tree.leaves(microbatches)[0].shape[0]
+
+        def body(acc: PyTree, batch: Any) -> tuple[PyTree, None]:
+            g = grad_fn(params, batch)
+            return jax.tree.map(lambda a, x: a + jnp.asarray(x, jnp.float32), acc, g), None
+
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+        total, _ = jax.lax.scan(body, zeros, microbatches)
+        return jax.tree.map(lambda t, s: (t / n).astype(s.dtype), total, shapes)
+
+    return fn
 
 
 # ----------------------------------------------------------------------------- state surgery
@@ -310,20 +632,37 @@ def replace_sdp_state(opt_state: Any, new_state: SDPState) -> Any:
 
 def _project(u: jax.Array, p: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array:
     """u where the weight was and stays active, else -p (so p + u == 0 exactly)."""
-    return jnp.where(old & new, u, -jnp.asarray(p, jnp.result_type(u)))
+    keep = old if old is new else old & new  # the same tracer when masks cannot change
+    return jnp.where(keep, u, -jnp.asarray(p, jnp.result_type(u)))
+
+
+def _active(masks: PyTree) -> PyTree:
+    """The masks with each scalar placeholder (a non-prunable leaf, always True) replaced by a
+    Python True, so that the where()s on those leaves fold away at trace time."""
+    return jax.tree.map(lambda m: True if jnp.ndim(m) == 0 else m, masks)
+
+
+def _full_masks(masks: PyTree, params: PyTree) -> PyTree:
+    """`_active` masks with the structure of the full params: MaskedNode (leaves of other
+    groups of an optax.multi_transform) becomes True as well."""
+    return jax.tree.map(
+        lambda _, m: True if _is_masked_node(m) or jnp.ndim(m) == 0 else m, params, masks
+    )
 
 
 def refresh_masks(opt_state: Any, params: PyTree, **kwargs: Any) -> tuple[Any, PyTree]:
     """`update_masks` on the SDPState inside `opt_state`, and zero what is no longer active.
 
     Returns `(new_opt_state, new_params)`: newly pruned weights are set to 0 and regrown weights
-    start at exactly 0. `kwargs` go to `update_masks` (score, score_lambda, prune_fraction,
-    regrow, prunable): pass the options the transform was built with. Works under `jit`.
+    start at exactly 0. By default the transform's own options (score, score_lambda,
+    prune_fraction, regrow; stored in its state) are used; `kwargs` (same names, and
+    `prunable`) override them for this call. Works under `jit`.
     """
     old = find_sdp_state(opt_state)
     new = update_masks(old, params, **kwargs)
+    old_masks, new_masks = _full_masks(old.masks, params), _full_masks(new.masks, params)
     params = jax.tree.map(
-        lambda p, a, b: jnp.where(a & b, p, jnp.zeros((), p.dtype)), params, old.masks, new.masks
+        lambda p, a, b: jnp.where(a & b, p, jnp.zeros((), p.dtype)), params, old_masks, new_masks
     )
     return replace_sdp_state(opt_state, new), params
 
@@ -335,7 +674,12 @@ def keep_sparse(tx: optax.GradientTransformation) -> optax.GradientTransformatio
     after this step, -params elsewhere. After `optax.apply_updates` pruned weights are exactly 0
     (p + (-p) == 0 in IEEE) and weights regrown at this step are exactly 0, whatever `tx` does
     after the transform (momentum, Adam, weight decay). Must be the outermost transform that
-    produces updates. The state is `tx`'s own state (no extra wrapper level).
+    produces updates (an `optax.MultiSteps` or `optax.apply_if_finite` around it is rejected).
+    The state is `tx`'s own state (no extra wrapper level).
+
+    At trace time it also checks the chain: `sdp_transform` must see the incoming gradient
+    unchanged (nothing before it), and no leaf's final update may be the transform's output or
+    the raw gradient (no optimizer after it); each mistake raises one sentence naming the fix.
     """
     inner = optax.with_extra_args_support(tx)
 
@@ -347,13 +691,25 @@ def keep_sparse(tx: optax.GradientTransformation) -> optax.GradientTransformatio
     def update_fn(
         updates: PyTree, state: Any, params: PyTree | None = None, **extra_args: Any
     ) -> tuple[PyTree, Any]:
+        _check_enclosing()
         if params is None:
             raise ValueError("keep_sparse needs params: call update(updates, state, params)")
-        old_masks = find_sdp_state(state).masks
-        extra_args = {**extra_args, KEEP_SPARSE_MARKER: True}
-        updates, new_state = inner.update(updates, state, params, **extra_args)
-        new_masks = find_sdp_state(new_state).masks
-        updates = jax.tree.map(_project, updates, params, old_masks, new_masks)
-        return updates, new_state
+        if _has_masked_nodes(params):
+            raise ValueError(_INSIDE_MASKED)
+        old_masks = _full_masks(find_sdp_state(state).masks, params)
+        call = _KeepSparseCall(updates, params)
+        extra_args = {**extra_args, KEEP_SPARSE_MARKER: call}
+        new_updates, new_state = inner.update(updates, state, params, **extra_args)
+        if not call.updated:
+            raise ValueError(_NOT_UPDATED)
+        output_ids = {id(x) for x in call.outputs}
+        final = jax.tree.leaves(new_updates)
+        if any(id(x) in output_ids for x in final):
+            raise ValueError(_NO_OPTIMIZER)
+        if any(id(x) in call.input_ids for x in final):
+            raise ValueError(_RAW_GRADIENT)
+        new_masks = _full_masks(find_sdp_state(new_state).masks, params)
+        new_updates = jax.tree.map(_project, new_updates, params, old_masks, new_masks)
+        return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

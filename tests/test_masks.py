@@ -80,6 +80,7 @@ def test_path_names_all_key_kinds():
 
 
 def test_default_prunable_resnet18_is_the_16_block_convs():
+    """`name_prunable` (alias `default_prunable`): METHOD.md's name-based set."""
     flags = masks.prunable_tree(as_structs(resnet18_shapes()))
     flat = jax.tree_util.tree_flatten_with_path(flags)[0]
     chosen = [masks.path_string(p) for p, f in flat if f]
@@ -297,10 +298,18 @@ def test_sdp_scores():
     w = {"k": jnp.array([[1.0, -2.0], [0.5, 0.0]])}
     g = {"k": jnp.array([[-0.5, 1.0], [2.0, 3.0]])}
     h = {"k": jnp.array([[1.0, 2.0], [4.0, 0.0]])}
-    mg = masks.sdp_scores(w, g, score_lambda=0.5)["k"]
+    mg = masks.sdp_scores(w, g, score_lambda=0.5, normalize=False)["k"]
     np.testing.assert_allclose(mg, [[1.25, 2.5], [1.5, 1.5]])
-    ty = masks.sdp_scores(w, g, kind="taylor", curvature=h)["k"]
+    ty = masks.sdp_scores(w, g, kind="taylor", curvature=h, normalize=False)["k"]
     np.testing.assert_allclose(ty, [[0.5 + 0.5, 2.0 + 4.0], [1.0 + 0.5, 0.0]])
+    # Normalised (default): G brought to the layer's weight scale, c = mean|w| / mean|G|.
+    c = 0.875 / 1.625
+    mg = masks.sdp_scores(w, g, score_lambda=0.5)["k"]
+    np.testing.assert_allclose(mg, np.abs(w["k"]) + 0.5 * np.abs(g["k"]) * c, rtol=1e-6)
+    ty = masks.sdp_scores(w, g, kind="taylor", curvature=h)["k"]
+    c = 1 / 1.625
+    want = np.abs(w["k"] * g["k"]) * c + 0.5 * h["k"] * np.square(w["k"]) * c**2
+    np.testing.assert_allclose(ty, want, rtol=1e-6)
     with pytest.raises(ValueError):
         masks.sdp_scores(w, g, kind="taylor")
 
@@ -371,3 +380,126 @@ def test_sparsity_summary():
     assert summary["global_sparsity"] == pytest.approx(
         1 - summary["num_active"] / summary["num_prunable"]
     )
+
+
+@pytest.mark.parametrize("kind", ["magnitude_gradient", "taylor"])
+def test_sdp_scores_ranking_ignores_the_loss_scale(kind):
+    """A loss x3 (reduction, batch size, loss weight) scales G by 3 and h by 9: the normalised
+    scores are unchanged; the raw ones change the ranking."""
+    params = random_params(SMALL_SHAPES)
+    grad = jax.tree.map(lambda x: 0.01 * x, random_params(SMALL_SHAPES, seed=1))
+    curv = jax.tree.map(lambda x: 1e-4 * jnp.abs(x), random_params(SMALL_SHAPES, seed=2))
+
+    def scores(scale, normalize):
+        return masks.sdp_scores(params, jax.tree.map(lambda g: scale * g, grad), kind=kind,
+                                curvature=jax.tree.map(lambda h: scale**2 * h, curv),
+                                normalize=normalize)
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6),
+                 scores(1.0, True), scores(3.0, True))
+    raw1, raw3 = scores(1.0, False), scores(300.0, False)
+    orders = [np.argsort(np.asarray(t["hidden"]["kernel"]).ravel()) for t in (raw1, raw3)]
+    assert not np.array_equal(*orders)
+
+
+# ----------------------------------------------------------------------------- structural
+
+
+def _chosen(flags) -> list[str]:
+    return [masks.path_string(p) for p, f in jax.tree_util.tree_flatten_with_path(flags)[0] if f]
+
+
+def test_structural_prunable_flax_auto_names():
+    """Dense_0..Dense_2 (and Dense_10 after Dense_2): the first and the logits layer are kept."""
+    import flax.linen as nn
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for width in (32, 32, 32):
+                x = nn.relu(nn.Dense(width)(x))
+            return nn.Dense(10)(x)
+
+    params = MLP().init(jax.random.key(0), jnp.ones((1, 20)))["params"]
+    assert _chosen(masks.structural_prunable(params)) == ["Dense_1/kernel", "Dense_2/kernel"]
+    # The name filter prunes the first layer and the classifier of the same model.
+    assert _chosen(masks.prunable_tree(params, masks.name_prunable)) == [
+        "Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel", "Dense_3/kernel"]
+    many = {f"Dense_{i}": {"kernel": jnp.ones((8, 8) if 0 < i < 11 else (4, 8) if i == 0
+                                              else (8, 3))} for i in range(12)}
+    chosen = _chosen(masks.structural_prunable(many))
+    assert sorted(chosen) == sorted(f"Dense_{i}/kernel" for i in range(1, 11))
+    # Same widths everywhere: shapes cannot tell, the natural order does (Dense_11 is last).
+    square = {f"Dense_{i}": {"kernel": jnp.ones((8, 8))} for i in range(12)}
+    chosen = _chosen(masks.structural_prunable(square))
+    assert sorted(chosen) == sorted(f"Dense_{i}/kernel" for i in range(1, 11))
+
+
+def test_structural_prunable_cnn_resnet_and_attention():
+    cnn = {"Conv_0": {"kernel": jnp.ones((3, 3, 1, 8))},
+           "Conv_1": {"kernel": jnp.ones((3, 3, 8, 16))},
+           "Dense_0": {"kernel": jnp.ones((784, 32))}, "Dense_1": {"kernel": jnp.ones((32, 10))}}
+    assert _chosen(masks.structural_prunable(cnn)) == ["Conv_1/kernel", "Dense_0/kernel"]
+    resnet = masks.structural_prunable(as_structs(resnet18_shapes()))
+    chosen = _chosen(resnet)
+    assert len(chosen) == 16 + 3  # block convs and the 1x1 shortcuts; stem and classifier kept
+    assert not any("stem" in c or "classifier" in c for c in chosen)
+    # A transformer block: attention kernels (DenseGeneral 3-D) are pruned, whatever their name
+    # ("head"); the embedding and the output projection to the vocabulary are kept.
+    d, h, v = 16, 4, 50
+    lm = {"embed": {"embedding": jnp.ones((v, d))},
+          "block_0": {"attention_head": {"query": {"kernel": jnp.ones((d, h, d // h))},
+                                         "key": {"kernel": jnp.ones((d, h, d // h))},
+                                         "value": {"kernel": jnp.ones((d, h, d // h))},
+                                         "out": {"kernel": jnp.ones((h, d // h, d))}},
+                      "mlp": {"up": {"kernel": jnp.ones((d, 4 * d))},
+                              "down": {"kernel": jnp.ones((4 * d, d))}}},
+          "lm_head": {"kernel": jnp.ones((d, v + 1))}}
+    chosen = _chosen(masks.structural_prunable(lm))
+    assert "embed/embedding" not in chosen and "lm_head/kernel" not in chosen
+    assert len(chosen) == 6 and any("query" in c for c in chosen)
+
+
+def test_structural_prunable_nothing_and_nnx():
+    assert _chosen(masks.structural_prunable({"kernel": jnp.ones((3, 3))})) == []
+    assert _chosen(masks.structural_prunable({"bias": jnp.ones((3,))})) == []
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.stem = nnx.Linear(4, 8, rngs=rngs)
+            self.blocks = nnx.List([nnx.Linear(8, 8, rngs=rngs)])
+            self.classifier = nnx.Linear(8, 2, rngs=rngs)
+
+    state = nnx.state(Net(nnx.Rngs(0)), nnx.Param)
+    for tree in (state, nnx.as_pure(state)):
+        assert _chosen(masks.structural_prunable(tree)) == ["blocks/0/kernel"]
+
+
+# ----------------------------------------------------------------------------- random regrowth
+
+
+def test_random_regrowth_is_uniform_over_the_inactive_weights():
+    """Over 4000 keys each previously inactive weight is regrown with probability n / inactive
+    (binomial counts, chi-square), never an active or a just-pruned one."""
+    size, n_active, fraction = 40, 10, 0.1
+    m = {"kernel": jnp.arange(size).reshape(4, 10) < n_active}
+    s = {"kernel": jnp.arange(size, dtype=jnp.float32).reshape(4, 10)}
+    g = {"kernel": jnp.zeros((4, 10))}
+    n = round(fraction * size)  # 4 pruned (the lowest scores: indices 0..3), 4 regrown
+
+    def one(key):
+        return masks.prune_and_regrow(m, s, g, fraction=fraction, key=key, regrow="random")[1]
+
+    keys = jax.random.split(jax.random.key(0), 4000)
+    grown = np.asarray(jax.jit(jax.vmap(one))(keys)["kernel"]).reshape(4000, size)
+    assert np.all(grown.sum(axis=1) == n)
+    assert not grown[:, :n_active].any()  # never an active (or just pruned) weight
+    counts = grown[:, n_active:].sum(axis=0)
+    p = n / (size - n_active)
+    expected = 4000 * p
+    chi2 = float(np.sum((counts - expected) ** 2 / (expected * (1 - p))))
+    # 30 cells (approximately independent): the 99.9% quantile of chi2(30) is 59.7.
+    assert chi2 < 59.7, (chi2, counts)
+    # Across calls the choice changes (a key per update) and covers every inactive weight.
+    assert (counts > 0).all()

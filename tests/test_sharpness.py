@@ -65,6 +65,16 @@ def test_perturbation_dtype_bf16():
     assert all(e.dtype == jnp.bfloat16 for e in jax.tree.leaves(eps))
     perturbed = sharpness.add_perturbation(g, eps)
     assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(perturbed))
+    # In float32: eps and w + eps exact to float32, so the small steps are not rounded away.
+    eps32 = sharpness.sam_perturbation(g, _masks(), 0.05, dtype=jnp.float32)
+    assert all(e.dtype == jnp.float32 for e in jax.tree.leaves(eps32))
+    point = sharpness.add_perturbation(g, eps32, dtype=jnp.float32)
+    for w, e, q in zip(*(jax.tree.leaves(t) for t in (g, eps32, point)), strict=True):
+        assert q.dtype == jnp.float32
+        np.testing.assert_array_equal(q, np.asarray(w, np.float32) + np.asarray(e))
+    f32 = _tree(2)
+    assert all(q.dtype == jnp.float32 for q in
+               jax.tree.leaves(sharpness.add_perturbation(f32, eps32, dtype=jnp.float32)))
 
 
 def test_per_example_sharpness():
