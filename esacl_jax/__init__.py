@@ -53,6 +53,7 @@ from esacl_jax.replay import (
     der_loss,
     er_loss,
     init_buffer,
+    joint_ce,
     num_filled,
     sample,
 )
@@ -90,7 +91,7 @@ __all__ = [
     "reset_example_stats", "table_scores",
     # replay
     "ReplayBuffer", "init_buffer", "add_reservoir", "sample", "num_filled", "er_loss",
-    "der_loss",
+    "der_loss", "joint_ce",
     # metrics
     "average_accuracy", "learning_accuracy", "backward_transfer", "forgetting", "summarize",
     "summarize_run",
