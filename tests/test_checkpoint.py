@@ -52,3 +52,43 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
     other.learning_rate = 0.01
     with pytest.raises(ValueError, match="another config"):
         train_and_evaluate(other, tmp_path)
+
+
+def test_interrupted_mid_epoch_resumes_to_identical_results(tmp_path, monkeypatch):
+    """Killed inside an epoch whose begin_epoch changed the state (EsaCL's mask refresh): the
+    resumed run restores the state after that hook instead of running it again."""
+    method = "esacl"
+    from esacl_jax.harness import loop as loop_lib
+
+    def config():
+        c = config_for(method)
+        c.num_tasks, c.epochs = 2, 2
+        c.steps_per_call, c.checkpoint_every_steps = 4, 8
+        c.esacl.mask_update_every_epochs = 1
+        return c
+
+    reference = train_and_evaluate(config(), tmp_path / "reference")
+    real = loop_lib.make_train_chunk
+    calls = []
+
+    def dies_in_task_2_epoch_2(method_obj):
+        run_chunk = real(method_obj)
+
+        def counted(state, *args):
+            calls.append(1)
+            if len(calls) == 24:  # 7 chunks an epoch: task 2, epoch 2, its third chunk
+                raise KeyboardInterrupt
+            return run_chunk(state, *args)
+
+        return counted
+
+    monkeypatch.setattr(loop_lib, "make_train_chunk", dies_in_task_2_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(config(), tmp_path / "resumed")
+    monkeypatch.undo()
+    resumed = train_and_evaluate(config(), tmp_path / "resumed")
+    for key in ("class_il_matrix", "task_il_matrix"):
+        np.testing.assert_array_equal(np.asarray(resumed[key]), np.asarray(reference[key]))
+    assert resumed["training_flops"] == reference["training_flops"]
+    assert [t["train_examples_seen"] for t in resumed["per_task"]] == \
+        [t["train_examples_seen"] for t in reference["per_task"]]

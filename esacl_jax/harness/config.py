@@ -120,8 +120,10 @@ def base_config() -> ml_collections.ConfigDict:
     # resumable runs: save the train state with orbax after every task, resume from workdir
     c.checkpoint = False
     # with checkpoint: also every this many optimizer steps, at the end of the compiled chunk
-    # that reaches it (0: at task ends only). 2000 ResNet-18 steps are about a minute on a GPU,
-    # so an interrupted 50-epoch CIFAR task (~7800 steps) loses at most that much.
+    # that reaches it (0: at task ends only). 2000 steps are about 6 epochs of a Split CIFAR-10
+    # task (312 steps an epoch at batch 32, 15,600 in its 50 epochs): about 8 saves a task, and
+    # an interruption loses at most 2000 steps, minutes at the tens of milliseconds a ResNet-18
+    # step takes on a GPU. Does not change the result (resumption is exact).
     c.checkpoint_every_steps = 2000
     # output
     c.progress = True

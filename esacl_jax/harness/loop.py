@@ -387,6 +387,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
         from esacl_jax.harness.checkpoint import RunCheckpointer
 
         checkpointer = RunCheckpointer(workdir / "checkpoints", config.to_dict())
+        checkpointer.check_space(state)
         restored = checkpointer.restore(state)
         if restored is not None:
             state, done = restored

@@ -40,6 +40,45 @@ class Task:
         return int(self.y_test.shape[0])
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class PermutedTask:
+    """A task whose images are base images shared by every task with one fixed pixel
+    permutation, applied each time `x_train` or `x_test` is read.
+
+    It holds the permutation, not a permuted copy, so a benchmark's memory stays flat in its
+    number of tasks (permuted MNIST); each read returns a fresh array, released by the caller
+    when done (the loop keeps one task's training images at a time). Otherwise like `Task`.
+    """
+
+    task_id: int
+    classes: tuple[int, ...]
+    permutation: np.ndarray  # int [pixels]: flat pixel order of this task
+    base_train: np.ndarray  # [n, pixels, channels], shared
+    y_train: np.ndarray
+    base_test: np.ndarray  # [m, pixels, channels], shared
+    y_test: np.ndarray
+    image_shape: tuple[int, ...]  # one example's shape, e.g. (28, 28, 1)
+
+    def _permuted(self, base: np.ndarray) -> np.ndarray:
+        return np.take(base, self.permutation, axis=1).reshape((-1, *self.image_shape))
+
+    @property
+    def x_train(self) -> np.ndarray:
+        return self._permuted(self.base_train)
+
+    @property
+    def x_test(self) -> np.ndarray:
+        return self._permuted(self.base_test)
+
+    @property
+    def num_train(self) -> int:
+        return int(self.y_train.shape[0])
+
+    @property
+    def num_test(self) -> int:
+        return int(self.y_test.shape[0])
+
+
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
     """A continual benchmark.
@@ -63,7 +102,7 @@ class Benchmark:
     scenario: str
     num_classes: int
     input_shape: tuple[int, ...]
-    tasks: tuple[Task, ...]
+    tasks: tuple[Task | PermutedTask, ...]
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     augment: str = "none"

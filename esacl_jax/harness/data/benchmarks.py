@@ -3,7 +3,8 @@
 `load_benchmark(name, ...)` returns a `Benchmark`: split benchmarks assign classes to tasks in
 label order (task t gets classes [t*k, (t+1)*k)) unless `class_order_seed` shuffles the class
 order; permuted MNIST applies one fixed pixel permutation per task (task 0 included) to all
-images, materialised per task. Labels stay global class ids; images stay NHWC uint8.
+images, applied lazily when a task's images are read. Labels stay global class ids; images
+stay NHWC uint8.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 
 import numpy as np
 
-from esacl_jax.harness.data.base import SCENARIOS, Benchmark, DataError, Task
+from esacl_jax.harness.data.base import SCENARIOS, Benchmark, DataError, PermutedTask, Task
 from esacl_jax.harness.data.sources import RawDataset, load_dataset
 
 MNIST_MEAN_STD = ((0.0,), (1.0,))  # MNIST-family inputs are used in [0, 1], as in mammoth.
@@ -260,19 +261,21 @@ def _permuted_tasks(
     )
     x_eval_base = x_eval if eval_pos.shape[0] == x_eval.shape[0] else x_eval[eval_pos]
     y_train_task, y_eval_task = raw.y_train[train_pos], y_eval[eval_pos]
-    tasks = []
-    for t, perm in enumerate(pixel_permutations(num_tasks, pixels, sel.seed)):
-        tasks.append(
-            Task(
-                task_id=t,
-                classes=classes,
-                x_train=np.take(x_train_base, perm, axis=1).reshape((-1, *shape)),
-                y_train=y_train_task.copy(),
-                x_test=np.take(x_eval_base, perm, axis=1).reshape((-1, *shape)),
-                y_test=y_eval_task.copy(),
-            )
+    # One shared copy of the images; each task applies its permutation when read (memory flat
+    # in the number of tasks).
+    return tuple(
+        PermutedTask(
+            task_id=t,
+            classes=classes,
+            permutation=perm,
+            base_train=x_train_base,
+            y_train=y_train_task,
+            base_test=x_eval_base,
+            y_test=y_eval_task,
+            image_shape=tuple(shape),
         )
-    return tuple(tasks)
+        for t, perm in enumerate(pixel_permutations(num_tasks, pixels, sel.seed))
+    )
 
 
 def load_benchmark(
