@@ -7,6 +7,10 @@ Every failure a user can cause or meet (bad value, unknown field, data, a workdi
 read-only or in use by another run, a damaged checkpoint, NaN loss) ends with one line on stderr
 and exit status 1 (2 for command-line errors). SIGINT and SIGTERM stop the run at the next chunk
 boundary, saving a checkpoint when --config.checkpoint=True, and exit 130 or 143.
+
+Several hosts: start the same command on every host with --config.distributed=True (and, unless
+the cluster is auto-detected, --config.coordinator_address=HOST:PORT --config.num_processes=N
+--config.process_id=I); only process 0 writes results and prints the summary.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from esacl_jax.harness import distributed
 from esacl_jax.harness.atomic_io import WorkdirBusyError, WriteError
 from esacl_jax.harness.config import base_config
 from esacl_jax.harness.data import DataError
@@ -78,6 +83,13 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # no storage-library INFO lines on stderr
     config = _CONFIG.value
     try:
+        # Several hosts: join the other processes before any other JAX call.
+        distributed.initialize(config)
+    except (ValueError, RuntimeError) as err:
+        text = " ".join(str(err).split())
+        print(f"error: cannot start the multi-process run: {text[:300]}", file=sys.stderr)
+        sys.exit(1)
+    try:
         result = train_and_evaluate(config, _WORKDIR.value, progress=config.progress)
     except RunInterrupted as err:
         print(f"{err}", file=sys.stderr)
@@ -96,6 +108,8 @@ def main(argv: list[str]) -> None:
         print("interrupted: no results were written (with --config.checkpoint=True the same "
               "command resumes from the last checkpoint)", file=sys.stderr)
         sys.exit(130)
+    if not distributed.is_primary():
+        return  # process 0 prints the summary and wrote results.json
     print()
     print(format_summary(result))
     print(f"results: {_WORKDIR.value}/results.json")

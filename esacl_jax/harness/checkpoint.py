@@ -11,6 +11,11 @@ and bytes, in tree order), verified after every restore. The last two checkpoint
 damaged latest one (unreadable, or its checksum differs) is skipped with a one-line warning and
 the previous one restored. A write that fails (disk full, read-only directory) removes its
 partial folder, keeps the previous checkpoint and raises `atomic_io.WriteError` (one line).
+
+Several processes (`esacl_jax.harness.distributed`): every process calls save and restore (orbax
+saves multi-process itself: each replicated array is written once, the progress JSON by process
+0) on a directory all of them see; the checksum is computed by each from the replicated state,
+so it is the same everywhere; only process 0 removes folders.
 """
 
 from __future__ import annotations
@@ -154,6 +159,8 @@ class RunCheckpointer:
 
     def _remove_partial(self, step: int) -> None:
         """Removes what a failed save of `step` left behind (its folder, temporary folders)."""
+        if jax.process_index() != 0:
+            return
         for path in self.directory.iterdir():
             if path.name == str(step) or ".orbax-checkpoint-tmp" in path.name:
                 shutil.rmtree(path, ignore_errors=True)
@@ -221,7 +228,7 @@ class RunCheckpointer:
                 damaged.append(step)
                 continue
             # The damaged newer ones go, so the next saves keep a good one to fall back to.
-            for bad in damaged:
+            for bad in damaged if jax.process_index() == 0 else ():
                 shutil.rmtree(self.step_path(bad), ignore_errors=True)
             if damaged:
                 self._steps()

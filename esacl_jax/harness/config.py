@@ -19,7 +19,10 @@ import ml_collections
 # checkpoint that differs from a config only in these still counts as the same computation.
 NON_COMPUTATIONAL_FIELDS = frozenset(
     {"data_dir", "progress", "tensorboard", "checkpoint", "checkpoint_every_steps",
-     "verify_checksums"})
+     "verify_checksums",
+     # How the processes of a multi-host run find each other (process_id differs between the
+     # processes of one run, which compare the config with each other's checkpoints).
+     "distributed", "coordinator_address", "num_processes", "process_id"})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -117,6 +120,14 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     # devices: 0 = data-parallel over every visible device (batch split along a "data" mesh axis)
     c.num_devices = 0
+    # several hosts (README "Several hosts"): True runs this process as one of several, joined by
+    # jax.distributed.initialize before any other JAX call; the devices of all processes form one
+    # data-parallel mesh (num_devices must be 0). Unset values below are left to JAX:
+    # $JAX_COORDINATOR_ADDRESS, then auto-detection on Cloud TPU, SLURM and Open MPI.
+    c.distributed = False
+    c.coordinator_address = ""  # "host:port" of process 0's coordinator ("": from the environment)
+    c.num_processes = 0  # 0: from the environment
+    c.process_id = -1  # -1: from the environment
     # resumable runs: save the train state with orbax after every task, resume from workdir
     c.checkpoint = False
     # with checkpoint: also every this many optimizer steps, at the end of the compiled chunk
@@ -212,6 +223,15 @@ BENCHMARK_PROTOCOLS: dict[str, tuple[dict, dict]] = {
                             {name: {k: v for k, v in row.items() if k != "replay_batch_size"}
                              for name, row in MNIST_METHODS.items()})
        for bench in ("split_mnist", "split_fashion_mnist")},
+    # Multi-epoch convolutional protocol sized for a CPU (ours): the SmallCNN at width
+    # resnet_nf=16 (conv features 8 and 16, hidden 32; nf=64 is the full SmallCNN), 5 epochs of
+    # batch 32 (replay minibatch 32) on a seeded stratified 2000-example subset of each task.
+    "split_fashion_mnist_cnn_e5": (
+        dict(model="cnn", benchmark="split_fashion_mnist", resnet_nf=16, epochs=5,
+             batch_size=32, replay_batch_size=32, max_train_per_task=2000, steps_per_call=125,
+             esacl=dict(mask_update_every_epochs=2)),
+        {name: {k: v for k, v in row.items() if k != "replay_batch_size"}
+         for name, row in MNIST_METHODS.items()}),
     "split_cifar10": (dict(_RESNET, epochs=50), CIFAR_METHODS),
     "split_cifar100": (dict(_RESNET, epochs=50), CIFAR_METHODS),
     "split_tiny_imagenet": (dict(_RESNET, epochs=100), CIFAR_METHODS),

@@ -6,6 +6,7 @@ The loop knows nothing about which method it runs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
 import signal
@@ -22,7 +23,7 @@ import numpy as np
 import tqdm
 
 from esacl_jax import metrics as metrics_lib
-from esacl_jax.harness import atomic_io
+from esacl_jax.harness import atomic_io, distributed
 from esacl_jax.harness import flops as flops_lib
 from esacl_jax.harness import memory as memory_lib
 from esacl_jax.harness import results as results_lib
@@ -228,12 +229,17 @@ def make_data_mesh(num_devices: int, batch_size: int) -> jax.sharding.Mesh | Non
 
     Data parallelism is plain jit + NamedSharding: the train state is replicated, each batch is
     split along its leading axis, and XLA inserts the gradient all-reduce (the documented
-    successor of pmap). Works the same on CPU devices, GPUs and TPU slices.
+    successor of pmap). Works the same on CPU devices, GPUs and TPU slices, and over the devices
+    of several processes (`esacl_jax.harness.distributed`: then every device, in `jax.devices()`
+    order, i.e. grouped by process).
     """
     available = jax.device_count()
     n = available if num_devices == 0 else num_devices
     if n > available:
         raise ValueError(f"num_devices={n} but only {available} devices are visible")
+    if distributed.is_multiprocess() and n != available:
+        raise ValueError(f"num_devices={n} but a run of {jax.process_count()} processes uses "
+                         f"all their {available} devices: set --config.num_devices=0")
     if n <= 1:
         return None
     if batch_size % n:
@@ -304,6 +310,13 @@ class _StopSignals:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
+    def pending(self) -> int | None:
+        """The signal to stop for, agreed by every process of a multi-process run (a signal
+        to any one of them stops all at the same chunk boundary); one process: `signum`."""
+        if not distributed.is_multiprocess():
+            return self.signum
+        return distributed.agree(self.signum or 0) or None
+
     def _handle(self, signum: int, frame: Any) -> None:
         del frame
         if self.signum is not None:
@@ -344,15 +357,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """
     start = time.perf_counter()
     validate_config(config)
+    distributed.initialize(config)  # several processes: before any other JAX call
     workdir = pathlib.Path(workdir)
     atomic_io.check_writable(workdir)
-    with atomic_io.WorkdirLock(workdir), _StopSignals() as stop:
+    with _workdir_lock(workdir), _StopSignals() as stop:
         return _run(config, workdir, progress, on_task_end, make_method, stop, start)
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: pathlib.Path):
+    """The workdir lock, held by process 0 alone in a multi-process run; when process 0 cannot
+    take it, every process raises (none waits for the others at a collective)."""
+    if not distributed.is_multiprocess():
+        with atomic_io.WorkdirLock(workdir):
+            yield
+        return
+    lock = atomic_io.WorkdirLock(workdir) if distributed.is_primary() else None
+    failure: BaseException | None = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except (atomic_io.WorkdirBusyError, atomic_io.WriteError) as err:
+            failure = err
+    if distributed.agree(int(failure is not None)):
+        if failure is not None:
+            raise failure
+        raise atomic_io.WorkdirBusyError(f"process 0 could not lock workdir {workdir}")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: bool,
          on_task_end: TaskEndCallback | None, make_method: Callable[..., Any],
          stop: _StopSignals, start: float) -> dict[str, Any]:
+    multiprocess = distributed.is_multiprocess()
+    primary = distributed.is_primary()  # several processes: only process 0 writes and prints
+    progress = progress and primary
     benchmark = load_config_benchmark(config)
     model = build_model_for(config, benchmark)
     method = make_method(config, model, benchmark)
@@ -363,7 +406,12 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
     if mesh is not None:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
-        state = jax.device_put(state, replicated)
+        state = distributed.replicate(state, replicated)
+
+    def settle(state: TrainState) -> TrainState:
+        """Several processes: every leaf a global array replicated on the mesh (host hooks may
+        put process-local arrays in the state; checkpoints and host reads need global ones)."""
+        return distributed.ensure_replicated(state, replicated) if multiprocess else state
     run_chunk = make_train_chunk(method)
     predict = make_predict(method, benchmark)
 
@@ -376,7 +424,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
     t_count = benchmark.num_tasks
     spc = config.steps_per_call
     capacity = max(method.training_data(t)[1].shape[0] for t in range(t_count))
-    logger = make_logger(workdir, bool(config.tensorboard))
+    logger = make_logger(workdir, bool(config.tensorboard) and primary)
     class_il = np.full((t_count, t_count), np.nan)
     task_il = np.full((t_count, t_count), np.nan)
     train_times, eval_times, per_task = [], [], []
@@ -415,12 +463,12 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
             "wall_time_s": earlier_wall_time + time.perf_counter() - start,
             "in_task": in_task})
 
-    def stop_now(saved: bool, where: str) -> RunInterrupted:
-        name = signal.Signals(stop.signum).name
+    def stop_now(signum: int, saved: bool, where: str) -> RunInterrupted:
+        name = signal.Signals(signum).name
         if saved:
-            return RunInterrupted(stop.signum, f"interrupted by {name} {where}: state saved in "
+            return RunInterrupted(signum, f"interrupted by {name} {where}: state saved in "
                                   f"{checkpointer.directory}; the same command resumes there")
-        return RunInterrupted(stop.signum, f"interrupted by {name} {where}: nothing was saved "
+        return RunInterrupted(signum, f"interrupted by {name} {where}: nothing was saved "
                               "(with --config.checkpoint=True the same command resumes)")
 
     steps_since_save = 0
@@ -428,8 +476,8 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
         mid = resume if resume is not None and resume["task"] == task_id else None
         task_start = time.perf_counter() - (mid["train_time_s"] if mid else 0.0)
         x_np, y_np = method.training_data(task_id)
-        x_dev = jax.device_put(pad_to(x_np, capacity), replicated)
-        y_dev = jax.device_put(pad_to(y_np.astype(np.int32), capacity), replicated)
+        x_dev = distributed.global_array(pad_to(x_np, capacity), replicated)
+        y_dev = distributed.global_array(pad_to(y_np.astype(np.int32), capacity), replicated)
         ctx = task_context(benchmark, task_id)
         if mid is None:
             state = state.replace(task_id=jnp.asarray(task_id, jnp.int32))
@@ -460,8 +508,11 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
             losses_, accs = [], []
             for c in range(first_chunk * spc, batch_idx.shape[0], spc):
                 sl = slice(c, c + spc)
-                chunk_idx = jax.device_put(batch_idx[sl], batch_sharding)
+                # Several processes: each feeds only its own devices' columns of the batch.
+                chunk_idx = distributed.global_array(batch_idx[sl], batch_sharding)
+                state = settle(state)
                 state, step_metrics = run_chunk(state, x_dev, y_dev, chunk_idx, valid[sl], ctx)
+                state = settle(state)
                 ok = valid[sl]
                 chunk_loss = np.asarray(step_metrics.loss)[ok]
                 if not np.all(np.isfinite(chunk_loss)):
@@ -480,20 +531,21 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
                                 "train/flops": counter.total}, global_step)
                 steps_since_save += int(ok.sum())
                 due = every > 0 and steps_since_save >= every
-                if checkpointer is not None and (due or stop.signum is not None):
+                signum = stop.pending()
+                if checkpointer is not None and (due or signum is not None):
                     checkpointer.save(state, snapshot(task_id, {
                         "task": task_id, "epoch": epoch, "chunk": c // spc + 1,
                         "examples_seen": examples_seen, "indices": custom,
                         "f_fwd": counter.f_fwd, "f_wgrad": counter.f_wgrad,
                         "train_time_s": time.perf_counter() - task_start}))
                     steps_since_save = 0
-                if stop.signum is not None:
+                if signum is not None:
                     bar.close()
-                    raise stop_now(checkpointer is not None,
+                    raise stop_now(signum, checkpointer is not None,
                                    f"in task {task_id + 1}, epoch {epoch + 1}")
             examples_seen += steps * config.batch_size
         bar.close()
-        state = method.end_task(state, task_id, x_np, y_np)
+        state = settle(method.end_task(state, task_id, x_np, y_np))
         counter.set_densities(*method.flops_densities(state))  # e.g. retraining after pruning
         count_passes(counter, method.end_task_passes(x_np.shape[0]), 1)
         flops_per_task.append(counter.total)
@@ -516,8 +568,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
                   f"task-IL {100 * np.nanmean(task_il[task_id, seen]):.2f}%", flush=True)
         if on_task_end is not None:
             on_task_end(task_id, method, state)
-        if stop.signum is not None and task_id + 1 < t_count:
-            raise stop_now(checkpointer is not None, f"after task {task_id + 1}")
+        signum = stop.pending()
+        if signum is not None and task_id + 1 < t_count:
+            raise stop_now(signum, checkpointer is not None, f"after task {task_id + 1}")
 
     logger.close()
     if checkpointer is not None:
@@ -541,10 +594,13 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
         "memory": memory_footprint(method, state, benchmark, config.batch_size),
         "weights": weight_counts(method.eval_variables(state)[0]),
         "num_devices": 1 if mesh is None else mesh.size,
+        **({"num_processes": jax.process_count()} if multiprocess else {}),
         # across resumptions: the time of every process up to its last checkpoint
         "wall_time_s": earlier_wall_time + time.perf_counter() - start,
         "environment": results_lib.environment(),
     }
+    if not primary:
+        return result
     try:
         atomic_io.write_json_atomic(workdir / "results.json", result)
     except atomic_io.WriteError as err:

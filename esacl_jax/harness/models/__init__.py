@@ -22,7 +22,9 @@ def build_model(name: str, num_classes: int, *, widths=(100, 100), nf: int = 64,
     if name == "cnn":
         from esacl_jax.harness.models.cnn import SmallCNN
 
-        return SmallCNN(num_classes=num_classes)
+        # config.resnet_nf is the CNN's width too: nf=64 (the default) is (32, 64) conv
+        # features and a 128-unit hidden layer; smaller nf scales all three.
+        return SmallCNN(num_classes=num_classes, features=(nf // 2, nf), dense=2 * nf)
     if name == "resnet18":
         from esacl_jax.harness.models.resnet import ResNet18
 
