@@ -222,8 +222,8 @@ def test_aggregate_tolerates_old_files_and_nulls():
     assert row.training_flops is None and row.task_il is None
     table = reporting.to_markdown([row])
     cells = table.strip().splitlines()[-1].split("|")[1:-1]
-    assert [c.strip() for c in cells] == ["derpp", "0", "500", "90.00 ± 0.00", "", "8.00 ± 0.00",
-                                          "", "", "60.0 ± 0.0", "1"]
+    assert [c.strip() for c in cells] == ["derpp", "0", "", "", "500", "90.00 ± 0.00", "",
+                                          "8.00 ± 0.00", "", "", "60.0 ± 0.0", "1"]
 
 
 def test_markdown_cells_and_units():
@@ -239,7 +239,7 @@ def test_markdown_cells_and_units():
         assert cell in esacl_line, cell
     assert "| esacl[B,gamma=1] | 0.9 |" in table
     finetune_line = next(line for line in lines if line.startswith("| finetune |"))
-    assert "| finetune | 0 |  |" in finetune_line and "0.500 ± 0.000" in finetune_line
+    assert "| finetune | 0 |  |  |  |" in finetune_line and "0.500 ± 0.000" in finetune_line
 
     big = [make_result("esacl", seed=s, flops=f, benchmark="split_cifar10")
            for s, f in [(0, 2.5e15), (1, 3.5e15)]]
@@ -382,7 +382,7 @@ def test_cli_writes_report(tmp_path):
     (tmp_path / "runs" / "junk" / "results.json").write_text("not json")
     proc = run_cli(f"--runs={tmp_path / 'runs'}", f"--out={tmp_path / 'out'}")
     assert proc.returncode == 0, proc.stderr
-    assert "| esacl | 0.9 | 500 | 92.00 ± 2.00 |" in proc.stdout
+    assert "| esacl | 0.9 |  |  | 500 | 92.00 ± 2.00 |" in proc.stdout
     assert "junk" in proc.stderr  # the bad file is reported, not fatal
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["accuracy_matrix_esacl_B_gamma=1.png", "accuracy_matrix_esacl_s0.75.png",
@@ -392,3 +392,14 @@ def test_cli_writes_report(tmp_path):
     assert_png(tmp_path / "out" / "accuracy_vs_flops.png")
     proc = run_cli(f"--runs={tmp_path / 'runs'}", "--benchmark=split_cifar10")
     assert proc.returncode == 1 and "split_cifar10" in proc.stderr
+
+
+def test_tables_show_sparsity_over_all_weights_beside_the_prunable_set():
+    runs = [make_result("esacl", seed=s) for s in (0, 1)]
+    for run, nonzero in zip(runs, (100, 110), strict=True):
+        run["weights"] = {"total": 1000, "nonzero": nonzero, "sparsity": 1 - nonzero / 1000}
+    (row,) = reporting.aggregate(runs)
+    assert row.sparsity == 0.9  # the prunable set's target
+    assert row.sparsity_all.mean == pytest.approx(89.5) and row.nonzero_weights.mean == 105
+    line = reporting.to_markdown([row]).strip().splitlines()[-1]
+    assert line.startswith("| esacl | 0.9 | 89.5 ± 0.7 | 105 ± 7 | 500 |"), line

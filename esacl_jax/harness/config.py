@@ -28,7 +28,7 @@ NON_COMPUTATIONAL_FIELDS = frozenset(
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # data
-    c.protocol = "split_digits"  # the protocol row (BENCHMARK_PROTOCOLS key) the config came from
+    c.protocol = ""  # the protocol row (BENCHMARK_PROTOCOLS key) get_config built it from
     c.benchmark = "split_digits"  # the dataset benchmark (esacl_jax.harness.data.BENCHMARKS)
     c.data_dir = ""  # empty: $ESACL_DATA_DIR, then tensorflow-datasets (see README "Data")
     c.seed = 0
@@ -225,10 +225,10 @@ BENCHMARK_PROTOCOLS: dict[str, tuple[dict, dict]] = {
        for bench in ("split_mnist", "split_fashion_mnist")},
     # Multi-epoch convolutional protocol sized for a CPU (ours): the SmallCNN at width
     # resnet_nf=16 (conv features 8 and 16, hidden 32; nf=64 is the full SmallCNN), 5 epochs of
-    # batch 32 (replay minibatch 32) on a seeded stratified 2000-example subset of each task.
+    # batch 32 (replay minibatch 32) on a seeded stratified 4000-example subset of each task.
     "split_fashion_mnist_cnn_e5": (
         dict(model="cnn", benchmark="split_fashion_mnist", resnet_nf=16, epochs=5,
-             batch_size=32, replay_batch_size=32, max_train_per_task=2000, steps_per_call=125,
+             batch_size=32, replay_batch_size=32, max_train_per_task=4000, steps_per_call=125,
              esacl=dict(mask_update_every_epochs=2)),
         {name: {k: v for k, v in row.items() if k != "replay_batch_size"}
          for name, row in MNIST_METHODS.items()}),

@@ -224,4 +224,7 @@ METRICS: dict[str, Callable[[dict], float | None]] = {
     "peak_memory_bytes": peak_memory_of,
     "analytic_memory_bytes": lambda r: _finite(_get(r, "memory", "analytic", "total")),
     "wall_time_s": lambda r: _finite(r.get("wall_time_s")),
+    # Over ALL parameters (every kernel, bias and norm scale), beside the prunable-set sparsity.
+    "sparsity_all": lambda r: _percent(_get(r, "weights", "sparsity")),
+    "nonzero_weights": lambda r: _finite(_get(r, "weights", "nonzero")),
 }

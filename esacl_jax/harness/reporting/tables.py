@@ -61,6 +61,8 @@ class Row:
     peak_memory_bytes: Stat | None
     analytic_memory_bytes: Stat | None
     wall_time_s: Stat | None
+    sparsity_all: Stat | None = None  # percent of all parameters that are zero
+    nonzero_weights: Stat | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,19 +152,22 @@ def format_sparsity(sparsity: float) -> str:
     return f"{sparsity:g}"
 
 
-_COLUMNS = ("method", "sparsity", "buffer", "class-IL ACC (%)", "task-IL ACC (%)",
-            "forgetting (%)", "training FLOPs", "peak memory (MiB)", "wall time (s)", "seeds")
+_COLUMNS = ("method", "sparsity (prunable set)", "sparsity, all weights (%)", "nonzero weights",
+            "buffer", "class-IL ACC (%)", "task-IL ACC (%)", "forgetting (%)", "training FLOPs",
+            "peak memory (MiB)", "wall time (s)", "seeds")
 
 
 def _table_cells(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
     exp = flops_exponent(rows)
     header = list(_COLUMNS)
-    header[6] = f"training FLOPs (×10^{exp})"
+    header[header.index("training FLOPs")] = f"training FLOPs (×10^{exp})"
     body = []
     for r in rows:
         body.append([
             r.label,
             format_sparsity(r.sparsity),
+            format_stat(r.sparsity_all, decimals=1),
+            format_stat(r.nonzero_weights, decimals=0),
             "" if r.buffer is None else str(r.buffer),
             format_stat(r.class_il, decimals=2),
             format_stat(r.task_il, decimals=2),
