@@ -10,7 +10,7 @@ WORKDIR ?= runs/$(EXP)_$(METHOD)
 ARGS ?=
 RUNS ?= runs
 
-.PHONY: install run test lint bench ablation compare report clean
+.PHONY: install run test lint bench bench-gpu ablation compare report clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ lint: install
 
 bench: install
 	$(PY) -m experiments.bench $(ARGS)
+
+# ResNet-18 and MLP throughput and peak device memory per method (for a GPU/TPU machine).
+bench-gpu: install
+	$(PY) -m experiments.bench_gpu $(ARGS)
 
 ablation: install
 	$(PY) -m experiments.ablation $(ARGS)

@@ -16,6 +16,7 @@ the cluster is auto-detected, --config.coordinator_address=HOST:PORT --config.nu
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 
 from absl import app, flags, logging
@@ -76,12 +77,29 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache: a repeated run skips most of its XLA compilation
+    (about half of a split_mnist run on a CPU). $ESACL_COMPILATION_CACHE names the directory
+    (default ~/.cache/esacl_jax/xla); "0" turns it off. Results do not depend on it."""
+    import jax
+
+    cache = os.environ.get("ESACL_COMPILATION_CACHE",
+                           os.path.join(os.path.expanduser("~"), ".cache", "esacl_jax", "xla"))
+    if cache == "0":
+        return
+    jax.config.update("jax_compilation_cache_dir", cache)
+    # The harness's compilations mostly take under a second: cache them all.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # no storage-library INFO lines on stderr
     config = _CONFIG.value
+    enable_compilation_cache()
     try:
         # Several hosts: join the other processes before any other JAX call.
         distributed.initialize(config)
