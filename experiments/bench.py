@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import resource
@@ -25,6 +26,9 @@ _OUT = flags.DEFINE_string("out", None, "Also write the markdown report to this 
 _RUNS = flags.DEFINE_list("runs", ["finetune", "derpp", "esacl"], "Methods for whole runs.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Repetitions of each measurement (best is kept).")
 _STEPS = flags.DEFINE_integer("steps", 1000, "Steps timed per step-cost measurement.")
+_PERMUTED_TASKS = flags.DEFINE_integer(
+    "permuted_tasks", 50, "permuted_mnist finetune run with this many tasks: per-task time and "
+    "memory must stay flat (0: skip).")
 _CACHE = flags.DEFINE_string(
     "compilation_cache_dir", None,
     "Whole runs with JAX's persistent compilation cache in this directory (filled by one "
@@ -51,6 +55,9 @@ def cache_env(cache_dir: str | None) -> dict[str, str]:
     """The environment of a child run using JAX's persistent compilation cache in `cache_dir`
     (every compilation cached: the harness's are many small ones under the 1 s default)."""
     env = dict(os.environ)
+    # experiments.main caches compilations by default: off unless a cache is asked for, so
+    # whole runs measure cold starts.
+    env["ESACL_COMPILATION_CACHE"] = str(cache_dir) if cache_dir else "0"
     if cache_dir:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -112,6 +119,33 @@ def step_cost_us(method: str, overrides: dict, data_dir: str, steps: int, repeat
     return best
 
 
+def permuted_rows(data_dir: str, num_tasks: int, workdir: pathlib.Path,
+                  cache: str | None) -> list[str]:
+    """permuted_mnist finetune with `num_tasks` tasks: per-task train time and process RSS at
+    tasks 1, 10, 20, ... (permutations are applied lazily, so both stay flat)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.main",
+         "--config=experiments/configs/permuted_mnist.py:finetune", f"--workdir={workdir}",
+         f"--config.data_dir={data_dir}", f"--config.num_tasks={num_tasks}",
+         "--config.progress=False", "--config.tensorboard=False"],
+        cwd=REPO, capture_output=True, text=True, env=cache_env(cache))
+    if proc.returncode:
+        raise RuntimeError(f"permuted_mnist run failed: {proc.stderr.strip().splitlines()[-1]}")
+    result = json.loads((workdir / "results.json").read_text())
+    shown = sorted({0, *range(9, num_tasks, 10), num_tasks - 1})
+    lines = ["", f"## permuted_mnist, {num_tasks} tasks (finetune, batch 128)", "",
+             "| task | train time (s) | eval time (s) | process RSS after the task (MiB) |",
+             "|---|---|---|---|"]
+    for t in shown:
+        rss = result["per_task"][t].get("host_rss_bytes")
+        lines.append(f"| {t + 1} | {result['train_time_per_task_s'][t]:.2f} | "
+                     f"{result['eval_time_per_task_s'][t]:.2f} | "
+                     f"{'' if rss is None else f'{rss / 2**20:.0f}'} |")
+    peak = result["memory"]["measured"]["host_peak_rss_bytes"] / 2**20
+    lines.append(f"\nPeak RSS of the whole run: {peak:.0f} MiB (task 1 includes compilation).")
+    return lines
+
+
 def main(argv: list[str]) -> None:
     del argv
     data_dir = _DATA_DIR.value or os.environ.get("ESACL_DATA_DIR")
@@ -157,6 +191,8 @@ def main(argv: list[str]) -> None:
         costs[label] = step_cost_us(method, overrides, data_dir, _STEPS.value, _REPEATS.value)
     for label, cost in costs.items():
         lines.append(f"| {label} | {cost:.0f} | {cost / costs['DER++ (dense)']:.2f} |")
+    if _PERMUTED_TASKS.value:
+        lines += permuted_rows(data_dir, _PERMUTED_TASKS.value, tmp / "permuted", cache)
     report = "\n".join(lines) + "\n"
     print(report)
     if _OUT.value:

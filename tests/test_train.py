@@ -36,6 +36,9 @@ def test_finetune_forgets_but_learns_each_task(finetune_result):
     class_il = np.asarray(saved["class_il_matrix"])
     task_il = np.asarray(saved["task_il_matrix"])
     assert class_il.shape == task_il.shape == (5, 5)
+    # The process's memory after each task is recorded (growth across tasks would show).
+    rss = [entry["host_rss_bytes"] for entry in saved["per_task"]]
+    assert len(rss) == 5 and all(100 * 2**20 < r < 8 * 2**30 for r in rss)
     # Each task is learned when it is trained (the diagonal) ...
     assert np.diag(task_il).min() > 0.9
     # ... and class-IL collapses to roughly the last task: catastrophic forgetting.

@@ -556,7 +556,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
                                                        config.eval_batch_size)
         eval_times.append(time.perf_counter() - eval_start)
         per_task.append({"task": task_id, "classes": list(benchmark.tasks[task_id].classes),
-                         "train_examples_seen": examples_seen, **method.summary(state)})
+                         "train_examples_seen": examples_seen,
+                         "host_rss_bytes": memory_lib.current_rss_bytes(),
+                         **method.summary(state)})
         log_task(logger, per_task[-1], class_il[task_id], task_il[task_id], counter.total)
         if checkpointer is not None:
             checkpointer.save(state, snapshot(task_id + 1, None))

@@ -9,6 +9,7 @@ allocator's ``peak_bytes_in_use``.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import sys
 from collections.abc import Mapping
@@ -118,6 +119,19 @@ def activation_bytes_per_example(
 
     jax.eval_shape(run, variables, sample_input)
     return total[0] // max(batch, 1)
+
+
+def current_rss_bytes() -> int | None:
+    """The process's resident set size now (Linux /proc/self/statm), None where unavailable.
+
+    Recorded per task in results.json, so memory growth across tasks shows (the peak alone,
+    `peak_memory`, cannot)."""
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def peak_memory() -> dict[str, Any]:
