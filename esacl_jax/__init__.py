@@ -1,4 +1,4 @@
-"""esacl_jax: efficient continual learning of sparse models (EsaCL) in JAX, Flax and optax.
+"""esacl_jax: efficient continual learning of sparse models (EsaCL) in JAX and optax.
 
 The optimizer pieces compose with any optax optimizer:
 
