@@ -15,7 +15,6 @@ the cluster is auto-detected, --config.coordinator_address=HOST:PORT --config.nu
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 
@@ -24,7 +23,7 @@ from ml_collections import config_flags
 
 from esacl_jax.harness import distributed
 from esacl_jax.harness.atomic_io import WorkdirBusyError, WriteError
-from esacl_jax.harness.config import base_config
+from esacl_jax.harness.config import base_config, closest_name
 from esacl_jax.harness.data import DataError
 from esacl_jax.harness.loop import (
     RunInterrupted,
@@ -58,8 +57,8 @@ def unknown_field_message(argv: list[str]) -> str | None:
             continue
         name = arg[len("--config."):].split("=", 1)[0]
         if name not in known:
-            match = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean --config.{match[0]}?" if match else ""
+            match = closest_name(name, known)
+            hint = f"; did you mean --config.{match}?" if match else ""
             return f"error: unknown config field {name!r}{hint}"
     return None
 

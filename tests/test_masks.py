@@ -95,7 +95,8 @@ def test_default_prunable_mlp_is_the_hidden_layer():
     assert chosen == ["hidden/kernel"]
 
 
-def test_default_prunable_with_nnx_state():
+def _nnx_param_state():
+    """The nnx.Param state of a stem / one-block / classifier network of nnx.Linear layers."""
     from flax import nnx
 
     class Net(nnx.Module):
@@ -104,7 +105,13 @@ def test_default_prunable_with_nnx_state():
             self.blocks = nnx.List([nnx.Linear(8, 8, rngs=rngs)])
             self.classifier = nnx.Linear(8, 2, rngs=rngs)
 
-    state = nnx.state(Net(nnx.Rngs(0)), nnx.Param)
+    return nnx.state(Net(nnx.Rngs(0)), nnx.Param)
+
+
+def test_default_prunable_with_nnx_state():
+    from flax import nnx
+
+    state = _nnx_param_state()
     for tree in (state, nnx.as_pure(state)):
         flat = jax.tree_util.tree_flatten_with_path(masks.prunable_tree(tree))[0]
         assert [masks.path_string(p) for p, f in flat if f] == ["blocks/0/kernel"]
@@ -465,13 +472,7 @@ def test_structural_prunable_nothing_and_nnx():
     assert _chosen(masks.structural_prunable({"bias": jnp.ones((3,))})) == []
     from flax import nnx
 
-    class Net(nnx.Module):
-        def __init__(self, rngs: nnx.Rngs):
-            self.stem = nnx.Linear(4, 8, rngs=rngs)
-            self.blocks = nnx.List([nnx.Linear(8, 8, rngs=rngs)])
-            self.classifier = nnx.Linear(8, 2, rngs=rngs)
-
-    state = nnx.state(Net(nnx.Rngs(0)), nnx.Param)
+    state = _nnx_param_state()
     for tree in (state, nnx.as_pure(state)):
         assert _chosen(masks.structural_prunable(tree)) == ["blocks/0/kernel"]
 

@@ -20,7 +20,6 @@ so it is the same everywhere; only process 0 removes folders.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -36,6 +35,7 @@ import numpy as np
 
 from esacl_jax.harness.atomic_io import WriteError
 from esacl_jax.harness.config import NON_COMPUTATIONAL_FIELDS
+from esacl_jax.harness.run_logger import quiet_absl
 
 KEEP = 2  # checkpoints kept: the latest and one to fall back to
 
@@ -88,17 +88,10 @@ def _cause(err: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-@contextlib.contextmanager
 def _quiet_storage_logs():
     """Silences orbax's own error logs (tracebacks and storage settings, hundreds of lines for
     one failed write or read) while it runs: the checkpointer reports each failure in one line."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return quiet_absl(logging.CRITICAL)
 
 
 def _join_storage_threads(timeout_s: float = 60.0) -> None:

@@ -194,6 +194,11 @@ CIFAR_METHODS = {
 }
 
 
+# The MNIST method rows for protocols whose replay minibatch is the protocol's own (the rows'
+# replay_batch_size of 10 would override it).
+_REPLAY_BATCH_FROM_PROTOCOL = {name: {k: v for k, v in row.items() if k != "replay_batch_size"}
+                               for name, row in MNIST_METHODS.items()}
+
 # Benchmark -> (protocol values, method table). Names and sizes: docs/PROTOCOLS.md.
 _MLP_1_EPOCH = dict(model="mlp", mlp_widths=(100, 100), epochs=1, batch_size=10)
 _RESNET = dict(model="resnet18", resnet_nf=64, batch_size=32, eval_batch_size=500,
@@ -208,8 +213,7 @@ BENCHMARK_PROTOCOLS: dict[str, tuple[dict, dict]] = {
     # Batch 128 for current and replay examples alike.
     "permuted_mnist": (dict(model="mlp", mlp_widths=(100, 100), epochs=1, batch_size=128,
                             replay_batch_size=128),
-                       {name: {k: v for k, v in row.items() if k != "replay_batch_size"}
-                        for name, row in MNIST_METHODS.items()}),
+                       _REPLAY_BATCH_FROM_PROTOCOL),
     # Our over-parameterized protocols (docs/PROTOCOLS.md): the same tasks with wider MLPs,
     # where a sparse network has room to spare. 1 epoch, batch 10: the DER protocol.
     **{f"{bench}_w{width}": (dict(_MLP_1_EPOCH, benchmark=bench, mlp_widths=(width, width)),
@@ -220,8 +224,7 @@ BENCHMARK_PROTOCOLS: dict[str, tuple[dict, dict]] = {
     **{f"{bench}_w400_e5": (dict(model="mlp", benchmark=bench, mlp_widths=(400, 400), epochs=5,
                                  batch_size=32, replay_batch_size=32,
                                  esacl=dict(mask_update_every_epochs=2)),
-                            {name: {k: v for k, v in row.items() if k != "replay_batch_size"}
-                             for name, row in MNIST_METHODS.items()})
+                            _REPLAY_BATCH_FROM_PROTOCOL)
        for bench in ("split_mnist", "split_fashion_mnist")},
     # Multi-epoch convolutional protocol sized for a CPU (ours): the SmallCNN at width
     # resnet_nf=16 (conv features 8 and 16, hidden 32; nf=64 is the full SmallCNN), 5 epochs of
@@ -230,17 +233,22 @@ BENCHMARK_PROTOCOLS: dict[str, tuple[dict, dict]] = {
         dict(model="cnn", benchmark="split_fashion_mnist", resnet_nf=16, epochs=5,
              batch_size=32, replay_batch_size=32, max_train_per_task=4000, steps_per_call=125,
              esacl=dict(mask_update_every_epochs=2)),
-        {name: {k: v for k, v in row.items() if k != "replay_batch_size"}
-         for name, row in MNIST_METHODS.items()}),
+        _REPLAY_BATCH_FROM_PROTOCOL),
     "split_cifar10": (dict(_RESNET, epochs=50), CIFAR_METHODS),
     "split_cifar100": (dict(_RESNET, epochs=50), CIFAR_METHODS),
     "split_tiny_imagenet": (dict(_RESNET, epochs=100), CIFAR_METHODS),
 }
 
 
-def _closest(name: str, known: list[str]) -> str:
+def closest_name(name: str, known: list[str]) -> str | None:
+    """The known name closest to a misspelt one (difflib), or None."""
     match = difflib.get_close_matches(name, known, n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+    return match[0] if match else None
+
+
+def _closest(name: str, known: list[str]) -> str:
+    match = closest_name(name, known)
+    return f" (did you mean {match!r}?)" if match else ""
 
 
 def get_config(benchmark: str, method: str = "finetune") -> ml_collections.ConfigDict:

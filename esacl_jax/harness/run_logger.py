@@ -7,10 +7,11 @@ Named run_logger (not logging) so it never shadows the standard library module.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -112,3 +113,16 @@ def make_logger(workdir: str | os.PathLike, enabled: bool) -> RunLogger:
     except ImportError as err:
         log.warning("TensorBoard logging disabled: %s", err)
         return NullLogger()
+
+
+@contextlib.contextmanager
+def quiet_absl(level: int) -> Iterator[None]:
+    """Raises the absl logger's level to `level` while the block runs (storage and dataset
+    libraries log through it: tracebacks and settings dumps the harness reports in one line)."""
+    logger = logging.getLogger("absl")
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

@@ -20,15 +20,10 @@ class DataError(RuntimeError):
     """A dataset could not be found, read or verified. The message says what to do."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """One task: its global class ids and its train/test arrays (labels are global ids)."""
+class _Counts:
+    """num_train / num_test from the label arrays (shared by the task types)."""
 
-    task_id: int
-    classes: tuple[int, ...]
-    x_train: np.ndarray
     y_train: np.ndarray
-    x_test: np.ndarray
     y_test: np.ndarray
 
     @property
@@ -40,8 +35,20 @@ class Task:
         return int(self.y_test.shape[0])
 
 
+@dataclasses.dataclass(frozen=True)
+class Task(_Counts):
+    """One task: its global class ids and its train/test arrays (labels are global ids)."""
+
+    task_id: int
+    classes: tuple[int, ...]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class PermutedTask:
+class PermutedTask(_Counts):
     """A task whose images are base images shared by every task with one fixed pixel
     permutation, applied each time `x_train` or `x_test` is read.
 
@@ -69,14 +76,6 @@ class PermutedTask:
     @property
     def x_test(self) -> np.ndarray:
         return self._permuted(self.base_test)
-
-    @property
-    def num_train(self) -> int:
-        return int(self.y_train.shape[0])
-
-    @property
-    def num_test(self) -> int:
-        return int(self.y_test.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)

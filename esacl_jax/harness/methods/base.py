@@ -204,9 +204,16 @@ class Method:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         method_state = self.after_step(state, batch, ctx, logits, per_example, after_key)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+        return self.finish_step(state, batch, ctx, params, new_stats, opt_state, method_state,
+                                logits, loss)
+
+    def finish_step(self, state: TrainState, batch: Batch, ctx: TaskContext, params: Any,
+                    batch_stats: Any, opt_state: Any, method_state: Any, logits: jax.Array,
+                    loss: jax.Array) -> tuple[TrainState, StepMetrics]:
+        """The new state (step counter advanced) and the step's metrics, shared by the steps."""
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state, method_state=method_state)
-        accuracy = losses.correct(logits, batch.y, mask).mean()
+        accuracy = losses.correct(logits, batch.y, self.current_loss_mask(ctx)).mean()
         return new_state, StepMetrics(loss, accuracy)
 
     # ----- host-side hooks -----

@@ -28,7 +28,6 @@ import numpy as np
 
 from esacl_jax import masks as masks_lib
 from esacl_jax.harness import flops as flops_lib
-from esacl_jax.harness import losses
 from esacl_jax.harness.data.base import class_mask
 from esacl_jax.harness.methods.base import (
     Batch,
@@ -83,10 +82,8 @@ class PruneRetrain(SparseWrapperMethod):
         params, opt_state = self.masked_update(
             state, masks_lib.apply_masks(grads, weight_masks), weight_masks)
         method_state = self.base.after_step(state, batch, ctx, logits, per_example, after_key)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                                  opt_state=opt_state, method_state=method_state)
-        accuracy = losses.correct(logits, batch.y, self.current_loss_mask(ctx)).mean()
-        return new_state, StepMetrics(loss, accuracy)
+        return self.finish_step(state, batch, ctx, params, new_stats, opt_state, method_state,
+                                logits, loss)
 
     # ----- host-side hooks -----
     def begin_task(self, state: TrainState, task_id: int) -> TrainState:

@@ -286,10 +286,8 @@ class SparCL(SparseWrapperMethod):
                 ms["example_stats"], batch.index, correct=losses.correct(logits, batch.y))
         method_state = {**self.base.after_step(state, batch, ctx, logits, per_example, after_key),
                         **updates}
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
-                                  opt_state=opt_state, method_state=method_state)
-        accuracy = losses.correct(logits, batch.y, self.current_loss_mask(ctx)).mean()
-        return new_state, StepMetrics(loss, accuracy)
+        return self.finish_step(state, batch, ctx, params, new_stats, opt_state, method_state,
+                                logits, loss)
 
     # ----- host-side hooks -----
     def begin_task(self, state: TrainState, task_id: int) -> TrainState:

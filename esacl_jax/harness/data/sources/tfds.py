@@ -9,7 +9,6 @@ this module at call time, so tests patch them here.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
@@ -17,7 +16,7 @@ import pathlib
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +28,7 @@ from esacl_jax.harness.data.sources.common import (
     describe_exception,
     freeze,
 )
+from esacl_jax.harness.run_logger import quiet_absl
 
 NETWORK_PROBE_TIMEOUT_S = 3.0
 
@@ -133,16 +133,6 @@ def _tfds_raw(
     return result
 
 
-@contextlib.contextmanager
-def _quiet_absl() -> Iterator[None]:
-    """Silence tfds's absl warnings while probing for prepared data that is usually absent."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _tfds_data_source(dataset: str, tfds_dir: str | None) -> RawDataset:
@@ -150,7 +140,8 @@ def _tfds_data_source(dataset: str, tfds_dir: str | None) -> RawDataset:
     import tensorflow_datasets as tfds  # slow, optional
 
     name = TFDS_NAMES[dataset]
-    with _quiet_absl():
+    # tfds's absl warnings while probing for prepared data that is usually absent
+    with quiet_absl(logging.ERROR):
         builder = tfds.builder(name, data_dir=tfds_dir)
         prepared = builder.is_prepared()
     if not prepared:
