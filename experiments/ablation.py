@@ -88,6 +88,10 @@ VARIANTS: dict[str, Variant] = {
                             {"esacl.ids_score": "random"}),
     "c_no_sdp": Variant("default, no SDP (masks fixed at init)", "esacl", {"esacl.sdp": False}),
     "c_no_sam": Variant("default, no SAM (rho=0)", "esacl", {"esacl.rho": 0.0}),
+    "c_erk": Variant("default, ERK layer sparsities (same global sparsity)", "esacl",
+                     {"esacl.distribution": "erk"}),
+    "c_input_dense": Variant("default, first layer dense (SparCL's name-based prunable set)",
+                             "esacl", {"prune_scope": "sparcl"}),
     "dense_to_sparse": Variant("default, dense-to-sparse (cubic ramp over the first task)",
                                "esacl", {"esacl.dense_to_sparse": True}),
     "sparcl_derpp": Variant("SparCL-DER++", "sparcl_derpp", {}),
@@ -159,10 +163,11 @@ def check(settings: Settings) -> None:
 
 def _common_overrides(settings: Settings) -> dict[str, Any]:
     common: dict[str, Any] = {"validation_fraction": settings.validation_fraction,
-                              "max_train_per_task": settings.max_train_per_task,
                               "buffer_size": settings.buffer_size}
-    if settings.epochs:
-        common["epochs"] = settings.epochs
+    # 0 keeps the protocol's value (split_fashion_mnist_cnn_e5 sets its own subset size).
+    for name in ("max_train_per_task", "epochs"):
+        if getattr(settings, name):
+            common[name] = getattr(settings, name)
     common.update(sweep.parse_overrides(settings.overrides))
     return common
 

@@ -150,9 +150,9 @@ def plan(settings: Settings, methods: Sequence[str]) -> list[sweep.Run]:
     """Dense methods x seeds and sparse methods x sparsities x seeds, per benchmark."""
     out = pathlib.Path(settings.out)
     common: dict[str, Any] = {"validation_fraction": settings.validation_fraction,
-                              "max_train_per_task": settings.max_train_per_task,
                               "buffer_size": settings.buffer_size}
-    for name in ("epochs", "model", "resnet_nf"):
+    # 0 keeps the protocol's value (split_fashion_mnist_cnn_e5 sets its own subset size).
+    for name in ("max_train_per_task", "epochs", "model", "resnet_nf"):
         if getattr(settings, name):
             common[name] = getattr(settings, name)
     common.update(sweep.parse_overrides(settings.overrides))

@@ -52,7 +52,8 @@ def define_common_flags(defaults: Any, sparsity_help: str) -> None:
                        "Held-out fraction of each task's training set evaluated instead of the "
                        "test set; 0 evaluates on test.")
     flags.DEFINE_integer("max_train_per_task", d.max_train_per_task,
-                         "Training examples per task (0: all; for quick smoke runs).")
+                         "Training examples per task (0: the protocol's, which is all for most; "
+                         "a positive value is for quick smoke runs).")
     flags.DEFINE_integer("epochs", d.epochs, "Epochs per task (0: the protocol's).")
     flags.DEFINE_integer("buffer_size", d.buffer_size, "Replay buffer size.")
     flags.DEFINE_string("data_dir", d.data_dir, "Dataset directory (else $ESACL_DATA_DIR).")
