@@ -77,6 +77,21 @@ def test_full_plans_have_the_documented_size():
     assert sparse[0].name == "split_mnist/sparcl_er/s0.75/seed0"
 
 
+def test_zero_subset_and_epochs_keep_the_protocols_values():
+    """--max_train_per_task=0 / --epochs=0 mean "the protocol's": the CNN protocol keeps its
+    4000-example subset and 5 epochs; a positive value still overrides."""
+    bench = "split_fashion_mnist_cnn_e5"
+    for runs in (ablation.plan(ablation.Settings(benchmarks=(bench,), variants=("derpp",),
+                                                 seeds=(0,))),
+                 compare.plan(compare.Settings(benchmarks=(bench,), seeds=(0,)), ["derpp"])):
+        config = sweep.build_config(runs[0])
+        assert (config.max_train_per_task, config.epochs) == (4000, 5)
+    runs = compare.plan(compare.Settings(benchmarks=(bench,), seeds=(0,), max_train_per_task=100,
+                                         epochs=1), ["derpp"])
+    config = sweep.build_config(runs[0])
+    assert (config.max_train_per_task, config.epochs) == (100, 1)
+
+
 def test_bad_settings_fail_before_running(tmp_path):
     with pytest.raises(ValueError, match="unknown variant"):
         ablation.run_ablation(_ablation_settings(tmp_path, variants=("nope",)), progress=False)
