@@ -58,6 +58,9 @@ class ExampleStats(NamedTuple):
       correct: bool[N], last recorded argmax correctness.
       forgetting: int32[N], number of correct -> incorrect transitions (forgetting events).
       seen: int32[N], number of updates that touched the example.
+      totals: float32[7], running sums over the recorded entries (`TOTALS` names them), kept up
+        to date by `update_example_stats` from the batch's entries alone, so that scoring a
+        batch costs O(batch) and not a pass over the whole table at every step.
     """
 
     loss: jax.Array
@@ -65,6 +68,26 @@ class ExampleStats(NamedTuple):
     correct: jax.Array
     forgetting: jax.Array
     seen: jax.Array
+    totals: jax.Array
+
+
+# The entries of ExampleStats.totals: sums and counts over recorded losses, recorded sharpnesses,
+# and the entries where both are recorded.
+TOTALS = ("loss_sum", "loss_count", "sharpness_sum", "sharpness_count", "both_loss_sum",
+          "both_sharpness_sum", "both_count")
+
+
+def _contributions(loss: jax.Array, sharpness: jax.Array) -> jax.Array:
+    """float32[7]: the `TOTALS` of the given entries (NaN entries are unrecorded)."""
+    has_loss, has_sharpness = ~jnp.isnan(loss), ~jnp.isnan(sharpness)
+    both = has_loss & has_sharpness
+    zero = jnp.zeros_like(loss)
+    return jnp.stack([
+        jnp.sum(jnp.where(has_loss, loss, zero)), jnp.sum(has_loss, dtype=jnp.float32),
+        jnp.sum(jnp.where(has_sharpness, sharpness, zero)),
+        jnp.sum(has_sharpness, dtype=jnp.float32),
+        jnp.sum(jnp.where(both, loss, zero)), jnp.sum(jnp.where(both, sharpness, zero)),
+        jnp.sum(both, dtype=jnp.float32)])
 
 
 def init_example_stats(capacity: int) -> ExampleStats:
@@ -75,6 +98,7 @@ def init_example_stats(capacity: int) -> ExampleStats:
         correct=jnp.zeros((capacity,), bool),
         forgetting=jnp.zeros((capacity,), jnp.int32),
         seen=jnp.zeros((capacity,), jnp.int32),
+        totals=jnp.zeros((len(TOTALS),), jnp.float32),
     )
 
 
@@ -86,6 +110,7 @@ def reset_example_stats(stats: ExampleStats) -> ExampleStats:
         correct=jnp.zeros_like(stats.correct),
         forgetting=jnp.zeros_like(stats.forgetting),
         seen=jnp.zeros_like(stats.seen),
+        totals=jnp.zeros_like(stats.totals),
     )
 
 
@@ -99,11 +124,15 @@ def update_example_stats(
 ) -> ExampleStats:
     """Record a batch's statistics at positions `idx` (int[B], distinct within the batch).
 
-    Only the given fields change. `seen` is incremented for every index. A forgetting event is
+    Only the given fields change. `seen` is incremented for every index; `totals` follows the
+    loss and sharpness entries (distinct indices are what keeps it exact). A forgetting event is
     counted when an example recorded as correct is now incorrect (so never on a first sighting).
     """
     idx = jnp.asarray(idx, jnp.int32)
     new = stats
+    scored = loss is not None or sharpness is not None
+    if scored:  # the batch's old entries leave the totals (padding gathers NaN: no contribution)
+        before = _contributions(*_gather_scores(stats, idx))
     if loss is not None:
         new = new._replace(loss=stats.loss.at[idx].set(jnp.asarray(loss, jnp.float32), mode="drop"))
     if sharpness is not None:
@@ -118,13 +147,27 @@ def update_example_stats(
             correct=stats.correct.at[idx].set(correct, mode="drop"),
             forgetting=stats.forgetting.at[idx].add(forgot, mode="drop"),
         )
-    return new._replace(seen=stats.seen.at[idx].add(1, mode="drop"))
+    new = new._replace(seen=stats.seen.at[idx].add(1, mode="drop"))
+    if scored:  # ... and their new entries join them
+        new = new._replace(
+            totals=stats.totals - before + _contributions(*_gather_scores(new, idx)))
+    return new
 
 
-def _nanmean(x: jax.Array) -> jax.Array:
-    """Mean of the non-NaN entries; 0 when there is none."""
-    ok = ~jnp.isnan(x)
-    return jnp.sum(jnp.where(ok, x, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
+def _gather_scores(stats: ExampleStats, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(loss, sharpness) at `idx`; NaN for padding indices."""
+    get = lambda table: table.at[idx].get(mode="fill", fill_value=jnp.nan)  # noqa: E731
+    return get(stats.loss), get(stats.sharpness)
+
+
+def _sharpness_per_loss(stats: ExampleStats) -> jax.Array:
+    """Measured sharpness per unit of loss over the entries where both are recorded."""
+    t = dict(zip(TOTALS, stats.totals, strict=True))
+    return t["both_sharpness_sum"] / jnp.maximum(t["both_loss_sum"], 1e-12)
+
+
+def _estimate(loss: jax.Array, sharpness: jax.Array, ratio: jax.Array) -> jax.Array:
+    return jnp.where(jnp.isnan(sharpness), ratio * loss, sharpness)
 
 
 def estimated_sharpness(stats: ExampleStats) -> jax.Array:
@@ -135,10 +178,21 @@ def estimated_sharpness(stats: ExampleStats) -> jax.Array:
     the examples where both are known (per-example sharpness grows with the loss), so that every
     example the training passes touched has a score to rank by.
     """
-    both = ~jnp.isnan(stats.sharpness) & ~jnp.isnan(stats.loss)
-    ratio = (jnp.sum(jnp.where(both, stats.sharpness, 0.0))
-             / jnp.maximum(jnp.sum(jnp.where(both, stats.loss, 0.0)), 1e-12))
-    return jnp.where(jnp.isnan(stats.sharpness), ratio * stats.loss, stats.sharpness)
+    return _estimate(stats.loss, stats.sharpness, _sharpness_per_loss(stats))
+
+
+def _mean_score(stats: ExampleStats, kind: str) -> jax.Array:
+    """The mean of the table's recorded `kind` scores, from the running totals (0 if none)."""
+    t = dict(zip(TOTALS, stats.totals, strict=True))
+    if kind == "loss":
+        total, count = t["loss_sum"], t["loss_count"]
+    elif kind == "sharpness":
+        total, count = t["sharpness_sum"], t["sharpness_count"]
+    else:  # measured sharpness where recorded, else the loss-based estimate
+        only_loss = t["loss_sum"] - t["both_loss_sum"]
+        total = t["sharpness_sum"] + _sharpness_per_loss(stats) * only_loss
+        count = t["sharpness_count"] + t["loss_count"] - t["both_count"]
+    return total / jnp.maximum(count, 1.0)
 
 
 def table_scores(stats: ExampleStats, idx: jax.Array, kind: str = "loss",
@@ -150,13 +204,18 @@ def table_scores(stats: ExampleStats, idx: jax.Array, kind: str = "loss",
     "first" gives them +inf (coverage first: every example is scored before any is ranked);
     "mean" gives them the mean of the recorded scores, so an example with a higher recorded
     score than average is chosen before an unscored one (ranking from the first recorded pass).
+    Costs O(batch): the table-wide quantities come from `stats.totals`.
     """
     if kind not in SCORE_FIELDS:
         raise ValueError(f"kind must be one of {SCORE_FIELDS}, got {kind!r}")
     if unseen not in UNSEEN_POLICIES:
         raise ValueError(f"unseen must be one of {UNSEEN_POLICIES}, got {unseen!r}")
-    table = {"loss": lambda: stats.loss, "sharpness": lambda: stats.sharpness,
-             "estimated_sharpness": lambda: estimated_sharpness(stats)}[kind]()
-    values = table.at[jnp.asarray(idx, jnp.int32)].get(mode="fill", fill_value=-jnp.inf)
-    fill = jnp.inf if unseen == "first" else _nanmean(table)
-    return jnp.where(jnp.isnan(values), fill, values)
+    idx = jnp.asarray(idx, jnp.int32)
+    loss, sharpness = _gather_scores(stats, idx)
+    values = {"loss": lambda: loss, "sharpness": lambda: sharpness,
+              "estimated_sharpness": lambda: _estimate(loss, sharpness,
+                                                       _sharpness_per_loss(stats))}[kind]()
+    padding = idx >= stats.loss.shape[0]
+    fill = jnp.inf if unseen == "first" else _mean_score(stats, kind)
+    values = jnp.where(jnp.isnan(values), fill, values)
+    return jnp.where(padding, -jnp.inf, values)

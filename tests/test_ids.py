@@ -121,3 +121,51 @@ def test_estimated_sharpness_scores_every_recorded_example():
     only_loss = ids.update_example_stats(ids.init_example_stats(3), jnp.arange(3),
                                          loss=jnp.ones(3))
     assert np.all(np.asarray(ids.estimated_sharpness(only_loss)) == 0.0)
+
+
+def _brute_force_scores(stats, idx, kind, unseen):
+    """table_scores as a pass over the whole table (what the running totals replace)."""
+    loss, sharp = np.asarray(stats.loss, np.float64), np.asarray(stats.sharpness, np.float64)
+    both = ~np.isnan(loss) & ~np.isnan(sharp)
+    ratio = sharp[both].sum() / max(loss[both].sum(), 1e-12)
+    table = {"loss": loss, "sharpness": sharp,
+             "estimated_sharpness": np.where(np.isnan(sharp), ratio * loss, sharp)}[kind]
+    recorded = table[~np.isnan(table)]
+    fill = np.inf if unseen == "first" else (recorded.mean() if recorded.size else 0.0)
+    out = []
+    for i in np.asarray(idx):
+        value = table[i] if i < table.size else -np.inf
+        out.append(fill if np.isnan(value) else value)
+    return np.array(out)
+
+
+def test_running_totals_match_a_pass_over_the_table():
+    """After many overlapping updates (re-recorded entries, padding, sharpness on subsets) the
+    O(batch) scores equal the ones computed from the whole table."""
+    rng = np.random.default_rng(0)
+    capacity = 50
+    stats = ids.init_example_stats(capacity)
+    update = jax.jit(ids.update_example_stats)
+    scores = jax.jit(ids.table_scores, static_argnames=("kind", "unseen"))
+    for step in range(40):
+        idx = rng.choice(capacity + 5, size=8, replace=False)  # > capacity: padding
+        loss = rng.uniform(0.0, 3.0, 8).astype(np.float32)
+        stats = update(stats, jnp.asarray(idx), loss=jnp.asarray(loss),
+                       correct=jnp.asarray(loss < 1.0))
+        picked = idx[:3]
+        stats = update(stats, jnp.asarray(picked),
+                       sharpness=jnp.asarray(rng.uniform(-0.1, 0.5, 3).astype(np.float32)))
+        if step == 20:  # a reset in the middle starts the totals over
+            stats = ids.reset_example_stats(stats)
+            assert np.all(np.asarray(stats.totals) == 0.0)
+        query = jnp.asarray(rng.choice(capacity + 3, size=12, replace=False))
+        for kind in ids.SCORE_FIELDS:
+            for unseen in ids.UNSEEN_POLICIES:
+                np.testing.assert_allclose(np.asarray(scores(stats, query, kind, unseen)),
+                                           _brute_force_scores(stats, query, kind, unseen),
+                                           rtol=1e-5, atol=1e-5)
+    loss, sharp = np.asarray(stats.loss), np.asarray(stats.sharpness)
+    both = ~np.isnan(loss) & ~np.isnan(sharp)
+    expected = [np.nansum(loss), np.sum(~np.isnan(loss)), np.nansum(sharp),
+                np.sum(~np.isnan(sharp)), loss[both].sum(), sharp[both].sum(), both.sum()]
+    np.testing.assert_allclose(np.asarray(stats.totals), expected, rtol=1e-5, atol=1e-4)
