@@ -1,7 +1,8 @@
 """Summarises a directory of runs: `python -m experiments.report --runs=DIR [--out=DIR]`.
 
 Collects every results.json under --runs, aggregates over seeds and writes into --out
-(default RUNS/report): table.md, table.csv, accuracy_vs_flops.png (one per benchmark when there
+(default RUNS/report): table.md, table.csv, paired.md (with --paired_with: differences paired by
+seed against one run group, with standard errors), accuracy_vs_flops.png (one per benchmark when there
 are several: accuracy_vs_flops_<benchmark>.png) and accuracy_matrix_<label>.png (class-IL, the
 first seed of each group; prefixed by the benchmark when there are several, suffixed by
 sparsity/buffer when a label has several groups). Prints the Markdown table.
@@ -21,6 +22,10 @@ from esacl_jax.harness.atomic_io import write_text_atomic
 _RUNS = flags.DEFINE_string("runs", None, "Directory searched (recursively) for results.json.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: RUNS/report).")
 _BENCHMARK = flags.DEFINE_string("benchmark", None, "Only report runs of this benchmark.")
+_PAIRED_WITH = flags.DEFINE_string(
+    "paired_with", None, "Also write paired.md: every run group (its directory under --runs "
+    "without the benchmark and seed parts, e.g. esacl/s0.9 or derpp) against this one, paired "
+    "by seed, with standard errors, learning accuracy and forgetting.")
 flags.mark_flag_as_required("runs")
 
 
@@ -77,6 +82,15 @@ def main(argv: list[str]) -> None:
             print(f"warning: {err}", file=sys.stderr)
 
     print(table, end="")
+    if _PAIRED_WITH.value:
+        paired = reporting.paired_rows(runs, runs_dir, _PAIRED_WITH.value)
+        if not any(r.group == _PAIRED_WITH.value for r in paired):
+            known = sorted({r.group for r in paired})
+            fail(f"--paired_with={_PAIRED_WITH.value!r} names no run group; groups: "
+                 f"{', '.join(known)}")
+        text = reporting.paired_markdown(paired, _PAIRED_WITH.value)
+        write_text_atomic(out / "paired.md", text)
+        print(text, end="")
     print(f"report: {out}")
 
 

@@ -403,3 +403,31 @@ def test_tables_show_sparsity_over_all_weights_beside_the_prunable_set():
     assert row.sparsity_all.mean == pytest.approx(89.5) and row.nonzero_weights.mean == 105
     line = reporting.to_markdown([row]).strip().splitlines()[-1]
     assert line.startswith("| esacl | 0.9 | 89.5 ± 0.7 | 105 ± 7 | 500 |"), line
+
+
+def test_paired_differences_and_standard_errors(tmp_path):
+    """Hand-computed: per-seed differences (+2, +4, +3 points) -> mean +3, SE 1/sqrt(3);
+    a seed only one side has is left out of the pairing."""
+    root = tmp_path / "runs"
+    accs = {"derpp": [0.90, 0.88, 0.91, 0.50], "esacl/s0.9": [0.92, 0.92, 0.94]}
+    for group, values in accs.items():
+        for seed, acc in enumerate(values):
+            d = root / "split_mnist" / group / f"seed{seed}"
+            d.mkdir(parents=True)
+            method = group.split("/")[0]
+            (d / "results.json").write_text(json.dumps(make_result(method, seed=seed, acc=acc)))
+    runs = reporting.load_runs(root)
+    rows = {r.group: r for r in reporting.paired_rows(runs, root, "derpp")}
+    assert set(rows) == {"derpp", "esacl/s0.9"}
+    assert rows["derpp"].difference is None and rows["derpp"].seeds == (0, 1, 2, 3)
+    diff = rows["esacl/s0.9"].difference
+    assert diff.n == 3 and diff.mean == pytest.approx(3.0)
+    assert diff.std == pytest.approx(1.0 / np.sqrt(3.0))  # std(2, 4, 3) = 1
+    assert rows["esacl/s0.9"].forgetting.mean == pytest.approx(98.0 - 92.666667, abs=1e-4)
+    text = reporting.paired_markdown(list(rows.values()), "derpp")
+    assert "| esacl/s0.9 | 0,1,2 | 92.67 ± 1.15 |" in text and "+3.00 ± 0.58 (n=3)" in text
+    proc = run_cli(f"--runs={root}", f"--out={tmp_path / 'out'}", "--paired_with=esacl")
+    assert proc.returncode == 1 and "esacl/s0.9" in proc.stderr  # names the known groups
+    proc = run_cli(f"--runs={root}", f"--out={tmp_path / 'out'}", "--paired_with=derpp")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "paired.md").read_text() in proc.stdout

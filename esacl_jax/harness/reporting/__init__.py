@@ -8,6 +8,7 @@ the main method. Each group becomes one `Row` holding mean ± sample std over it
 - `collect`: `load_runs` and the accessors reading one run's facts (`benchmark_of`,
   `method_label`, `sparsity_of`, ...);
 - `tables`: `aggregate` into `Row`/`Stat`, Markdown and CSV tables;
+- `paired`: differences paired by seed against a reference group, with standard errors;
 - `plots`: the accuracy-matrix heatmap and the accuracy-vs-FLOPs figure.
 
 Units inside a `Row`: accuracies and forgetting in percent, training FLOPs in FLOPs, memory in
@@ -30,6 +31,7 @@ from esacl_jax.harness.reporting.collect import (
     seed_of,
     sparsity_of,
 )
+from esacl_jax.harness.reporting.paired import PairedRow, group_of, paired_markdown, paired_rows
 from esacl_jax.harness.reporting.plots import plot_accuracy_matrix, plot_accuracy_vs_flops, slug
 from esacl_jax.harness.reporting.tables import (
     METHOD_ORDER,
@@ -50,10 +52,11 @@ from esacl_jax.harness.reporting.tables import (
 )
 
 __all__ = [
-    "METHOD_ORDER", "METRICS", "MiB", "Row", "Stat", "VARIANT_KNOBS", "aggregate",
+    "METHOD_ORDER", "METRICS", "MiB", "PairedRow", "Row", "Stat", "VARIANT_KNOBS", "aggregate",
     "benchmark_of", "benchmarks_of", "buffer_of", "commit_of", "csv_header", "csv_text",
-    "flops_exponent", "format_sparsity", "format_stat", "group_runs", "load_runs",
-    "method_family", "method_label", "method_of", "peak_memory_of", "plot_accuracy_matrix",
+    "flops_exponent", "format_sparsity", "format_stat", "group_of", "group_runs", "load_runs",
+    "method_family", "method_label", "method_of", "paired_markdown", "paired_rows",
+    "peak_memory_of", "plot_accuracy_matrix",
     "plot_accuracy_vs_flops", "read_csv", "run_key", "seed_of", "slug", "sparsity_of", "to_csv",
     "to_markdown",
 ]
