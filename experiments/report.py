@@ -3,9 +3,9 @@
 Collects every results.json under --runs, aggregates over seeds and writes into --out
 (default RUNS/report): table.md, table.csv, paired.md (with --paired_with: differences paired by
 seed against one run group, with standard errors), accuracy_vs_flops.png (one per benchmark
-when there are several: accuracy_vs_flops_<benchmark>.png) and accuracy_matrix_<label>.png (class-IL, the
-first seed of each group; prefixed by the benchmark when there are several, suffixed by
-sparsity/buffer when a label has several groups). Prints the Markdown table.
+when there are several: accuracy_vs_flops_<benchmark>.png) and accuracy_matrix_<label>.png
+(class-IL, the first seed of each group; prefixed by the benchmark when there are several,
+suffixed by sparsity/buffer when a label has several groups). Prints the Markdown table.
 """
 
 from __future__ import annotations
