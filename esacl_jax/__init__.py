@@ -62,6 +62,7 @@ from esacl_jax.sdp import (
     accumulate_grad_fn,
     find_sdp_state,
     keep_sparse,
+    perturbed_params,
     refresh_masks,
     replace_sdp_state,
     sdp_transform,
@@ -79,7 +80,7 @@ __version__ = "0.1.0"
 __all__ = [
     # SDP: the optax transform and its state
     "sdp_transform", "keep_sparse", "SDPState", "update_masks", "refresh_masks",
-    "find_sdp_state", "replace_sdp_state", "accumulate_grad_fn",
+    "find_sdp_state", "replace_sdp_state", "accumulate_grad_fn", "perturbed_params",
     # masks
     "default_prunable", "name_prunable", "structural_prunable", "prunable_tree",
     "layer_sparsities", "magnitude_masks", "apply_masks",

@@ -501,8 +501,8 @@ def sdp_transform(
                 point = params
             else:
                 g = updates if perturbation == "per_device" else all_reduce(updates)
-                eps = sam_perturbation(g, _active(state.masks), rho, dtype=perturbation_dtype)
-                point = add_perturbation(params, eps, dtype=perturbation_dtype)
+                point = perturbed_params(g, state.masks, params, rho,
+                                         perturbation_dtype=perturbation_dtype)
             if batch_axis_name is not None:
                 point = _as_varying(point, batch_axis_name)
             g_sam = all_reduce(_call_grad_fn(grad_fn, point, params, call))
@@ -612,6 +612,20 @@ def accumulate_grad_fn(
 
 def _is_sdp(x: Any) -> bool:
     return isinstance(x, SDPState)
+
+
+def perturbed_params(grads: PyTree, masks: PyTree, params: PyTree, rho: Any, *,
+                     perturbation_dtype: Any = "float32") -> PyTree:
+    """w + eps, the point where `sdp_transform` evaluates `grad_fn`: SAM's ascent step of radius
+    `rho` along `grads` on the active weights of `masks` (an `SDPState`'s masks).
+
+    For a training step that takes the descent gradient itself (and needs more from that pass
+    than the gradient, e.g. per-example losses) and hands it over as ``grad_fn=lambda _: g``:
+    computed with this function, its point is the transform's to the bit, low-precision
+    params included (`perturbation_dtype` as in `sdp_transform`).
+    """
+    eps = sam_perturbation(grads, _active(masks), rho, dtype=perturbation_dtype)
+    return add_perturbation(params, eps, dtype=perturbation_dtype)
 
 
 def find_sdp_state(opt_state: Any) -> SDPState:

@@ -21,6 +21,7 @@ from esacl_jax.sdp import (
     SDPState,
     find_sdp_state,
     keep_sparse,
+    perturbed_params,
     refresh_masks,
     replace_sdp_state,
     sdp_transform,
@@ -588,6 +589,35 @@ def test_bf16_perturbation_moves_the_active_coordinates():
     share_bf16, point = _moved_share(None)  # the point in bf16: mostly rounded back to w
     assert all(q.dtype == jnp.bfloat16 for q in jax.tree.leaves(point))
     assert share_bf16 < 0.75, share_bf16
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_perturbed_params_is_the_point_handed_to_grad_fn(dtype):
+    """A step that takes the descent pass itself evaluates it at the transform's own point."""
+    params = init_params(dtype=dtype)
+    tx = keep_sparse(optax.chain(sdp_transform(0.5, 0.05), optax.sgd(0.1)))
+    params, state = sparse_start(tx, params)
+    x, y = make_data(32)
+
+    @jax.jit
+    def points(params, state):
+        seen = []
+
+        def grad_fn(point):
+            seen.append(point)
+            return jax.grad(loss_fn)(point, x, y)
+
+        grads = jax.grad(loss_fn)(params, x, y)
+        tx.update(grads, state, params, grad_fn=grad_fn)
+        return seen[0], perturbed_params(grads, find_sdp_state(state).masks, params, 0.05)
+
+    inside, outside = points(params, state)
+    for a, b in zip(jax.tree.leaves(inside), jax.tree.leaves(outside), strict=True):
+        assert a.dtype == b.dtype == jnp.float32  # bf16 is perturbed in float32
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = [np.any(np.asarray(a) != np.asarray(w, np.float32))
+             for a, w in zip(jax.tree.leaves(outside), jax.tree.leaves(params), strict=True)]
+    assert any(moved)
 
 
 # ----------------------------------------------------------------------------- mask updates

@@ -38,7 +38,6 @@ from esacl_jax.harness.methods.base import (
 from esacl_jax.harness.methods.derpp import derpp_replay_loss
 from esacl_jax.harness.methods.er import ReplayMethod
 from esacl_jax.harness.models import forward
-from esacl_jax.sharpness import add_perturbation, sam_perturbation
 
 STEP_VARIANTS = ("A", "B", "C")
 IDS_SCORES = ("sharpness", "perturbed_loss", "clean_loss", "random")
@@ -166,13 +165,12 @@ class EsaCL(ReplayMethod):
         return losses.cross_entropy(logits, y, mask), logits, new_stats
 
     def _perturbed(self, state: TrainState, clean_grads: Any) -> Any:
-        """w + eps with SAM's eps on the active weights (w itself when rho == 0): the point where
-        sdp_transform evaluates the descent gradient."""
+        """w + eps (w itself when rho == 0): the transform's own point (`sdp.perturbed_params`),
+        where this step takes the descent gradient it hands to the transform."""
         if self._no_sam():
             return state.params
-        active = sdp.find_sdp_state(state.opt_state).masks
-        return add_perturbation(state.params,
-                                sam_perturbation(clean_grads, active, self.esacl.rho))
+        return sdp.perturbed_params(clean_grads, sdp.find_sdp_state(state.opt_state).masks,
+                                    state.params, self.esacl.rho)
 
     def _descent(self, state, params, x, y, mask, replay_key, with_replay: bool):
         """Loss, per-example CE, logits and gradient of the descent objective at `params`."""

@@ -38,12 +38,12 @@ class PairedRow:
 
 
 def group_of(result: dict, root: str | pathlib.Path) -> str:
-    """The run's directory relative to `root`, without the benchmark and seed components."""
+    """The run's directory relative to `root`, without the benchmark and seed components (so
+    ``<root>/lr0.1/split_mnist/esacl/s0.9/seed0`` is ``lr0.1/esacl/s0.9``)."""
     parts = list(pathlib.Path(result["path"]).parent.relative_to(root).parts)
     if parts and _SEED_DIR.fullmatch(parts[-1]):
         parts.pop()
-    if parts and parts[0] == benchmark_of(result):
-        parts.pop(0)
+    parts = [p for p in parts if p != benchmark_of(result)]
     return "/".join(parts) or "."
 
 
