@@ -88,7 +88,12 @@ def main(argv: list[str]) -> None:
             known = sorted({r.group for r in paired})
             fail(f"--paired_with={_PAIRED_WITH.value!r} names no run group; groups: "
                  f"{', '.join(known)}")
-        text = reporting.paired_markdown(paired, _PAIRED_WITH.value)
+        command = " ".join(["python -m experiments.report", *sys.argv[1:]])
+        text = (f"# Differences paired by seed\n\n- command: `{command}`\n- runs: "
+                f"{len(runs)} results.json under {runs_dir} (commits and machines: their "
+                f"results.json and the sweep's report)\n- mean ± sample std over seeds; the "
+                "last column is the mean per-seed difference ± its standard error\n\n"
+                + reporting.paired_markdown(paired, _PAIRED_WITH.value))
         write_text_atomic(out / "paired.md", text)
         print(text, end="")
     print(f"report: {out}")
