@@ -41,6 +41,8 @@ STEP_VARIANTS = [
     ("finetune", "finetune", {}),
     ("DER++ (dense)", "derpp", {}),
     ("EsaCL (published default: C, rho 0.01, gamma 0.25)", "esacl", {}),
+    ("EsaCL C, no SAM (rho 0)", "esacl", {"rho": 0.0}),
+    ("EsaCL C, IDS score=random", "esacl", {"ids_score": "random"}),
     ("EsaCL C, gamma 0.5", "esacl", {"gamma": 0.5}),
     ("EsaCL B, rho 0.05 (METHOD.md reference)", "esacl",
      {"step_variant": "B", "rho": 0.05, "gamma": 0.5}),

@@ -26,6 +26,9 @@ _PAIRED_WITH = flags.DEFINE_string(
     "paired_with", None, "Also write paired.md: every run group (its directory under --runs "
     "without the benchmark and seed parts, e.g. esacl/s0.9 or derpp) against this one, paired "
     "by seed, with standard errors, learning accuracy and forgetting.")
+_ACROSS = flags.DEFINE_bool(
+    "paired_across_protocols", False, "With --paired_with: pair runs of different protocols on "
+    "the same data (e.g. split_mnist_w400 against split_mnist: sparse-wide against dense-narrow)")
 flags.mark_flag_as_required("runs")
 
 
@@ -83,7 +86,8 @@ def main(argv: list[str]) -> None:
 
     print(table, end="")
     if _PAIRED_WITH.value:
-        paired = reporting.paired_rows(runs, runs_dir, _PAIRED_WITH.value)
+        paired = reporting.paired_rows(runs, runs_dir, _PAIRED_WITH.value,
+                                       across_protocols=_ACROSS.value)
         if not any(r.group == _PAIRED_WITH.value for r in paired):
             known = sorted({r.group for r in paired})
             fail(f"--paired_with={_PAIRED_WITH.value!r} names no run group; groups: "

@@ -431,3 +431,40 @@ def test_paired_differences_and_standard_errors(tmp_path):
     proc = run_cli(f"--runs={root}", f"--out={tmp_path / 'out'}", "--paired_with=derpp")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "paired.md").read_text() in proc.stdout
+
+
+def test_paired_across_protocols_through_linked_sweeps(tmp_path):
+    """A directory of links to two sweeps' outputs reports both (a link cycle is visited once);
+    with across_protocols a sparse-wide protocol pairs with a dense-narrow one on the same data."""
+    for sweep_dir, group, protocol, accs in [("narrow", "derpp", "split_mnist", [0.90, 0.91]),
+                                             ("wide", "esacl", "split_mnist_w400", [0.92, 0.92])]:
+        for seed, acc in enumerate(accs):
+            d = tmp_path / sweep_dir / protocol / group / f"seed{seed}"
+            d.mkdir(parents=True)
+            result = make_result(group, seed=seed, acc=acc, protocol=protocol)
+            (d / "results.json").write_text(json.dumps(result))
+    view = tmp_path / "view"
+    view.mkdir()
+    (view / "narrow").symlink_to(tmp_path / "narrow")
+    (view / "wide").symlink_to(tmp_path / "wide")
+    (tmp_path / "wide" / "loop").symlink_to(view)  # a cycle: each directory read once
+    runs = reporting.load_runs(view)
+    assert len(runs) == 4
+    per_protocol = reporting.paired_rows(runs, view, "narrow/derpp")
+    assert all(r.difference is None for r in per_protocol)  # different protocols: no pairs
+    rows = {r.group: r for r in reporting.paired_rows(runs, view, "narrow/derpp",
+                                                      across_protocols=True)}
+    assert {r.benchmark for r in rows.values()} == {"split_mnist"}
+    assert rows["wide/esacl"].difference.mean == pytest.approx(1.5)  # +2 and +1 points
+    assert rows["wide/esacl"].difference.std == pytest.approx(0.5)
+
+
+def test_a_network_of_another_size_gets_its_own_row():
+    """--set=mlp_widths=[62,62] on a protocol is not merged with the protocol's own network."""
+    own = make_result("derpp", protocol="split_mnist", mlp_widths=[100, 100])
+    narrow = make_result("derpp", protocol="split_mnist", mlp_widths=[62, 62])
+    cnn = make_result("derpp", protocol="split_fashion_mnist_cnn_e5", model="cnn", resnet_nf=6)
+    assert reporting.method_label(own) == "derpp"
+    assert reporting.method_label(narrow) == "derpp[mlp_widths=62-62]"
+    assert reporting.method_label(cnn) == "derpp[resnet_nf=6]"
+    assert len(reporting.aggregate([own, narrow])) == 2

@@ -36,8 +36,24 @@ VARIANT_KNOBS: dict[str, tuple[str, dict[str, Any]]] = {
 _BARE_KNOBS = {"step_variant"}
 
 
+def _results_files(root: pathlib.Path) -> list[pathlib.Path]:
+    """results.json files under `root`, following symlinked directories (a directory of links
+    to several sweeps' outputs reports them together), each real directory visited once."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link cycle, or a second link to the same directory
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        if "results.json" in filenames:
+            found.append(pathlib.Path(dirpath) / "results.json")
+    return sorted(found)
+
+
 def load_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every readable results.json under `root` (recursive), sorted by path.
+    """Every readable results.json under `root` (recursive, symlinked directories followed),
+    sorted by path.
 
     Each dict gets a ``"path"`` key (the file's path as a string). Files that cannot be read,
     are not JSON, or lack the keys of a results.json are skipped with a logged warning: one bad
@@ -47,7 +63,7 @@ def load_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
     root = pathlib.Path(root)
     if not root.is_dir():
         return runs
-    for path in sorted(root.rglob("results.json")):
+    for path in _results_files(root):
         try:
             with open(path, encoding="utf-8") as f:
                 result = json.load(f)
@@ -182,19 +198,51 @@ def _differs(value: Any, default: Any) -> bool:
 
 
 def method_label(result: dict) -> str:
-    """Method name plus its non-default variant knobs, e.g. ``esacl[C,gamma=1,sdp=off]``.
+    """Method name plus its non-default variant knobs, e.g. ``esacl[C,gamma=1,sdp=off]``, and
+    any architecture field set away from the protocol's (``derpp[mlp_widths=62-62]``).
 
     Knobs and defaults are listed in `VARIANT_KNOBS`; a knob missing from the config counts as
     its default. Knobs appear in `VARIANT_KNOBS` order.
     """
     method = method_of(result)
-    if method not in VARIANT_KNOBS:
-        return method
-    section, defaults = VARIANT_KNOBS[method]
-    sub = _get(_config(result), section) or {}
-    parts = [_format_knob(name, sub[name]) for name, default in defaults.items()
-             if name in sub and _differs(sub[name], default)]
+    parts = []
+    if method in VARIANT_KNOBS:
+        section, defaults = VARIANT_KNOBS[method]
+        sub = _get(_config(result), section) or {}
+        parts = [_format_knob(name, sub[name]) for name, default in defaults.items()
+                 if name in sub and _differs(sub[name], default)]
+    parts += _architecture_knobs(result)
     return f"{method}[{','.join(parts)}]" if parts else method
+
+
+# Config fields that change the network; a run that sets them away from its protocol's values
+# (e.g. --set=mlp_widths=[62,62]) gets its own row instead of merging with the protocol's.
+ARCHITECTURE_FIELDS = ("model", "mlp_widths", "resnet_nf")
+
+
+def _architecture_knobs(result: dict) -> list[str]:
+    """``mlp_widths=62-62``-style parts for the fields that differ from the run's protocol."""
+    config = _config(result)
+    protocol = config.get("protocol")
+    if not protocol:
+        return []
+    try:
+        from esacl_jax.harness.config import get_config
+
+        defaults = get_config(str(protocol), str(config.get("method") or "finetune"))
+    except (ValueError, KeyError):  # a protocol or method this version does not know
+        return []
+    parts = []
+    for name in ARCHITECTURE_FIELDS:
+        value, default = config.get(name), defaults.get(name)
+        if value is None or default is None:
+            continue
+        if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+            if list(value) != list(default):
+                parts.append(f"{name}={'-'.join(str(v) for v in value)}")
+        elif _differs(value, default):
+            parts.append(_format_knob(name, value))
+    return parts
 
 
 def run_key(result: dict) -> tuple[str, str, float, int | None]:

@@ -23,6 +23,11 @@ from esacl_jax.harness.reporting.tables import Stat
 
 _SEED_DIR = re.compile(r"seed\d+$")
 
+def data_benchmark_of(result: dict) -> str:
+    """The dataset benchmark a run's protocol is built on (split_mnist for split_mnist_w400)."""
+    config = result.get("config") or {}
+    return str(config.get("benchmark") or benchmark_of(result))
+
 
 @dataclasses.dataclass(frozen=True)
 class PairedRow:
@@ -43,7 +48,7 @@ def group_of(result: dict, root: str | pathlib.Path) -> str:
     parts = list(pathlib.Path(result["path"]).parent.relative_to(root).parts)
     if parts and _SEED_DIR.fullmatch(parts[-1]):
         parts.pop()
-    parts = [p for p in parts if p != benchmark_of(result)]
+    parts = [p for p in parts if p not in (benchmark_of(result), data_benchmark_of(result))]
     return "/".join(parts) or "."
 
 
@@ -59,15 +64,21 @@ def _metric(result: dict, name: str) -> float:
 
 
 def paired_rows(runs: Sequence[dict[str, Any]], root: str | pathlib.Path,
-                reference: str) -> list[PairedRow]:
+                reference: str, across_protocols: bool = False) -> list[PairedRow]:
     """Rows per (benchmark, group) in the runs' order; `difference` against the benchmark's
     `reference` group over the seeds both have (None for the reference itself, where the
-    benchmark has no such group, or with fewer than 2 common seeds)."""
+    benchmark has no such group, or with fewer than 2 common seeds).
+
+    `across_protocols`: pair runs of different protocols on the same data (the same seed sees
+    the same task order and data order), e.g. a sparse 784-400-400 MLP (split_mnist_w400)
+    against a dense 784-100-100 one (split_mnist): rows are then per dataset benchmark.
+    """
+    bench_of = data_benchmark_of if across_protocols else benchmark_of
     by_group: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
     for result in runs:
         seed = seed_of(result)
         if seed is not None:
-            by_group[(benchmark_of(result), group_of(result, root))][seed] = result
+            by_group[(bench_of(result), group_of(result, root))][seed] = result
     rows = []
     for (bench, group), seeds in by_group.items():
         ref = by_group.get((bench, reference), {})
