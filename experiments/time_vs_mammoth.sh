@@ -96,6 +96,7 @@ run_ours() {  # run_ours IMPL SEED [record|norecord]; IMPL ours (cache off) or o
 m = json.load(open(sys.argv[1]))["metrics"]
 print("%.2f %.2f" % (100 * m["class_il"]["average_accuracy"], 100 * m["task_il"]["average_accuracy"]))' \
       "$d/run/results.json") || true
+    cil="${cil:-NA}" til="${til:-NA}"
   fi
   [[ "$rc" == 0 ]] || tail -n 3 "$d/stderr" >&2 || true
   if [[ "$mode" == record ]]; then record "$impl" "$seed" "$rc" "$d/time" "$cil" "$til" "$started"; fi

@@ -20,7 +20,7 @@ if [[ "$1" == -c ]]; then exec {sys.executable} "$@"; fi
 for a in "$@"; do case "$a" in --workdir=*) w="${{a#--workdir=}}";; esac; done
 mkdir -p "$w"
 acc='"class_il": {{"average_accuracy": 0.9127}}, "task_il": {{"average_accuracy": 0.9912}}'
-echo "{{\"metrics\": {{$acc}}}}" > "$w/results.json"
+printf '{{"metrics": {{%s}}}}' "$acc" > "$w/results.json"
 """
 
 FAKE_MAMMOTH = """import sys
