@@ -195,3 +195,20 @@ def test_over_parameterized_protocols_name_their_dataset():
         "split_fashion_mnist_w400_e5")
     with pytest.raises(ValueError, match="did you mean"):
         get_config("split_mnist_w40", "esacl")
+
+
+def test_epoch_shuffle_is_jax_permutation_compiled_once_per_size_bucket():
+    """Bit for bit jax.random.permutation (results unchanged), with one compilation for tasks of
+    different sizes in the same power-of-two bucket (a compilation per task before)."""
+    import jax
+
+    from esacl_jax.harness import loop
+
+    key = jax.random.key(7)
+    for n in (1, 2, 5, 999, 11263, 12665, 16384, 16385):
+        np.testing.assert_array_equal(loop.permutation(key, n),
+                                      np.asarray(jax.random.permutation(key, n)))
+    loop._padded_permutation.clear_cache()
+    for n in (11263, 12089, 12665):  # split_mnist's task sizes: one 16384 bucket
+        loop.permutation(jax.random.key(n), n)
+    assert loop._padded_permutation._cache_size() == 1

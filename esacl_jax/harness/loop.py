@@ -7,6 +7,7 @@ The loop knows nothing about which method it runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import pathlib
 import signal
@@ -164,13 +165,36 @@ def pad_to(array: np.ndarray, capacity: int) -> np.ndarray:
     return np.concatenate([array, np.zeros((pad, *array.shape[1:]), array.dtype)])
 
 
+@functools.partial(jax.jit, static_argnames=("size", "num_rounds"))
+def _padded_permutation(key: jax.Array, n: jax.Array, *, size: int, num_rounds: int) -> jax.Array:
+    """jax.random.permutation's sort-based shuffle of arange(n) inside an array of `size`: the
+    positions >= n get the largest sort key, so the (stable) sorts keep them last and the first
+    n entries are bit for bit `jax.random.permutation(key, n)`."""
+    x = jnp.arange(size, dtype=jnp.int32)
+    real = x < n
+    for _ in range(num_rounds):
+        key, subkey = jax.random.split(key)
+        bits = jnp.where(real, jax.random.bits(subkey, (size,), jnp.uint32),
+                         jnp.uint32(np.iinfo(np.uint32).max))
+        _, x = jax.lax.sort_key_val(bits, x)
+    return x
+
+
+def permutation(key: jax.Array, n: int) -> np.ndarray:
+    """`jax.random.permutation(key, n)`, compiled once per power-of-two size bucket instead of
+    once per n (each task's training set has its own size: a compilation per task before)."""
+    size = 1 << max(0, (n - 1).bit_length())
+    num_rounds = int(np.ceil(3 * np.log(max(1, n)) / np.log(np.iinfo(np.uint32).max)))
+    return np.asarray(_padded_permutation(key, n, size=size, num_rounds=num_rounds))[:n]
+
+
 def epoch_batches(key: jax.Array, indices: np.ndarray, batch_size: int,
                   steps_per_call: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Shuffles `indices`, drops the incomplete last batch, pads to whole chunks.
 
     Returns (batch_idx [chunks*steps_per_call, B], valid [same leading dim], real step count).
     """
-    order = np.asarray(jax.random.permutation(key, indices.shape[0]))
+    order = permutation(key, indices.shape[0])
     shuffled = indices[order]
     steps = shuffled.shape[0] // batch_size
     if steps == 0:
