@@ -266,10 +266,13 @@ class EsaCL(ReplayMethod):
             loss = loss + replay_value
             descent_grads = jax.tree.map(jnp.add, descent_grads, replay_grads)
 
+        # One update of the table (one scatter per field): the batch's losses and correctness,
+        # and the sharpness measured on the selected examples (the others keep theirs).
+        sharpness = table.sharpness.at[batch.index].get(mode="fill", fill_value=jnp.nan)
+        sharpness = sharpness.at[selected].set(per_example[selected] - clean_selected)
         table = ids.update_example_stats(table, batch.index, loss=per_example,
+                                         sharpness=sharpness,
                                          correct=losses.correct(logits, batch.y, mask))
-        table = ids.update_example_stats(table, batch.index[selected],
-                                         sharpness=per_example[selected] - clean_selected)
         state = state.replace(method_state={**state.method_state, "example_stats": table})
         state = self._apply(state, grads, descent_grads, new_stats)
         return self._record(state, batch, ctx, insert_key, logits, loss)
