@@ -199,6 +199,16 @@ CIFAR_METHODS = {
 _REPLAY_BATCH_FROM_PROTOCOL = {name: {k: v for k, v in row.items() if k != "replay_batch_size"}
                                for name, row in MNIST_METHODS.items()}
 
+# split_fashion_mnist_w400: the sparse methods at lr 0.1, chosen on the validation split (5
+# seeds, docs/RESULTS.md): the 90%-sparse 400-400 MLP learns each Fashion-MNIST task better
+# with the larger step (EsaCL -1.20 -> -0.21, SparCL-DER++ -2.34 -> -0.53 points against DER++),
+# while DER++ is best at the protocol's 0.03 and split_mnist_w400 gains nothing from it.
+_FASHION_W400_METHODS = {
+    **MNIST_METHODS,
+    **{name: dict(MNIST_METHODS[name], learning_rate=0.1)
+       for name in ("esacl", "sparcl", "sparcl_derpp")},
+}
+
 # Benchmark -> (protocol values, method table). Names and sizes: docs/PROTOCOLS.md.
 _MLP_1_EPOCH = dict(model="mlp", mlp_widths=(100, 100), epochs=1, batch_size=10)
 _RESNET = dict(model="resnet18", resnet_nf=64, batch_size=32, eval_batch_size=500,
@@ -217,7 +227,8 @@ BENCHMARK_PROTOCOLS: dict[str, tuple[dict, dict]] = {
     # Our over-parameterized protocols (docs/PROTOCOLS.md): the same tasks with wider MLPs,
     # where a sparse network has room to spare. 1 epoch, batch 10: the DER protocol.
     **{f"{bench}_w{width}": (dict(_MLP_1_EPOCH, benchmark=bench, mlp_widths=(width, width)),
-                             MNIST_METHODS)
+                             _FASHION_W400_METHODS
+                             if (bench, width) == ("split_fashion_mnist", 400) else MNIST_METHODS)
        for bench in ("split_mnist", "split_fashion_mnist") for width in (400, 1000)},
     # Multi-epoch: 5 epochs a task, batch 32 (replay minibatch 32), so that IDS's score table has
     # earlier epochs to rank by and SDP's between-epoch mask updates fire (every 2 epochs).
