@@ -190,6 +190,11 @@ def test_over_parameterized_protocols_name_their_dataset():
     assert (c.epochs, c.batch_size, c.replay_batch_size) == (5, 32, 32)
     assert 0 < c.esacl.mask_update_every_epochs < c.epochs  # SDP's schedule fires
     assert get_config("split_mnist_w1000", "derpp").mlp_widths == (1000, 1000)
+    # The one validation-tuned row: the sparse methods at lr 0.1 on split_fashion_mnist_w400.
+    lrs = {m: get_config("split_fashion_mnist_w400", m).learning_rate
+           for m in ("derpp", "esacl", "sparcl_derpp")}
+    assert lrs == {"derpp": 0.03, "esacl": 0.1, "sparcl_derpp": 0.1}
+    assert get_config("split_mnist_w400", "esacl").learning_rate == 0.03
     # Reports group runs by protocol, so wide and narrow runs never share a row.
     assert benchmark_of({"config": c.to_dict(), "benchmark": {"name": "split_fashion_mnist"}}) == (
         "split_fashion_mnist_w400_e5")
