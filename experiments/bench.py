@@ -90,18 +90,15 @@ def step_cost_us(method: str, overrides: dict, data_dir: str, steps: int, repeat
     import numpy as np
 
     from esacl_jax.harness import loop as train
-    from esacl_jax.harness.methods import build_method
     from experiments.configs import split_mnist
 
     config = split_mnist.get_config(method)
     config.data_dir = data_dir
     config.esacl.update(overrides)
-    benchmark = train.load_config_benchmark(config)
-    m = build_method(config, train.build_model_for(config, benchmark), benchmark)
+    benchmark, m = train.build_config_method(config)
     run_chunk = train.make_train_chunk(m)
+    x, y, ctx = train.task_arrays(benchmark, 0)
     task = benchmark.tasks[0]
-    x, y = jax.device_put(task.x_train), jax.device_put(task.y_train.astype(np.int32))
-    ctx = train.task_context(benchmark, 0)
     chunk = config.steps_per_call
     batch_idx, valid, _ = train.epoch_batches(
         jax.random.key(1), np.arange(task.num_train, dtype=np.int32), config.batch_size, chunk)

@@ -142,7 +142,6 @@ def measure_row(spec: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
 
     from esacl_jax.harness import loop as train
     from esacl_jax.harness.config import get_config
-    from esacl_jax.harness.methods import build_method
 
     name, esacl_overrides = METHOD_ROWS[spec["method"]]
     benchmark, source = load_data(spec["data"], data_dir)
@@ -155,13 +154,10 @@ def measure_row(spec: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
     config.batch_size = config.replay_batch_size = spec["batch"]
     config.steps_per_call = _STEPS.value
     config.esacl.update(esacl_overrides)
-    model = train.build_model_for(config, benchmark)
-    method = build_method(config, model, benchmark)
+    _, method = train.build_config_method(config, benchmark)
     run_chunk = train.make_train_chunk(method)
+    x, y, ctx = train.task_arrays(benchmark, 0)
     task = benchmark.tasks[0]
-    x = jax.device_put(task.x_train)
-    y = jax.device_put(task.y_train.astype(np.int32))
-    ctx = train.task_context(benchmark, 0)
     steps = _STEPS.value
     batch_idx, valid, real = train.epoch_batches(
         jax.random.key(1), np.arange(task.num_train, dtype=np.int32), spec["batch"], steps)

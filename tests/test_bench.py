@@ -83,15 +83,11 @@ def test_train_chunk_skips_invalid_steps_wherever_they_are():
 
     from esacl_jax.harness import loop as train
     from esacl_jax.harness.config import get_config
-    from esacl_jax.harness.methods import build_method
 
     config = get_config("split_digits", "derpp")
-    benchmark = train.load_config_benchmark(config)
-    method = build_method(config, train.build_model_for(config, benchmark), benchmark)
+    benchmark, method = train.build_config_method(config)
     run_chunk = train.make_train_chunk(method)
-    task = benchmark.tasks[0]
-    x, y = jax.device_put(task.x_train), jax.device_put(task.y_train.astype(np.int32))
-    ctx = train.task_context(benchmark, 0)
+    x, y, ctx = train.task_arrays(benchmark, 0)
     idx = np.arange(40, dtype=np.int32).reshape(4, 10)
     # Steps 0 and 2 valid, in the middle and at the end of the chunk ...
     s1, m1 = run_chunk(method.init(jax.random.key(0)), x, y, idx,

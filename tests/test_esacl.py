@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from esacl_jax import masks, sdp
-from esacl_jax.harness.loop import build_model_for, load_config_benchmark, train_and_evaluate
+from esacl_jax.harness.loop import (
+    build_config_method,
+    build_model_for,
+    load_config_benchmark,
+    train_and_evaluate,
+)
 from esacl_jax.harness.methods import Pass, build_method
 from experiments.configs import split_digits, split_mnist
 
@@ -88,7 +93,7 @@ def test_init_rescale_keeps_each_hidden_units_dense_norm():
     """The sparse start keeps the dense init's incoming norm per unit (init_rescale=True)."""
     config = esacl_config(init_rescale=True)
     benchmark = load_config_benchmark(config)
-    method = build_method(config, benchmark=benchmark, model=build_model_for(config, benchmark))
+    _, method = build_config_method(config, benchmark)
     key = jax.random.key(0)
     dense = super(type(method), method).init(key).params["hidden_1"]["kernel"]
     sparse = method.init(key)
@@ -100,8 +105,7 @@ def test_init_rescale_keeps_each_hidden_units_dense_norm():
                                rtol=1e-5)
     # Without it, the kept weights are the dense init's own values (a smaller norm per unit).
     plain_config = esacl_config(init_rescale=False)
-    plain = build_method(plain_config, benchmark=benchmark,
-                         model=build_model_for(plain_config, benchmark)).init(key)
+    plain = build_config_method(plain_config, benchmark)[1].init(key)
     plain_kernel = np.asarray(plain.params["hidden_1"]["kernel"])
     np.testing.assert_array_equal(plain_kernel, np.where(mask, dense, 0.0))
     assert np.all((plain_kernel**2).sum(0)[alive] < (kernel**2).sum(0)[alive])
@@ -260,10 +264,10 @@ def test_a_schedule_that_never_fires_is_a_warning(caplog):
     config = esacl_config(mask_update_every_epochs=5)  # split_digits: 5 epochs, epochs 0-4
     benchmark = load_config_benchmark(config)
     with caplog.at_level("WARNING"):
-        build_method(config, build_model_for(config, benchmark), benchmark)
+        build_config_method(config, benchmark)
     assert "never fires" in caplog.text
     caplog.clear()
     config.esacl.mask_update_every_epochs = 2
     with caplog.at_level("WARNING"):
-        build_method(config, build_model_for(config, benchmark), benchmark)
+        build_config_method(config, benchmark)
     assert "never fires" not in caplog.text

@@ -92,6 +92,24 @@ def build_model_for(config: ml_collections.ConfigDict, benchmark: Benchmark):
                        nf=config.resnet_nf, dtype=dtype, mlp_init=config.mlp_init)
 
 
+def build_config_method(config: ml_collections.ConfigDict, benchmark: Benchmark | None = None,
+                        make_method: Callable[..., Any] = build_method) -> tuple[Benchmark, Any]:
+    """(benchmark, method) of a config: the benchmark it names (unless one is given) and the
+    method built on the config's model, as a run builds them."""
+    if benchmark is None:
+        benchmark = load_config_benchmark(config)
+    return benchmark, make_method(config, build_model_for(config, benchmark), benchmark)
+
+
+def task_arrays(benchmark: Benchmark, task_id: int) -> tuple[jax.Array, jax.Array, TaskContext]:
+    """Task `task_id`'s training images and int32 labels on the default device, and its context:
+    what `make_train_chunk`'s function takes, for driving it outside the loop (benchmarks,
+    tests)."""
+    task = benchmark.tasks[task_id]
+    return (jax.device_put(task.x_train), jax.device_put(task.y_train.astype(np.int32)),
+            task_context(benchmark, task_id))
+
+
 def task_context(benchmark: Benchmark, task_id: int) -> TaskContext:
     k = benchmark.num_classes
     return TaskContext(
@@ -420,9 +438,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
     multiprocess = distributed.is_multiprocess()
     primary = distributed.is_primary()  # several processes: only process 0 writes and prints
     progress = progress and primary
-    benchmark = load_config_benchmark(config)
-    model = build_model_for(config, benchmark)
-    method = make_method(config, model, benchmark)
+    benchmark, method = build_config_method(config, make_method=make_method)
     mesh = make_data_mesh(config.num_devices, config.batch_size)
     key = jax.random.key(config.seed)
     state = jax.jit(method.init)(key)  # one compilation instead of one per primitive
