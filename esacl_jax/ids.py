@@ -132,7 +132,7 @@ def update_example_stats(
     new = stats
     scored = loss is not None or sharpness is not None
     if scored:  # the batch's old entries leave the totals (padding gathers NaN: no contribution)
-        before = _contributions(*_gather_scores(stats, idx))
+        before = _contributions(*gather_scores(stats, idx))
     if loss is not None:
         new = new._replace(loss=stats.loss.at[idx].set(jnp.asarray(loss, jnp.float32), mode="drop"))
     if sharpness is not None:
@@ -150,12 +150,12 @@ def update_example_stats(
     new = new._replace(seen=stats.seen.at[idx].add(1, mode="drop"))
     if scored:  # ... and their new entries join them
         new = new._replace(
-            totals=stats.totals - before + _contributions(*_gather_scores(new, idx)))
+            totals=stats.totals - before + _contributions(*gather_scores(new, idx)))
     return new
 
 
-def _gather_scores(stats: ExampleStats, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(loss, sharpness) at `idx`; NaN for padding indices."""
+def gather_scores(stats: ExampleStats, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The recorded (loss, sharpness) at `idx`; NaN where unrecorded and for padding indices."""
     get = lambda table: table.at[idx].get(mode="fill", fill_value=jnp.nan)  # noqa: E731
     return get(stats.loss), get(stats.sharpness)
 
@@ -211,7 +211,7 @@ def table_scores(stats: ExampleStats, idx: jax.Array, kind: str = "loss",
     if unseen not in UNSEEN_POLICIES:
         raise ValueError(f"unseen must be one of {UNSEEN_POLICIES}, got {unseen!r}")
     idx = jnp.asarray(idx, jnp.int32)
-    loss, sharpness = _gather_scores(stats, idx)
+    loss, sharpness = gather_scores(stats, idx)
     values = {"loss": lambda: loss, "sharpness": lambda: sharpness,
               "estimated_sharpness": lambda: _estimate(loss, sharpness,
                                                        _sharpness_per_loss(stats))}[kind]()

@@ -268,7 +268,7 @@ class EsaCL(ReplayMethod):
 
         # One update of the table (one scatter per field): the batch's losses and correctness,
         # and the sharpness measured on the selected examples (the others keep theirs).
-        sharpness = table.sharpness.at[batch.index].get(mode="fill", fill_value=jnp.nan)
+        _, sharpness = ids.gather_scores(table, batch.index)
         sharpness = sharpness.at[selected].set(per_example[selected] - clean_selected)
         table = ids.update_example_stats(table, batch.index, loss=per_example,
                                          sharpness=sharpness,
