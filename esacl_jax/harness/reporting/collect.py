@@ -220,18 +220,26 @@ def method_label(result: dict) -> str:
 ARCHITECTURE_FIELDS = ("model", "mlp_widths", "resnet_nf")
 
 
+@functools.cache
+def _architecture_defaults(protocol: str, method: str) -> dict[str, Any]:
+    """The protocol's `ARCHITECTURE_FIELDS` for `method` (empty when this version does not know
+    the protocol or method); cached, since labels are asked for per run and per table."""
+    from esacl_jax.harness.config import get_config
+
+    try:
+        config = get_config(protocol, method)
+    except (ValueError, KeyError):
+        return {}
+    return {name: config.get(name) for name in ARCHITECTURE_FIELDS}
+
+
 def _architecture_knobs(result: dict) -> list[str]:
     """``mlp_widths=62-62``-style parts for the fields that differ from the run's protocol."""
     config = _config(result)
     protocol = config.get("protocol")
     if not protocol:
         return []
-    try:
-        from esacl_jax.harness.config import get_config
-
-        defaults = get_config(str(protocol), str(config.get("method") or "finetune"))
-    except (ValueError, KeyError):  # a protocol or method this version does not know
-        return []
+    defaults = _architecture_defaults(str(protocol), str(config.get("method") or "finetune"))
     parts = []
     for name in ARCHITECTURE_FIELDS:
         value, default = config.get(name), defaults.get(name)

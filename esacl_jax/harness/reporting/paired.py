@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from esacl_jax.harness.reporting.collect import benchmark_of, seed_of
-from esacl_jax.harness.reporting.tables import Stat
+from esacl_jax.harness.reporting.tables import Stat, stat_of
 
 _SEED_DIR = re.compile(r"seed\d+$")
 
@@ -52,13 +52,6 @@ def group_of(result: dict, root: str | pathlib.Path) -> str:
     return "/".join(parts) or "."
 
 
-def _stat(values: Sequence[float]) -> Stat:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return Stat(mean, std, n)
-
-
 def _metric(result: dict, name: str) -> float:
     return 100.0 * float(result["metrics"]["class_il"][name])
 
@@ -85,15 +78,15 @@ def paired_rows(runs: Sequence[dict[str, Any]], root: str | pathlib.Path,
         common = sorted(set(seeds) & set(ref)) if group != reference else []
         difference = None
         if len(common) >= 2:
-            d = _stat([_metric(seeds[s], "average_accuracy") - _metric(ref[s], "average_accuracy")
+            d = stat_of([_metric(seeds[s], "average_accuracy") - _metric(ref[s], "average_accuracy")
                        for s in common])
             difference = Stat(d.mean, d.std / math.sqrt(d.n), d.n)
         ordered = sorted(seeds)
         rows.append(PairedRow(
             bench, group, tuple(ordered),
-            _stat([_metric(seeds[s], "average_accuracy") for s in ordered]),
-            _stat([_metric(seeds[s], "learning_accuracy") for s in ordered]),
-            _stat([_metric(seeds[s], "forgetting") for s in ordered]), difference))
+            stat_of([_metric(seeds[s], "average_accuracy") for s in ordered]),
+            stat_of([_metric(seeds[s], "learning_accuracy") for s in ordered]),
+            stat_of([_metric(seeds[s], "forgetting") for s in ordered]), difference))
     return rows
 
 

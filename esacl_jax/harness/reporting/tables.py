@@ -69,7 +69,8 @@ class Row:
 # Aggregation
 
 
-def _stat(values: Iterable[float | None]) -> Stat | None:
+def stat_of(values: Iterable[float | None]) -> Stat | None:
+    """Mean and sample std of the values that are not None (None when there are none)."""
     vals = [v for v in values if v is not None]
     if not vals:
         return None
@@ -106,7 +107,7 @@ def aggregate(runs: Sequence[dict]) -> list[Row]:
             log.warning("%s %s: several runs share a seed (%s); each counts as one seed",
                         bench, label, seeds)
         commits = sorted({c for c in (commit_of(r) for r in members) if c})
-        stats = {name: _stat(read(r) for r in members) for name, read in METRICS.items()}
+        stats = {name: stat_of(read(r) for r in members) for name, read in METRICS.items()}
         rows.append(Row(benchmark=bench, method=method_of(members[0]), label=label,
                         sparsity=sparsity, buffer=buffer, num_seeds=len(members),
                         seeds=tuple(seeds), commits=tuple(commits),
