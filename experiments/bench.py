@@ -72,16 +72,23 @@ def whole_run(method: str, data_dir: str, workdir: pathlib.Path,
     """(wall seconds, peak RSS MiB) of one `experiments.main` split_mnist run in a new process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.main",
-         f"--config=experiments/configs/split_mnist.py:{method}", f"--workdir={workdir}",
-         f"--config.data_dir={data_dir}", "--config.progress=False", "--config.tensorboard=False"],
-        cwd=REPO, capture_output=True, text=True, env=cache_env(cache_dir))
+    run_main(f"split_mnist.py:{method}", data_dir, workdir, cache_dir)
     wall = time.perf_counter() - start
-    if proc.returncode:
-        raise RuntimeError(f"{method} run failed: {proc.stderr.strip().splitlines()[-1]}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return wall, max(peak, before) / 1024
+
+
+def run_main(config: str, data_dir: str, workdir: pathlib.Path, cache_dir: str | None,
+             *overrides: str) -> None:
+    """One `experiments.main` run of experiments/configs/<config> in a fresh process (no
+    progress bars or TensorBoard); its last stderr line in the error if it fails."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.main", f"--config=experiments/configs/{config}",
+         f"--workdir={workdir}", f"--config.data_dir={data_dir}", *overrides,
+         "--config.progress=False", "--config.tensorboard=False"],
+        cwd=REPO, capture_output=True, text=True, env=cache_env(cache_dir))
+    if proc.returncode:
+        raise RuntimeError(f"{config} run failed: {proc.stderr.strip().splitlines()[-1]}")
 
 
 def step_cost_us(method: str, overrides: dict, data_dir: str, steps: int, repeats: int) -> float:
@@ -122,14 +129,8 @@ def permuted_rows(data_dir: str, num_tasks: int, workdir: pathlib.Path,
                   cache: str | None) -> list[str]:
     """permuted_mnist finetune with `num_tasks` tasks: per-task train time and process RSS at
     tasks 1, 10, 20, ... (permutations are applied lazily, so both stay flat)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.main",
-         "--config=experiments/configs/permuted_mnist.py:finetune", f"--workdir={workdir}",
-         f"--config.data_dir={data_dir}", f"--config.num_tasks={num_tasks}",
-         "--config.progress=False", "--config.tensorboard=False"],
-        cwd=REPO, capture_output=True, text=True, env=cache_env(cache))
-    if proc.returncode:
-        raise RuntimeError(f"permuted_mnist run failed: {proc.stderr.strip().splitlines()[-1]}")
+    run_main("permuted_mnist.py:finetune", data_dir, workdir, cache,
+             f"--config.num_tasks={num_tasks}")
     result = json.loads((workdir / "results.json").read_text())
     shown = sorted({0, *range(9, num_tasks, 10), num_tasks - 1})
     lines = ["", f"## permuted_mnist, {num_tasks} tasks (finetune, batch 128)", "",
