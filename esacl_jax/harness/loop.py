@@ -409,11 +409,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 @contextlib.contextmanager
 def _workdir_lock(workdir: pathlib.Path):
     """The workdir lock, held by process 0 alone in a multi-process run; when process 0 cannot
-    take it, every process raises (none waits for the others at a collective)."""
-    if not distributed.is_multiprocess():
-        with atomic_io.WorkdirLock(workdir):
-            yield
-        return
+    take it, every process raises (none waits for the others at a collective). One process:
+    an ordinary lock (`distributed.agree` is then the process's own flag)."""
     lock = atomic_io.WorkdirLock(workdir) if distributed.is_primary() else None
     failure: BaseException | None = None
     if lock is not None:
