@@ -16,6 +16,13 @@ harness (loop, methods, models, data, accounting, reporting) is `esacl_jax.harne
 with the `harness` extra: `pip install "esacl_jax[harness]"`.
 """
 
+from esacl_jax.esacl import (
+    DEFAULTS,
+    EsaCLGradients,
+    esacl_gradients,
+    esacl_optimizer,
+    sparse_start,
+)
 from esacl_jax.ids import (
     ExampleStats,
     init_example_stats,
@@ -78,6 +85,8 @@ from esacl_jax.sharpness import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # EsaCL in one call: SDP + IDS + replay (the harness's step)
+    "esacl_optimizer", "esacl_gradients", "EsaCLGradients", "sparse_start", "DEFAULTS",
     # SDP: the optax transform and its state
     "sdp_transform", "keep_sparse", "SDPState", "update_masks", "refresh_masks",
     "find_sdp_state", "replace_sdp_state", "accumulate_grad_fn", "perturbed_params",

@@ -13,14 +13,16 @@ Conventions (shared with `sdp.py` and `sharpness.py`):
   is traced; both give the same masks (ties go to the lower index).
 - Explicitly sharded leaves (sharding in types) are gathered for the per-layer ranking and the
   results get the leaf's sharding back.
-- Which leaves are prunable: `structural_prunable` (from shapes and order: every kernel except the
-  input layer/embedding and the logits layer; `sdp_transform`'s default) or `name_prunable`
-  (METHOD.md's name-based set). `default_prunable`, the default of the functions in this module
-  that take a filter, is still an alias of `name_prunable`.
+- Which leaves are prunable (`resolve_prunable`): by default every kernel but the logits layer,
+  found from shapes and order (`structural_prunable`; the default of `sdp_transform`, of the
+  functions here that take `prunable=` and of the harness); `"sparcl"`: SparCL's convention,
+  the first layer (input layer or embedding) dense as well (`structural_prunable(params,
+  dense_first=True)`); `"name"`: by layer names (`name_prunable`); or a filter / bool tree.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -88,7 +90,10 @@ def name_prunable(path: KeyPath, leaf: Any) -> bool:
     return not any(part in name for name in lowered for part in EXCLUDED_NAME_PARTS)
 
 
-default_prunable = name_prunable
+def default_prunable(path: KeyPath, leaf: Any) -> bool:
+    """Kept for callers that want a per-leaf filter: `name_prunable`. The default prunable SET
+    of the library and the harness is `structural_prunable` (every kernel but the logits)."""
+    return name_prunable(path, leaf)
 
 
 def _natural_key(path: KeyPath) -> tuple:
@@ -115,20 +120,21 @@ def _in_dims(shape: tuple[int, ...]) -> set[int]:
     return {shape[-2]}
 
 
-def structural_prunable(params: PyTree) -> PyTree:
+def structural_prunable(params: PyTree, *, dense_first: bool = False) -> PyTree:
     """The default prunable set, from shapes and order only (no names): a tree of Python bools.
 
     Candidates are the floating leaves with ndim >= 2 (dense, conv, attention and embedding
-    kernels; biases, norms and scalars never). Two of them are excluded:
+    kernels; biases, norms and scalars never). Every candidate is prunable except:
     - the output (logits) layer: among the candidates whose output dimension (last axis) feeds no
       other candidate (it is none of their input dimensions), the last in natural path order;
-    - the input layer or embedding: among the candidates whose input dimensions are produced by no
-      other candidate (none is another's last axis), the first in natural path order.
+    - with `dense_first=True` (SparCL's convention, `prunable="sparcl"`), also the input layer
+      or embedding: among the candidates whose input dimensions are produced by no other
+      candidate (none is another's last axis), the first in natural path order.
     When no candidate qualifies for a role, the last (first) candidate in natural path order
-    (numbers in names compared as numbers) is used. A single candidate is both, so nothing is
-    prunable. Check the result with `sparsity_summary` or `prunable_tree(params,
-    structural_prunable)`, and pass a filter or bool tree (`prunable=`) when it is not what you
-    want (e.g. `name_prunable`, METHOD.md's name-based set).
+    (numbers in names compared as numbers) is used. A single candidate is the logits layer, so
+    nothing is prunable. Check the result with `sparsity_summary(masks, params=params)` or
+    `prunable_tree(params)`, and pass a filter or bool tree (`prunable=`) when it is not what
+    you want (e.g. `name_prunable`, the name-based set).
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     cands = [
@@ -151,20 +157,27 @@ def structural_prunable(params: PyTree) -> PyTree:
         logits = last[-1] if last else cands[-1]
         rest = [i for i in cands if i != logits]
         first = [i for i in first if i != logits]
-        embed = first[0] if first else rest[0]
+        embed = (first[0] if first else rest[0]) if dense_first else None
         for i in rest:
             flags[i] = i != embed
     return treedef.unflatten(flags)
 
 
+PRUNABLE_SETS = ("structural", "sparcl", "name")
+
+
 def resolve_prunable(prunable: Any, params: PyTree) -> PyTree:
-    """The bool tree of a `prunable=` argument: None or "structural" -> `structural_prunable`,
-    "name" -> `name_prunable`, a `(path, leaf) -> bool` filter, or a bool tree as it is."""
+    """The bool tree of a `prunable=` argument: None or "structural" (default) -> every kernel
+    but the logits layer (`structural_prunable`); "sparcl" -> the first layer dense as well
+    (`structural_prunable(params, dense_first=True)`); "name" -> `name_prunable`; a
+    `(path, leaf) -> bool` filter; or a bool tree as it is."""
     if prunable is None or (isinstance(prunable, str) and prunable == "structural"):
         return structural_prunable(params)
     if isinstance(prunable, str):
+        if prunable == "sparcl":
+            return structural_prunable(params, dense_first=True)
         if prunable != "name":
-            raise ValueError(f'prunable must be "structural", "name", a filter or a bool tree: '
+            raise ValueError(f"prunable must be one of {PRUNABLE_SETS}, a filter or a bool tree: "
                              f"{prunable!r}")
         prunable = name_prunable
     _, flags, treedef = _flat_with_prunable(params, prunable)
@@ -176,9 +189,12 @@ def _flat_with_prunable(
 ) -> tuple[list[tuple[KeyPath, Any]], list[bool], Any]:
     """Flattened (path, leaf) pairs, their prunable flags and the treedef.
 
-    `prunable` is a filter `(path, leaf) -> bool` or an already computed tree of bools. Scalar
-    leaves are never prunable (their mask would be indistinguishable from the placeholder).
+    `prunable` is a filter `(path, leaf) -> bool`, an already computed tree of bools, or None /
+    a set's name (`resolve_prunable`). Scalar leaves are never prunable (their mask would be
+    indistinguishable from the placeholder).
     """
+    if prunable is None or isinstance(prunable, str):
+        prunable = resolve_prunable(prunable, params)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     if callable(prunable):
         flags = [bool(prunable(p, x)) for p, x in flat]
@@ -188,8 +204,9 @@ def _flat_with_prunable(
     return flat, flags, treedef
 
 
-def prunable_tree(params: PyTree, prunable: PrunableFn = default_prunable) -> PyTree:
-    """A tree of Python bools (static) saying which leaves of `params` are pruned."""
+def prunable_tree(params: PyTree, prunable: PrunableFn | PyTree | str | None = None) -> PyTree:
+    """A tree of Python bools (static) saying which leaves of `params` are pruned (`prunable=`
+    as in `resolve_prunable`; default: every kernel but the logits layer)."""
     _, flags, treedef = _flat_with_prunable(params, prunable)
     return treedef.unflatten(flags)
 
@@ -247,7 +264,7 @@ def layer_sparsities(
     params: PyTree,
     sparsity: Any,
     distribution: str = "uniform",
-    prunable: PrunableFn | PyTree = default_prunable,
+    prunable: PrunableFn | PyTree | str | None = None,
 ) -> PyTree:
     """Per-leaf target sparsity: a tree of Python floats (0.0 for non-prunable leaves).
 
@@ -349,7 +366,7 @@ def _num_pruned(sparsity: Any, size: int) -> Any:
 
 
 def magnitude_masks(
-    params: PyTree, sparsities: PyTree, prunable: PrunableFn | PyTree = default_prunable
+    params: PyTree, sparsities: PyTree, prunable: PrunableFn | PyTree | str | None = None
 ) -> PyTree:
     """Initial masks: per prunable leaf keep the `size - round(s * size)` largest |w|.
 
@@ -532,11 +549,17 @@ def prune_and_regrow(
 # ----------------------------------------------------------------------------- summaries
 
 
-def sparsity_summary(masks: PyTree, prunable: PrunableFn | PyTree | None = None) -> dict[str, Any]:
+def sparsity_summary(masks: PyTree, prunable: PrunableFn | PyTree | None = None, *,
+                     params: PyTree | None = None) -> dict[str, Any]:
     """Host-side summary of a mask tree (call outside `jit`).
 
     Returns `{"global_sparsity", "num_active", "num_prunable", "layers": {name: {"sparsity",
-    "active", "size"}}}` over the prunable leaves (names are `"/".join(path_names(path))`).
+    "active", "size"}}}` over the prunable leaves (names are `"/".join(path_names(path))`):
+    `global_sparsity` is the sparsity of the PRUNABLE SET. With `params` (the tree the masks
+    belong to; non-prunable leaves carry scalar masks, so their sizes come from it) it also
+    reports the sparsity over all weights: `"num_weights"` (every entry of every leaf, biases and
+    norms included), `"num_pruned"`, `"sparsity_all_weights"` and `"prunable_fraction"` (the
+    prunable set's share of all weights).
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(masks)
     _, flags, _ = _mask_flags(masks, prunable)
@@ -554,9 +577,35 @@ def sparsity_summary(masks: PyTree, prunable: PrunableFn | PyTree | None = None)
         }
         total_active += active
         total_size += size
-    return {
+    summary = {
         "global_sparsity": 1.0 - total_active / total_size if total_size else 0.0,
         "num_active": total_active,
         "num_prunable": total_size,
         "layers": layers,
     }
+    if params is not None:
+        num_weights = sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params))
+        pruned = total_size - total_active
+        summary.update(num_weights=num_weights, num_pruned=pruned,
+                       sparsity_all_weights=pruned / num_weights if num_weights else 0.0,
+                       prunable_fraction=total_size / num_weights if num_weights else 0.0)
+    return summary
+
+
+def warn_if_mostly_dense(params: PyTree, flags: PyTree, sparsity: Any) -> bool:
+    """Log one warning line when the prunable set leaves more than half of all weights dense
+    (so "sparsity s" would be far from s over the whole network). Returns whether it warned."""
+    s = concrete_float(sparsity)
+    leaves = jax.tree.leaves(params)
+    sizes = [math.prod(np.shape(x)) for x in leaves]
+    total = sum(sizes)
+    prunable = sum(n for n, f in zip(sizes, jax.tree.leaves(flags), strict=True) if f)
+    if not total or (s is not None and s == 0.0) or total - prunable <= total / 2:
+        return False
+    logging.getLogger("esacl_jax").warning(
+        "the prunable set covers %.1f%% of all weights, so %.1f%% of them stay dense: sparsity "
+        "%s over the prunable set is %s over all weights (pass prunable= to choose the set)",
+        100 * prunable / total, 100 * (total - prunable) / total,
+        "s" if s is None else f"{s:g}",
+        f"s * {prunable / total:.3f}" if s is None else f"{s * prunable / total:.3f}")
+    return True

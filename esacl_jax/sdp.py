@@ -345,7 +345,7 @@ def update_masks(
 
 def sdp_transform(
     sparsity: Any = 0.9,
-    rho: Any = 0.05,
+    rho: Any = 0.01,
     *,
     distribution: str = "uniform",
     prunable: PrunableFn | PyTree | str | None = None,
@@ -367,13 +367,15 @@ def sdp_transform(
     Args:
       sparsity: fraction of pruned weights in each prunable layer (global target for "erk");
         only used at init. With no prunable leaf, a sparsity > 0 raises.
-      rho: SAM radius. A static 0 evaluates `grad_fn` at w itself (no perturbation).
+      rho: SAM radius (default 0.01, EsaCL's published default: `esacl_jax.DEFAULTS`). A static
+        0 evaluates `grad_fn` at w itself (no perturbation).
       distribution: "uniform" or "erk" per-layer sparsities.
-      prunable: which leaves are pruned: None or "structural" (default:
-        `masks.structural_prunable`, kernels with ndim >= 2 except the input layer/embedding and
-        the logits layer, found from shapes and order), "name" (`masks.name_prunable`, by layer
-        name), a filter `(path, leaf) -> bool` or a bool tree. (A custom filter under
-        inject_hyperparams needs `static_args=("prunable",)`.)
+      prunable: which leaves are pruned: None or "structural" (default: every kernel, ndim >= 2,
+        except the logits layer, found from shapes and order: `masks.structural_prunable`),
+        "sparcl" (SparCL's convention: the first layer dense as well), "name"
+        (`masks.name_prunable`, by layer name), a filter `(path, leaf) -> bool` or a bool tree.
+        A set that leaves more than half of all weights dense logs one warning line. (A custom
+        filter under inject_hyperparams needs `static_args=("prunable",)`.)
       score: "magnitude_gradient" (|w| + lambda |G| c) or "taylor" (|w G| c + 0.5 h w^2 c^2;
         also keeps the curvature EMA h, one more float32 copy of the prunable weights); c
         normalises G per layer so the ranking does not depend on the loss's scale
@@ -429,6 +431,7 @@ def sdp_transform(
                 "sparsity=0."
             )
         flag_tree = treedef.unflatten(flags)
+        masks_lib.warn_if_mostly_dense(params, flag_tree, sparsity)
         sparsities = masks_lib.layer_sparsities(params, sparsity, distribution, flag_tree)
         init_masks = masks_lib.magnitude_masks(params, sparsities, flag_tree)
 

@@ -79,20 +79,30 @@ def test_path_names_all_key_kinds():
     assert masks.path_string((DictKey("a"), SequenceKey(0), DictKey("kernel"))) == "a/0/kernel"
 
 
-def test_default_prunable_resnet18_is_the_16_block_convs():
-    """`name_prunable` (alias `default_prunable`): METHOD.md's name-based set."""
+def test_default_prunable_resnet18_is_every_kernel_but_the_classifier():
+    """The default set (library and harness): every kernel but the logits layer, stem and 1x1
+    shortcuts included; SparCL's name-based set is exactly the 16 block convolutions."""
     flags = masks.prunable_tree(as_structs(resnet18_shapes()))
     flat = jax.tree_util.tree_flatten_with_path(flags)[0]
     chosen = [masks.path_string(p) for p, f in flat if f]
-    assert len(chosen) == 16
+    assert len(chosen) == 16 + 1 + 3 and not any("classifier" in c for c in chosen)
     assert all(isinstance(f, bool) for _, f in flat)
+    named = masks.prunable_tree(as_structs(resnet18_shapes()), "name")
+    chosen = [masks.path_string(p) for p, f in jax.tree_util.tree_flatten_with_path(named)[0] if f]
+    assert len(chosen) == 16
     assert all(("conv1" in c or "conv2" in c) and "shortcut" not in c for c in chosen)
 
 
-def test_default_prunable_mlp_is_the_hidden_layer():
+def test_default_prunable_mlp_and_the_sparcl_option():
     flags = masks.prunable_tree(as_structs(MLP_SHAPES))
     chosen = [masks.path_string(p) for p, f in jax.tree_util.tree_flatten_with_path(flags)[0] if f]
-    assert chosen == ["hidden/kernel"]
+    assert chosen == ["hidden/kernel", "stem/kernel"]
+    for sparcl in ("sparcl", "name"):  # the first layer dense as well
+        flags = masks.prunable_tree(as_structs(MLP_SHAPES), sparcl)
+        flat = jax.tree_util.tree_flatten_with_path(flags)[0]
+        assert [masks.path_string(p) for p, f in flat if f] == ["hidden/kernel"]
+    with pytest.raises(ValueError, match="prunable must be one of"):
+        masks.prunable_tree(as_structs(MLP_SHAPES), "everything")
 
 
 def _nnx_param_state():
@@ -114,7 +124,7 @@ def test_default_prunable_with_nnx_state():
     state = _nnx_param_state()
     for tree in (state, nnx.as_pure(state)):
         flat = jax.tree_util.tree_flatten_with_path(masks.prunable_tree(tree))[0]
-        assert [masks.path_string(p) for p, f in flat if f] == ["blocks/0/kernel"]
+        assert [masks.path_string(p) for p, f in flat if f] == ["blocks/0/kernel", "stem/kernel"]
 
 
 # ----------------------------------------------------------------------------- sparsity levels
@@ -147,20 +157,23 @@ def test_uniform_sparsities():
     flat = jax.tree_util.tree_flatten_with_path(sp)[0]
     values = {masks.path_string(p): v for p, v in flat}
     assert values["block/0/kernel"] == 0.75 and values["hidden/kernel"] == 0.75
-    assert values["stem/kernel"] == 0.0 and values["classifier/bias"] == 0.0
+    assert values["stem/kernel"] == 0.75  # the default set: every kernel but the logits layer
+    assert values["classifier/kernel"] == 0.0 and values["classifier/bias"] == 0.0
+    sparcl = masks.layer_sparsities(as_structs(SMALL_SHAPES), 0.75, prunable="sparcl")
+    assert sparcl["stem"]["kernel"] == 0.0 and sparcl["hidden"]["kernel"] == 0.75
     assert all(isinstance(v, float) for _, v in flat)
 
 
 def test_erk_matches_rigl_and_meets_global_target():
     params = as_structs(resnet18_shapes())
-    flags = jax.tree.leaves(masks.prunable_tree(params))
+    flags = jax.tree.leaves(masks.prunable_tree(params, "name"))  # the 16 block convolutions
     shapes = [s.shape for s, f in zip(jax.tree.leaves(params), flags, strict=True) if f]
     for target in (0.5, 0.9, 0.95):
         got = [
             v
             for v, f in zip(
-                jax.tree.leaves(masks.layer_sparsities(params, target, "erk")), flags, strict=True
-            )
+                jax.tree.leaves(masks.layer_sparsities(params, target, "erk", "name")), flags,
+                strict=True)
             if f
         ]
         np.testing.assert_allclose(got, reference_erk(shapes, target), atol=1e-9)
@@ -173,7 +186,7 @@ def test_erk_matches_rigl_and_meets_global_target():
 
 def test_erk_sets_small_layers_dense():
     params = as_structs({"a": {"kernel": (2, 2)}, "b": {"kernel": (200, 300)}})
-    sp = masks.layer_sparsities(params, 0.9, "erk")
+    sp = masks.layer_sparsities(params, 0.9, "erk", prunable="name")
     assert sp["a"]["kernel"] == 0.0
     # The dense layer's weights are taken out of the big layer's budget: global target exact.
     total = 4 + 200 * 300
@@ -377,8 +390,9 @@ def test_sparsity_summary():
     params = random_params(SMALL_SHAPES)
     m = masks.magnitude_masks(params, masks.layer_sparsities(params, 0.5))
     summary = masks.sparsity_summary(m)
-    assert set(summary["layers"]) == {"block/0/kernel", "block/1/kernel", "hidden/kernel"}
-    sizes = {"block/0/kernel": 96, "block/1/kernel": 648, "hidden/kernel": 54}
+    assert set(summary["layers"]) == {"stem/kernel", "block/0/kernel", "block/1/kernel",
+                                      "hidden/kernel"}
+    sizes = {"stem/kernel": 40, "block/0/kernel": 96, "block/1/kernel": 648, "hidden/kernel": 54}
     for name, size in sizes.items():
         layer = summary["layers"][name]
         assert layer["size"] == size and layer["active"] == size - round(0.5 * size)
@@ -387,6 +401,34 @@ def test_sparsity_summary():
     assert summary["global_sparsity"] == pytest.approx(
         1 - summary["num_active"] / summary["num_prunable"]
     )
+    assert "sparsity_all_weights" not in summary  # needs the params' sizes
+    # Over all weights (hand count): 838 prunable of 838 + 8 + 9 + 27 + 3 = 885 weights, of which
+    # round(0.5 * size) per layer (20 + 48 + 324 + 27 = 419) are pruned.
+    full = masks.sparsity_summary(m, params=params)
+    assert full["num_weights"] == 885 and full["num_pruned"] == 419
+    assert full["sparsity_all_weights"] == pytest.approx(419 / 885)
+    assert full["prunable_fraction"] == pytest.approx(838 / 885)
+
+
+def test_a_prunable_set_that_leaves_most_weights_dense_warns_once(caplog):
+    """784-100-100-10 with SparCL's set (the hidden layer only): 10,000 of 89,610 weights are
+    prunable, so 0.9 over the set is 0.100 over all weights: one warning line says so."""
+    import optax
+
+    from esacl_jax import keep_sparse, sdp_transform
+
+    params = random_params(MLP_SHAPES)
+    with caplog.at_level("WARNING", logger="esacl_jax"):
+        keep_sparse(optax.chain(sdp_transform(0.9, prunable="sparcl"), optax.sgd(0.1))).init(
+            params)
+    records = [r for r in caplog.records if r.name == "esacl_jax"]
+    assert len(records) == 1 and "\n" not in records[0].getMessage()
+    assert "11.2% of all weights" in records[0].getMessage()
+    assert "0.100 over all weights" in records[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="esacl_jax"):  # the default set: 98.8% prunable
+        keep_sparse(optax.chain(sdp_transform(0.9), optax.sgd(0.1))).init(params)
+    assert not [r for r in caplog.records if r.name == "esacl_jax"]
 
 
 @pytest.mark.parametrize("kind", ["magnitude_gradient", "taylor"])
@@ -417,7 +459,8 @@ def _chosen(flags) -> list[str]:
 
 
 def test_structural_prunable_flax_auto_names():
-    """Dense_0..Dense_2 (and Dense_10 after Dense_2): the first and the logits layer are kept."""
+    """Dense_0..Dense_3 (and Dense_10 after Dense_2): the logits layer is kept (and the first
+    with dense_first)."""
     import flax.linen as nn
 
     class MLP(nn.Module):
@@ -428,17 +471,22 @@ def test_structural_prunable_flax_auto_names():
             return nn.Dense(10)(x)
 
     params = MLP().init(jax.random.key(0), jnp.ones((1, 20)))["params"]
-    assert _chosen(masks.structural_prunable(params)) == ["Dense_1/kernel", "Dense_2/kernel"]
+    assert _chosen(masks.structural_prunable(params)) == [
+        "Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel"]
+    assert _chosen(masks.structural_prunable(params, dense_first=True)) == [
+        "Dense_1/kernel", "Dense_2/kernel"]
     # The name filter prunes the first layer and the classifier of the same model.
     assert _chosen(masks.prunable_tree(params, masks.name_prunable)) == [
         "Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel", "Dense_3/kernel"]
     many = {f"Dense_{i}": {"kernel": jnp.ones((8, 8) if 0 < i < 11 else (4, 8) if i == 0
                                               else (8, 3))} for i in range(12)}
-    chosen = _chosen(masks.structural_prunable(many))
+    chosen = _chosen(masks.structural_prunable(many, dense_first=True))
     assert sorted(chosen) == sorted(f"Dense_{i}/kernel" for i in range(1, 11))
+    assert sorted(_chosen(masks.structural_prunable(many))) == sorted(
+        f"Dense_{i}/kernel" for i in range(0, 11))
     # Same widths everywhere: shapes cannot tell, the natural order does (Dense_11 is last).
     square = {f"Dense_{i}": {"kernel": jnp.ones((8, 8))} for i in range(12)}
-    chosen = _chosen(masks.structural_prunable(square))
+    chosen = _chosen(masks.structural_prunable(square, dense_first=True))
     assert sorted(chosen) == sorted(f"Dense_{i}/kernel" for i in range(1, 11))
 
 
@@ -446,8 +494,11 @@ def test_structural_prunable_cnn_resnet_and_attention():
     cnn = {"Conv_0": {"kernel": jnp.ones((3, 3, 1, 8))},
            "Conv_1": {"kernel": jnp.ones((3, 3, 8, 16))},
            "Dense_0": {"kernel": jnp.ones((784, 32))}, "Dense_1": {"kernel": jnp.ones((32, 10))}}
-    assert _chosen(masks.structural_prunable(cnn)) == ["Conv_1/kernel", "Dense_0/kernel"]
-    resnet = masks.structural_prunable(as_structs(resnet18_shapes()))
+    assert _chosen(masks.structural_prunable(cnn, dense_first=True)) == [
+        "Conv_1/kernel", "Dense_0/kernel"]
+    assert _chosen(masks.structural_prunable(cnn)) == [
+        "Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel"]
+    resnet = masks.structural_prunable(as_structs(resnet18_shapes()), dense_first=True)
     chosen = _chosen(resnet)
     assert len(chosen) == 16 + 3  # block convs and the 1x1 shortcuts; stem and classifier kept
     assert not any("stem" in c or "classifier" in c for c in chosen)
@@ -462,9 +513,10 @@ def test_structural_prunable_cnn_resnet_and_attention():
                       "mlp": {"up": {"kernel": jnp.ones((d, 4 * d))},
                               "down": {"kernel": jnp.ones((4 * d, d))}}},
           "lm_head": {"kernel": jnp.ones((d, v + 1))}}
-    chosen = _chosen(masks.structural_prunable(lm))
+    chosen = _chosen(masks.structural_prunable(lm, dense_first=True))
     assert "embed/embedding" not in chosen and "lm_head/kernel" not in chosen
     assert len(chosen) == 6 and any("query" in c for c in chosen)
+    assert sorted(_chosen(masks.structural_prunable(lm))) == sorted(["embed/embedding", *chosen])
 
 
 def test_structural_prunable_nothing_and_nnx():
@@ -474,7 +526,8 @@ def test_structural_prunable_nothing_and_nnx():
 
     state = _nnx_param_state()
     for tree in (state, nnx.as_pure(state)):
-        assert _chosen(masks.structural_prunable(tree)) == ["blocks/0/kernel"]
+        assert _chosen(masks.structural_prunable(tree)) == ["blocks/0/kernel", "stem/kernel"]
+        assert _chosen(masks.structural_prunable(tree, dense_first=True)) == ["blocks/0/kernel"]
 
 
 # ----------------------------------------------------------------------------- random regrowth

@@ -198,17 +198,22 @@ def test_init_exact_per_layer_sparsity(distribution):
     params = init_params()
     state = jax.jit(sdp_transform(0.8, distribution=distribution).init)(params)
     sp = masks.layer_sparsities(params, 0.8, distribution)
-    summary = masks.sparsity_summary(state.masks)
-    assert set(summary["layers"]) == {"hidden/kernel", "hidden2/kernel"}
-    for name in ("hidden", "hidden2"):
+    summary = masks.sparsity_summary(state.masks, params=params)
+    # The default set: every kernel but the logits layer's.
+    assert set(summary["layers"]) == {"stem/kernel", "hidden/kernel", "hidden2/kernel"}
+    for name in ("stem", "hidden", "hidden2"):
         size = int(np.prod(SHAPES[name]["kernel"]))
         pruned = round(sp[name]["kernel"] * size)
         assert summary["layers"][f"{name}/kernel"]["active"] == size - pruned
-    total = 16 * 16 + 16 * 12
+    total = 6 * 16 + 16 * 16 + 16 * 12
     assert abs(summary["global_sparsity"] - 0.8) <= 1.0 / total
+    weights = total + 12 * 3 + 16 + 16 + 12 + 3
+    assert summary["num_weights"] == weights
+    assert summary["sparsity_all_weights"] == pytest.approx(summary["num_pruned"] / weights)
     # Placeholders: scalar True masks, scalar G on non-prunable leaves; no curvature by default.
-    assert state.masks["stem"]["kernel"].shape == () and bool(state.masks["stem"]["kernel"])
-    assert state.grad_ema["stem"]["kernel"].shape == ()
+    assert state.masks["classifier"]["kernel"].shape == ()
+    assert bool(state.masks["classifier"]["kernel"])
+    assert state.grad_ema["classifier"]["kernel"].shape == ()
     assert state.grad_ema["hidden"]["kernel"].shape == (16, 16)
     assert all(h.shape == () for h in jax.tree.leaves(state.curvature_ema))
     assert state.grad_ema["hidden"]["kernel"].dtype == jnp.float32
@@ -255,7 +260,7 @@ def test_adamw_200_steps_pruned_weights_stay_zero_and_masks_move():
 
 
 def test_update_masks_and_refresh_masks_keep_counts():
-    tx = keep_sparse(optax.chain(sdp_transform(0.75, 0.05), optax.sgd(0.1)))
+    tx = keep_sparse(optax.chain(sdp_transform(0.75, 0.05, prunable="sparcl"), optax.sgd(0.1)))
     params, state = sparse_start(tx, init_params())
     data = batches(5)
     params, state, _ = jax.jit(lambda p, s: run_steps(tx, p, s, data))(params, state)
@@ -483,7 +488,7 @@ def test_flax_nnx_optimizer():
     model = Net(nnx.Rngs(0))
     tx = keep_sparse(
         optax.chain(
-            sdp_transform(0.5, 0.05, mask_update_every_steps=3),
+            sdp_transform(0.5, 0.05, mask_update_every_steps=3, prunable="sparcl"),
             optax.adamw(1e-2, weight_decay=1e-2),
         )
     )
@@ -554,7 +559,8 @@ def _moved_share(perturbation_dtype):
     """Share of the active coordinates where the point handed to grad_fn differs from w."""
     params = init_params(dtype=jnp.bfloat16)
     tx = keep_sparse(optax.chain(
-        sdp_transform(0.5, 0.05, perturbation_dtype=perturbation_dtype), optax.sgd(0.1)))
+        sdp_transform(0.5, 0.05, perturbation_dtype=perturbation_dtype, prunable="sparcl"),
+        optax.sgd(0.1)))
     params, state = sparse_start(tx, params)
     x, y = make_data(32)
 
@@ -629,7 +635,8 @@ def _mask_changes(old, new):
 
 
 def test_refresh_masks_uses_the_transforms_own_options():
-    tx = keep_sparse(optax.chain(sdp_transform(0.75, 0.05, prune_fraction=0.2), optax.sgd(0.1)))
+    tx = keep_sparse(optax.chain(sdp_transform(0.75, 0.05, prune_fraction=0.2, prunable="sparcl"),
+                                 optax.sgd(0.1)))
     params, state = sparse_start(tx, init_params())
     params, state, _ = jax.jit(lambda p, s: run_steps(tx, p, s, batches(3)))(params, state)
     old = find_sdp_state(state).masks

@@ -14,6 +14,8 @@ import difflib
 
 import ml_collections
 
+from esacl_jax.esacl import DEFAULTS as ESACL_DEFAULTS
+
 # Fields that do not change what a run computes (where the data live, progress output, logging,
 # whether the state is checkpointed, whether file checksums are verified). A stored run or a
 # checkpoint that differs from a config only in these still counts as the same computation.
@@ -44,9 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mlp_init = "xavier_uniform"  # or "lecun_normal" (flax's default); biases start at zero
     c.resnet_nf = 64
     c.dtype = "float32"
-    # Which weights sparse methods prune: "model" (MLP, CNN: every kernel but the classifier's;
-    # ResNet-18: SparCL's 16 block convolutions), "all_but_classifier" or "sparcl".
-    c.prune_scope = "model"
+    # Which weights sparse methods prune: "all_but_classifier" (every kernel but the classifier's,
+    # found structurally: the library's default set) or "sparcl" (SparCL's convention: the first
+    # layer dense too, and the ResNet-18's 1x1 shortcuts: its 16 block convolutions).
+    c.prune_scope = "all_but_classifier"
     # method and optimisation
     c.method = "finetune"
     c.optimizer = "sgd"
@@ -69,19 +72,26 @@ def base_config() -> ml_collections.ConfigDict:
         # Published defaults, chosen by the ablation on a validation split (docs/ablation.md):
         # step variant C, rho 0.01, gamma 0.25 and the norm-preserving sparse init (METHOD.md's
         # reference step is B with rho 0.05, gamma 0.5 and plain magnitude-pruned init).
-        sparsity=0.9, distribution="uniform", rho=0.01, gamma=0.25,
+        # The values below that esacl_jax.esacl.DEFAULTS also names come from it (one source
+        # for the library and the harness; tests/test_esacl_lib.py checks every shared key).
+        sparsity=ESACL_DEFAULTS["sparsity"], distribution=ESACL_DEFAULTS["distribution"],
+        rho=ESACL_DEFAULTS["rho"], gamma=ESACL_DEFAULTS["gamma"],
         step_variant="C",  # A: clean pass on current+replay; B: current only; C: score table
-        ids_score="sharpness",  # sharpness | perturbed_loss | clean_loss | random
+        ids_score=ESACL_DEFAULTS["ids_score"],  # sharpness | perturbed_loss | clean_loss | random
         # C: where an example with no recorded score ranks: "mean" (of the recorded scores) or
         # "first" (every example is scored once before any is ranked).
-        ids_unseen="mean",
+        ids_unseen=ESACL_DEFAULTS["ids_unseen"],
         replay="derpp",  # derpp | er | none
         replay_at="perturbed",  # B, C: replay gradient at w + eps (METHOD.md) or at the clean w
-        mask_update_every_epochs=5,  # masks also update at every task start
-        init_rescale=True,  # kept weights rescaled to each unit's dense norm (masks.sparse_init)
+        # masks also update at every task start
+        mask_update_every_epochs=ESACL_DEFAULTS["mask_update_every_epochs"],
+        # kept weights rescaled to each unit's dense norm (masks.sparse_init)
+        init_rescale=ESACL_DEFAULTS["init_rescale"],
         mask_update_every_steps=0,  # > 0: also every k optimizer steps, inside sdp_transform
-        prune_fraction=0.01, score="magnitude_gradient", score_lambda=0.5, ema_decay=0.9,
-        regrow="gradient", sdp=True,  # sdp=False: magnitude masks fixed at init (ablation)
+        prune_fraction=ESACL_DEFAULTS["prune_fraction"], score=ESACL_DEFAULTS["score"],
+        score_lambda=ESACL_DEFAULTS["score_lambda"], ema_decay=ESACL_DEFAULTS["ema_decay"],
+        regrow=ESACL_DEFAULTS["regrow"],
+        sdp=True,  # sdp=False: magnitude masks fixed at init (ablation)
         # Dense-to-sparse: start at initial_sparsity and prune along SDP scores to `sparsity` on
         # a cubic schedule over the first prune_end_fraction of the first task, every
         # prune_every_steps steps; SAM keeps training sharpness-aware, no retraining phase.

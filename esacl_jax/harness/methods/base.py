@@ -78,33 +78,31 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     raise ValueError(f"unknown optimizer {name!r}; choose sgd, adam or adamw")
 
 
-PRUNE_SCOPES = ("model", "all_but_classifier", "sparcl")
-# prune_scope="model": the model's default scope.
-MODEL_PRUNE_SCOPES = {"mlp": "all_but_classifier", "cnn": "all_but_classifier",
-                      "resnet18": "sparcl"}
+PRUNE_SCOPES = ("all_but_classifier", "sparcl")
 
 
 def all_but_classifier(path: Any, leaf: Any) -> bool:
-    """Every dense/conv kernel (first layer and shortcuts included) except the classifier's."""
+    """Every dense/conv kernel (first layer and shortcuts included) except the classifier's, by
+    name: the harness's models name their classifier "classifier". The harness prunes the
+    structural set (`masks.structural_prunable`, the library's default); a test checks the two
+    agree on every harness model."""
     names = masks_lib.path_names(path)
     return (bool(names) and names[-1] == "kernel" and np.ndim(leaf) >= 2
             and "classifier" not in names)
 
 
-def prunable_filter(config: ml_collections.ConfigDict) -> Callable[[Any, Any], bool]:
-    """The `(path, leaf) -> bool` filter of config.prune_scope.
+def prunable_filter(config: ml_collections.ConfigDict) -> str | Callable[[Any, Any], bool]:
+    """The `prunable=` of config.prune_scope, as the library functions take it.
 
-    "all_but_classifier": whole-network sparsity, every kernel but the classifier's.
-    "sparcl": METHOD.md's name-based set (`masks.name_prunable`: no first layer, classifier or
-    ResNet shortcut; for the ResNet-18 exactly SparCL's 16 block convolutions).
-    "model": all_but_classifier for the MLP and the small CNN, sparcl for the ResNet-18 (so its
-    sparsity is comparable with SparCL's published figures).
+    "all_but_classifier" (default, the library's default set): every kernel but the classifier,
+    found structurally (`masks.structural_prunable`): whole-network sparsity.
+    "sparcl": SparCL's convention by layer names (`masks.name_prunable`): the first layer, the
+    classifier and the ResNet's 1x1 shortcuts dense; for the ResNet-18 exactly SparCL's 16 block
+    convolutions, for the MLP and the CNN the same as the library's `prunable="sparcl"`.
     """
     scope = config.prune_scope
-    if scope == "model":
-        scope = MODEL_PRUNE_SCOPES.get(config.model, "all_but_classifier")
     if scope == "all_but_classifier":
-        return all_but_classifier
+        return "structural"
     if scope == "sparcl":
         return masks_lib.name_prunable
     raise ValueError(f"prune_scope must be one of {', '.join(PRUNE_SCOPES)}, got {scope!r}")

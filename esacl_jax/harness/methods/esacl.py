@@ -1,6 +1,10 @@
 """EsaCL: sharpness-aware directional pruning (SDP) + intelligent data selection (IDS) + replay.
 
-One step (METHOD.md), for the three cost variants that are configurations of this one function:
+The step is the library's (`esacl_jax.esacl_gradients`, one implementation for the harness and
+users' own loops); this class adds what the harness owns: the model's forward pass with its class
+mask and BatchNorm statistics, the DER++/ER replay terms on the reservoir buffer, the score table
+in the train state, mask refreshes between compiled epochs, dense-to-sparse pruning and the FLOPs
+model. Three cost variants are configurations of the one step:
   A: clean pass (fwd+bwd) on current + replay; sharpness forward on current at w+eps; descent on
      the kept current examples + replay at w+eps.
   B: as A but the clean pass sees the current batch only (METHOD.md's reference form).
@@ -8,11 +12,9 @@ One step (METHOD.md), for the three cost variants that are configurations of thi
      table filled by earlier passes; descent on the whole current batch + replay; no extra
      forward.
 The sparse start is the magnitude mask of the random init with, by default, each unit's kept
-weights rescaled to its dense norm (`masks.sparse_init`, esacl.init_rescale).
-The optimizer is `keep_sparse(chain(sdp_transform(...), sgd))`, exactly what users chain in their
-own loops: the step supplies the clean gradient and a `grad_fn` (opaque SAM mode), and the
-transform perturbs the active weights, calls `grad_fn` at w + eps and masks the result.
-BatchNorm running statistics come from the clean pass only.
+weights rescaled to its dense norm (`esacl_jax.sparse_start`, esacl.init_rescale). The optimizer
+is `esacl_jax.esacl_optimizer(sgd)` = `keep_sparse(chain(sdp_transform(...), sgd))`, exactly what
+users chain in their own loops. BatchNorm running statistics come from the clean pass only.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from esacl_jax import esacl as esacl_lib
 from esacl_jax import ids, masks, replay, sdp
 from esacl_jax.harness import losses
 from esacl_jax.harness.methods.base import (
@@ -111,12 +114,12 @@ class EsaCL(ReplayMethod):
 
     def make_optimizer(self) -> optax.GradientTransformation:
         e = self.esacl
-        front = sdp.sdp_transform(
+        return esacl_lib.esacl_optimizer(
+            make_optimizer(self.config),
             sparsity=e.initial_sparsity if e.dense_to_sparse else e.sparsity, rho=e.rho,
             distribution=e.distribution, ema_decay=e.ema_decay,
             mask_update_every_steps=e.mask_update_every_steps if e.sdp else 0,
             seed=self.config.seed, prunable=self.prunable, **self.mask_kwargs())
-        return sdp.keep_sparse(optax.chain(front, make_optimizer(self.config)))
 
     def init_method_state(self, params: Any) -> Any:
         state = super().init_method_state(params)
@@ -128,9 +131,8 @@ class EsaCL(ReplayMethod):
     def init(self, key: jax.Array) -> TrainState:
         state = super().init(key)
         # Start from the exactly sparse magnitude-pruned network the transform's masks describe.
-        sdp_state = sdp.find_sdp_state(state.opt_state)
-        sparse = masks.sparse_init(state.params, sdp_state.masks, rescale=self.esacl.init_rescale)
-        return state.replace(params=sparse)
+        return state.replace(params=esacl_lib.sparse_start(state.params, state.opt_state,
+                                                           rescale=self.esacl.init_rescale))
 
     # ----- replay -----
     def replay_loss(self, params, batch_stats, state, key):
@@ -147,9 +149,7 @@ class EsaCL(ReplayMethod):
     def train_step(self, state: TrainState, batch: Batch, ctx: TaskContext,
                    key: jax.Array) -> tuple[TrainState, StepMetrics]:
         replay_key, insert_key, select_key = jax.random.split(key, 3)
-        variant = {"A": self._clean_pass_step, "B": self._clean_pass_step,
-                   "C": self._score_table_step}[self.esacl.step_variant]
-        return variant(state, batch, ctx, replay_key, insert_key, select_key)
+        return self._esacl_step(state, batch, ctx, replay_key, insert_key, select_key)
 
     def _no_sam(self) -> bool:
         return isinstance(self.esacl.rho, (int, float)) and self.esacl.rho == 0.0
@@ -160,122 +160,33 @@ class EsaCL(ReplayMethod):
         e = self.esacl
         return e.replay_at == "clean" and e.step_variant in ("B", "C") and not self._no_sam()
 
-    def _current_ce(self, params, stats, x, y, mask):
-        logits, new_stats = forward(self.model, params, stats, x, train=True)
-        return losses.cross_entropy(logits, y, mask), logits, new_stats
-
-    def _perturbed(self, state: TrainState, clean_grads: Any) -> Any:
-        """w + eps (w itself when rho == 0): the transform's own point (`sdp.perturbed_params`),
-        where this step takes the descent gradient it hands to the transform."""
-        if self._no_sam():
-            return state.params
-        return sdp.perturbed_params(clean_grads, sdp.find_sdp_state(state.opt_state).masks,
-                                    state.params, self.esacl.rho)
-
-    def _descent(self, state, params, x, y, mask, replay_key, with_replay: bool):
-        """Loss, per-example CE, logits and gradient of the descent objective at `params`."""
-
-        def loss_fn(p):
-            per_example, logits, _ = self._current_ce(p, state.batch_stats, x, y, mask)
-            total = per_example.mean()
-            if with_replay:
-                total = total + self.replay_loss(p, state.batch_stats, state, replay_key)
-            return total, (per_example, logits)
-
-        (loss, (per_example, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return loss, per_example, logits, grads
-
-    def _clean_replay(self, state, replay_key):
-        """(value, gradient) of the replay loss at the clean w."""
-        return jax.value_and_grad(
-            lambda p: self.replay_loss(p, state.batch_stats, state, replay_key))(state.params)
-
-    def _clean_pass_step(self, state, batch, ctx, replay_key, insert_key, select_key):
-        """Variants A and B: a clean pass on the current batch (A: plus replay) gives the ascent
-        direction; the top-gamma examples by IDS score and the replay batch give the descent."""
+    def _esacl_step(self, state, batch, ctx, replay_key, insert_key, select_key):
+        """The library's composed step (`esacl_jax.esacl_gradients`) on the harness's model,
+        class mask and replay buffer; BatchNorm statistics come from the clean pass."""
         e, mask = self.esacl, self.current_loss_mask(ctx)
-        with_replay_in_clean = e.step_variant == "A" and not self._no_sam()
 
-        def clean_loss(params):
-            per_example, logits, new_stats = self._current_ce(
-                params, state.batch_stats, batch.x, batch.y, mask)
-            total = per_example.mean()
-            if with_replay_in_clean:
-                total = total + self.replay_loss(params, state.batch_stats, state, replay_key)
-            return total, (per_example, logits, new_stats)
+        def loss_fn(params, rows):
+            x, y = rows
+            logits, new_stats = forward(self.model, params, state.batch_stats, x, train=True)
+            return losses.cross_entropy(logits, y, mask), (logits, new_stats)
 
-        if self._no_sam():  # eps = 0: the clean gradient is never used, only the forward pass
-            _, (clean_per_example, clean_logits, new_stats) = clean_loss(state.params)
-            grads = jax.tree.map(jnp.zeros_like, state.params)
-        else:
-            (_, (clean_per_example, clean_logits, new_stats)), grads = jax.value_and_grad(
-                clean_loss, has_aux=True)(state.params)
-        perturbed = self._perturbed(state, grads)
-
-        if e.gamma >= 1.0:
-            x_kept, y_kept = batch.x, batch.y
-        else:
-            if e.ids_score == "clean_loss":
-                scores = clean_per_example
-            elif e.ids_score == "random" or self._no_sam():  # rho = 0: every sharpness is 0
-                scores = jax.random.uniform(select_key, clean_per_example.shape)
-            else:
-                scores, _, _ = self._current_ce(perturbed, state.batch_stats, batch.x, batch.y,
-                                                mask)
-                if e.ids_score == "sharpness":
-                    scores = scores - clean_per_example
-            kept, _ = ids.select_top(jax.lax.stop_gradient(scores), e.gamma)
-            x_kept, y_kept = batch.x[kept], batch.y[kept]
-
-        replay_at_clean = self._replay_at_clean()
-        loss, _, _, descent_grads = self._descent(state, perturbed, x_kept, y_kept, mask,
-                                                  replay_key, with_replay=not replay_at_clean)
-        if replay_at_clean:
-            _, replay_grads = self._clean_replay(state, replay_key)
-            descent_grads = jax.tree.map(jnp.add, descent_grads, replay_grads)
-        state = self._apply(state, grads, descent_grads, new_stats)
-        return self._record(state, batch, ctx, insert_key, clean_logits, loss)
-
-    def _score_table_step(self, state, batch, ctx, replay_key, insert_key, select_key):
-        """Variant C: the ascent pass uses only the top-gamma examples of the per-example score
-        table (filled by earlier passes); descent on the whole batch + replay at w + eps; the
-        descent pass records loss, correctness and (for the selected examples) sharpness."""
-        e, mask = self.esacl, self.current_loss_mask(ctx)
-        table = state.method_state["example_stats"]
-        if e.ids_score == "random":
-            table_score = jax.random.uniform(select_key, batch.index.shape)
-        else:
-            kind = "estimated_sharpness" if e.ids_score == "sharpness" else "loss"
-            table_score = ids.table_scores(table, batch.index, kind, unseen=e.ids_unseen)
-        selected, _ = ids.select_top(table_score, e.gamma)
-
-        def clean_loss(params):
-            per_example, logits, new_stats = self._current_ce(
-                params, state.batch_stats, batch.x[selected], batch.y[selected], mask)
-            return per_example.mean(), (per_example, new_stats)
-
-        (_, (clean_selected, new_stats)), grads = jax.value_and_grad(
-            clean_loss, has_aux=True)(state.params)
-        perturbed = self._perturbed(state, grads)
-
-        replay_at_clean = self._replay_at_clean()
-        loss, per_example, logits, descent_grads = self._descent(
-            state, perturbed, batch.x, batch.y, mask, replay_key, with_replay=not replay_at_clean)
-        if replay_at_clean:
-            replay_value, replay_grads = self._clean_replay(state, replay_key)
-            loss = loss + replay_value
-            descent_grads = jax.tree.map(jnp.add, descent_grads, replay_grads)
-
-        # One update of the table (one scatter per field): the batch's losses and correctness,
-        # and the sharpness measured on the selected examples (the others keep theirs).
-        _, sharpness = ids.gather_scores(table, batch.index)
-        sharpness = sharpness.at[selected].set(per_example[selected] - clean_selected)
-        table = ids.update_example_stats(table, batch.index, loss=per_example,
-                                         sharpness=sharpness,
-                                         correct=losses.correct(logits, batch.y, mask))
-        state = state.replace(method_state={**state.method_state, "example_stats": table})
-        state = self._apply(state, grads, descent_grads, new_stats)
-        return self._record(state, batch, ctx, insert_key, logits, loss)
+        table_c = e.step_variant == "C"
+        g = esacl_lib.esacl_gradients(
+            loss_fn, state.params, (batch.x, batch.y), state.opt_state,
+            table=state.method_state["example_stats"] if table_c else None,
+            example_index=batch.index if table_c else None,
+            rho=e.rho, gamma=e.gamma, ids_score=e.ids_score, unseen=e.ids_unseen,
+            replay_loss_fn=lambda p: self.replay_loss(p, state.batch_stats, state, replay_key),
+            replay_at="clean" if self._replay_at_clean() else "perturbed",
+            replay_in_ascent=e.step_variant == "A",
+            correct_fn=lambda aux: losses.correct(aux[0], batch.y, mask), key=select_key)
+        if table_c:
+            state = state.replace(method_state={**state.method_state, "example_stats": g.table})
+            logits = g.aux[0]
+        else:  # the buffer stores the clean pass's logits of the whole batch
+            logits = g.ascent_aux[0]
+        state = self._apply(state, g.grads, g.descent_grads, g.ascent_aux[1])
+        return self._record(state, batch, ctx, insert_key, logits, g.loss)
 
     def _apply(self, state: TrainState, clean_grads: Any, descent_grads: Any,
                new_stats: Any) -> TrainState:

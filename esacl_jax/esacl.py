@@ -1,0 +1,286 @@
+"""EsaCL in one call: SDP + IDS (+ your replay loss) for your own training loop.
+
+The harness's EsaCL step is this module; a user's loop calls the same two functions::
+
+    tx = esacl_jax.esacl_optimizer(optax.sgd(0.03))           # keep_sparse(chain(sdp, sgd))
+    opt_state = tx.init(params)
+    params = esacl_jax.sparse_start(params, opt_state)         # the exactly sparse start
+    table = esacl_jax.init_example_stats(max_task_size)        # IDS score table (variant C)
+
+    def loss_fn(p, batch):                                     # per-example losses [B], aux
+        logits = model(p, batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]), logits
+
+    g = esacl_jax.esacl_gradients(loss_fn, params, batch, opt_state, table=table,
+                                  example_index=batch["index"], replay_loss_fn=replay_term)
+    updates, opt_state = tx.update(g.grads, opt_state, params, grad_fn=g.grad_fn)
+    params, table = optax.apply_updates(params, updates), g.table
+
+`esacl_gradients` does the step's gradient work (METHOD.md's step, docs/METHOD.md):
+  1. IDS selects k = ceil(gamma * B) examples of the batch: by the per-example score `table`
+     filled by earlier passes (variant C, the default: `table=` and `example_index=` given) or by
+     the batch's own per-example sharpness l_i(w + eps) - l_i(w) (variants A/B: no table);
+  2. the clean (ascent) gradient g at w (C: on the selected examples only);
+  3. w + eps with eps = rho * g / ||g|| on the active weights (`sdp.perturbed_params`, the point
+     `sdp_transform` perturbs to, to the bit);
+  4. the descent gradient at w + eps of mean(loss over the current examples; C: all of them,
+     A/B: the selected ones) + `replay_loss_fn`;
+  5. (C) the table records the batch's losses at w + eps and the selected examples' sharpness.
+`tx.update(g.grads, opt_state, params, grad_fn=g.grad_fn)` then masks the descent gradient, keeps
+the SDP score averages and applies your optimizer; pruned weights stay exactly 0 (`keep_sparse`).
+
+Cost per step in forward-equivalents per example (forward 1, forward+backward 3): C is
+3 * k + 3 * B + replay, i.e. 10.5 per current example at gamma 0.25 with DER++'s two replay
+minibatches (DER++ alone: 9); B is 3 B + B + 3 k + replay. Everything has static shapes (k is a
+Python int), so it jits, shards (`jax.jit` with a batch sharded over a mesh: the gradient is
+global) and runs inside `jax.shard_map` (reduce `g.grads` yourself, or give `sdp_transform`
+`batch_axis_name=`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from esacl_jax import ids, masks, sdp
+from esacl_jax.masks import PrunableFn, PyTree
+
+# The published defaults, shared with the harness (`esacl_jax.harness.config`, section
+# `esacl`; a test checks they agree): step variant C (`table=` given), rho 0.01, gamma 0.25,
+# ranking unscored examples at the mean score, the norm-preserving sparse start.
+DEFAULTS: dict[str, Any] = dict(
+    sparsity=0.9, rho=0.01, gamma=0.25, ids_score="sharpness", ids_unseen="mean",
+    distribution="uniform", score="magnitude_gradient", score_lambda=0.5, ema_decay=0.9,
+    prune_fraction=0.01, regrow="gradient", init_rescale=True, mask_update_every_epochs=5,
+)
+
+IDS_SCORES = ("sharpness", "perturbed_loss", "clean_loss", "random")
+REPLAY_AT = ("perturbed", "clean")
+
+LossFn = Callable[[PyTree, Any], tuple[jax.Array, Any]]
+
+
+class EsaCLGradients(NamedTuple):
+    """What `esacl_gradients` computed for one step.
+
+    Attributes:
+      grads: the clean gradient g at w (SAM's ascent direction): `tx.update`'s `updates`.
+      descent_grads: the descent gradient at w + eps (current examples + replay).
+      loss: the descent objective's value (mean current loss + replay loss).
+      per_example: float32[n] current-example losses at w + eps (n = B for C, k for A/B).
+      aux: `loss_fn`'s aux at the descent pass (e.g. logits).
+      ascent_aux: `loss_fn`'s aux at the clean pass (e.g. BatchNorm statistics to keep).
+      selected: int32[k] positions in the batch that IDS chose for the ascent (C) or descent (A/B).
+      table: the score table after this step (the one passed in, unchanged, without C).
+    """
+
+    grads: PyTree
+    descent_grads: PyTree
+    loss: jax.Array
+    per_example: jax.Array
+    aux: Any
+    ascent_aux: Any
+    selected: jax.Array
+    table: ids.ExampleStats | jax.Array
+
+    def grad_fn(self, _params: PyTree) -> PyTree:
+        """`tx.update`'s `grad_fn`: the descent gradient, already taken at w + eps."""
+        return self.descent_grads
+
+
+def esacl_optimizer(
+    optimizer: optax.GradientTransformation,
+    *,
+    sparsity: Any = DEFAULTS["sparsity"],
+    rho: Any = DEFAULTS["rho"],
+    prunable: PrunableFn | PyTree | str | None = None,
+    distribution: str = DEFAULTS["distribution"],
+    **sdp_kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """`keep_sparse(chain(sdp_transform(sparsity, rho, ...), optimizer))` with EsaCL's defaults.
+
+    `prunable=None` prunes every kernel but the logits layer (`masks.structural_prunable`);
+    `"sparcl"` also keeps the first layer dense. Other `sdp_transform` options pass through
+    (`mask_update_every_steps`, `prune_fraction`, `batch_axis_name`, ...).
+    """
+    for name in ("score", "score_lambda", "ema_decay", "prune_fraction", "regrow"):
+        sdp_kwargs.setdefault(name, DEFAULTS[name])
+    front = sdp.sdp_transform(sparsity, rho, prunable=prunable, distribution=distribution,
+                              **sdp_kwargs)
+    return sdp.keep_sparse(optax.chain(front, optimizer))
+
+
+def sparse_start(params: PyTree, opt_state: Any, *,
+                 rescale: bool = DEFAULTS["init_rescale"]) -> PyTree:
+    """The exactly sparse initial params of the transform's masks (`masks.sparse_init`): each
+    unit's kept weights rescaled to its dense incoming norm (`rescale=False`: only zeroed)."""
+    return masks.sparse_init(params, sdp.find_sdp_state(opt_state).masks, rescale=rescale)
+
+
+def _gather(batch: Any, positions: jax.Array) -> Any:
+    return jax.tree.map(lambda a: a[positions], batch)
+
+
+def _is_zero(rho: Any) -> bool:
+    return isinstance(rho, (int, float)) and rho == 0.0
+
+
+def esacl_gradients(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    opt_state: Any,
+    *,
+    table: ids.ExampleStats | None = None,
+    example_index: jax.Array | None = None,
+    rho: Any = DEFAULTS["rho"],
+    gamma: float = DEFAULTS["gamma"],
+    ids_score: str = DEFAULTS["ids_score"],
+    unseen: str = DEFAULTS["ids_unseen"],
+    replay_loss_fn: Callable[[PyTree], jax.Array] | None = None,
+    replay_at: str = "perturbed",
+    replay_in_ascent: bool = False,
+    correct_fn: Callable[[Any], jax.Array] | None = None,
+    key: jax.Array | None = None,
+    perturbation_dtype: Any = "float32",
+) -> EsaCLGradients:
+    """One EsaCL step's gradients: IDS selection, SAM ascent, descent at w + eps, table update.
+
+    Args:
+      loss_fn: `(params, batch) -> (per_example_loss float[n], aux)` on the current examples;
+        called on the whole batch and on row subsets of it (`batch` leaves indexed on axis 0).
+      params: w.
+      batch: a pytree of arrays with the batch on the leading axis (size B).
+      opt_state: an optimizer state holding one `sdp_transform` state (its masks give the
+        active weights the perturbation moves).
+      table: the IDS score table (`init_example_stats`), for variant C (default in the harness);
+        None: variants A/B, ranking by the batch's own scores (one extra forward at w + eps).
+      example_index: int[B] each example's position in the task's training set (C; indices >=
+        the table's capacity are padding and are never selected).
+      rho: SAM radius, the same as `sdp_transform`'s. A static 0 skips the perturbation.
+      gamma: fraction of the batch IDS keeps (a static Python float: k = ceil(gamma * B)).
+      ids_score: "sharpness" (default), "perturbed_loss", "clean_loss" or "random" (control).
+        With a table, "sharpness" ranks by the recorded (or loss-estimated) sharpness and the
+        others by the recorded loss at w + eps.
+      unseen: with a table, where examples with no recorded score rank: "mean" or "first".
+      replay_loss_fn: `params -> scalar` replay term (e.g. DER++'s `der_loss` + `er_loss` on a
+        buffer sample), added to the descent objective.
+      replay_at: "perturbed" (at w + eps, default) or "clean" (its gradient at w).
+      replay_in_ascent: also add the replay term to the clean pass (variant A).
+      correct_fn: `aux -> bool[B]` argmax correctness at the descent pass, recorded in the table
+        (forgetting events); None leaves `table.correct` as it was.
+      key: PRNG key, needed only by `ids_score="random"`.
+      perturbation_dtype: as `sdp_transform`'s.
+
+    Returns:
+      An `EsaCLGradients`; pass `g.grads` and `grad_fn=g.grad_fn` to `tx.update`.
+    """
+    if ids_score not in IDS_SCORES:
+        raise ValueError(f"ids_score must be one of {IDS_SCORES}, got {ids_score!r}")
+    if replay_at not in REPLAY_AT:
+        raise ValueError(f"replay_at must be one of {REPLAY_AT}, got {replay_at!r}")
+    if ids_score == "random" and key is None:
+        raise ValueError('ids_score="random" needs key=')
+    if table is not None and example_index is None:
+        raise ValueError("a score table needs example_index= (each example's position in the "
+                         "task's training set)")
+    no_sam = _is_zero(rho)
+    replay = replay_loss_fn if replay_loss_fn is not None else None
+    replay_at_clean = replay is not None and replay_at == "clean" and not no_sam
+    sdp_masks = sdp.find_sdp_state(opt_state).masks
+
+    def perturb(grads: PyTree) -> PyTree:
+        if no_sam:
+            return params
+        return sdp.perturbed_params(grads, sdp_masks, params, rho,
+                                    perturbation_dtype=perturbation_dtype)
+
+    def descent(point: PyTree, rows: Any, with_replay: bool):
+        def objective(p):
+            per_example, aux = loss_fn(p, rows)
+            total = per_example.mean()
+            if with_replay:
+                total = total + replay(p)
+            return total, (per_example, aux)
+
+        (loss, (per_example, aux)), grads = jax.value_and_grad(objective, has_aux=True)(point)
+        return loss, per_example, aux, grads
+
+    def add_clean_replay(loss: jax.Array, grads: PyTree) -> tuple[jax.Array, PyTree]:
+        value, replay_grads = jax.value_and_grad(replay)(params)
+        return loss + value, jax.tree.map(jnp.add, grads, replay_grads)
+
+    if table is not None:  # variant C: ascent on the table's top-gamma examples
+        if ids_score == "random":
+            table_score = jax.random.uniform(key, jnp.shape(example_index))
+        else:
+            kind = "estimated_sharpness" if ids_score == "sharpness" else "loss"
+            table_score = ids.table_scores(table, example_index, kind, unseen=unseen)
+        selected, _ = ids.select_top(table_score, gamma)
+
+        def clean(p):
+            per_example, aux = loss_fn(p, _gather(batch, selected))
+            total = per_example.mean()
+            if replay_in_ascent and replay is not None:
+                total = total + replay(p)
+            return total, (per_example, aux)
+
+        (_, (clean_selected, ascent_aux)), grads = jax.value_and_grad(
+            clean, has_aux=True)(params)
+        loss, per_example, aux, descent_grads = descent(
+            perturb(grads), batch, replay is not None and not replay_at_clean)
+        if replay_at_clean:
+            loss, descent_grads = add_clean_replay(loss, descent_grads)
+        # One table update (one scatter per field): the batch's losses at w + eps and
+        # correctness, and the sharpness measured on the selected examples.
+        _, sharpness = ids.gather_scores(table, example_index)
+        sharpness = sharpness.at[selected].set(per_example[selected] - clean_selected)
+        table = ids.update_example_stats(
+            table, example_index, loss=per_example, sharpness=sharpness,
+            correct=None if correct_fn is None else correct_fn(aux))
+        return EsaCLGradients(grads, descent_grads, loss, per_example, aux, ascent_aux,
+                              selected, table)
+
+    # Variants A/B: a clean pass on the whole batch, IDS on the batch's own scores.
+    with_replay_in_clean = replay_in_ascent and replay is not None and not no_sam
+
+    def clean(p):
+        per_example, aux = loss_fn(p, batch)
+        total = per_example.mean()
+        if with_replay_in_clean:
+            total = total + replay(p)
+        return total, (per_example, aux)
+
+    if no_sam:  # eps = 0: the clean gradient is never used, only the forward pass
+        _, (clean_per_example, ascent_aux) = clean(params)
+        grads = jax.tree.map(jnp.zeros_like, params)
+    else:
+        (_, (clean_per_example, ascent_aux)), grads = jax.value_and_grad(
+            clean, has_aux=True)(params)
+    point = perturb(grads)
+    batch_size = clean_per_example.shape[0]
+    if gamma >= 1.0:
+        selected, rows = jnp.arange(batch_size, dtype=jnp.int32), batch
+    else:
+        if ids_score == "clean_loss":
+            scores = clean_per_example
+        elif ids_score == "random" or no_sam:  # rho = 0: every sharpness is 0
+            if key is None:
+                raise ValueError("rho=0 ranks a random subset: esacl_gradients needs key=")
+            scores = jax.random.uniform(key, clean_per_example.shape)
+        else:
+            scores, _ = loss_fn(point, batch)
+            if ids_score == "sharpness":
+                scores = scores - clean_per_example
+        selected, _ = ids.select_top(jax.lax.stop_gradient(scores), gamma)
+        rows = _gather(batch, selected)
+    loss, per_example, aux, descent_grads = descent(
+        point, rows, replay is not None and not replay_at_clean)
+    if replay_at_clean:
+        loss, descent_grads = add_clean_replay(loss, descent_grads)
+    return EsaCLGradients(grads, descent_grads, loss, per_example, aux, ascent_aux, selected,
+                          table if table is not None else jnp.zeros((), jnp.float32))
