@@ -22,11 +22,13 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 # METHOD on EXP, then BASELINE (empty: none) with the same overrides, then both side by side.
+# A workdir holding a finished run of another config is kept: the run writes to WORKDIR-2, ...
+# (one line says so) and side_by_side --latest shows the directories the runs wrote.
 run: install
 	$(PY) -m experiments.main --config=experiments/configs/$(EXP).py:$(METHOD) --workdir=$(WORKDIR) $(ARGS)
 ifneq ($(BASELINE),)
 	$(PY) -m experiments.main --config=experiments/configs/$(EXP).py:$(BASELINE) --workdir=runs/$(EXP)_$(BASELINE) --config.progress=False $(ARGS) > runs/$(EXP)_$(BASELINE).log
-	$(PY) -m experiments.side_by_side $(WORKDIR) runs/$(EXP)_$(BASELINE)
+	$(PY) -m experiments.side_by_side --latest $(WORKDIR) runs/$(EXP)_$(BASELINE)
 endif
 
 test: install

@@ -23,6 +23,7 @@ from esacl_jax.esacl import (
     esacl_optimizer,
     sparse_start,
 )
+from esacl_jax.export import SparseFileError, load_sparse, save_dense, save_sparse
 from esacl_jax.ids import (
     ExampleStats,
     init_example_stats,
@@ -90,6 +91,8 @@ __all__ = [
     # SDP: the optax transform and its state
     "sdp_transform", "keep_sparse", "SDPState", "update_masks", "refresh_masks",
     "find_sdp_state", "replace_sdp_state", "accumulate_grad_fn", "perturbed_params",
+    # export: a compact file of a sparse model
+    "save_sparse", "save_dense", "load_sparse", "SparseFileError",
     # masks
     "default_prunable", "name_prunable", "structural_prunable", "prunable_tree",
     "layer_sparsities", "magnitude_masks", "apply_masks",

@@ -29,9 +29,10 @@ The harness's EsaCL step is this module; a user's loop calls the same two functi
 `tx.update(g.grads, opt_state, params, grad_fn=g.grad_fn)` then masks the descent gradient, keeps
 the SDP score averages and applies your optimizer; pruned weights stay exactly 0 (`keep_sparse`).
 
-Cost per step in forward-equivalents per example (forward 1, forward+backward 3): C is
-3 * k + 3 * B + replay, i.e. 10.5 per current example at gamma 0.25 with DER++'s two replay
-minibatches (DER++ alone: 9); B is 3 B + B + 3 k + replay. Everything has static shapes (k is a
+Cost per step in forward-equivalents (forward 1, forward+backward 3): C is 3 k + 3 B + replay,
+i.e. 3 gamma + 3 + 6 = 9.75 per current example at gamma 0.25 with DER++'s two replay minibatches
+as large as the batch (DER++ alone: 9; k = ceil(gamma B) rounds up: 9.9 at B = 10); B is
+3 B + B + 3 k + replay. Everything has static shapes (k is a
 Python int), so it jits, shards (`jax.jit` with a batch sharded over a mesh: the gradient is
 global) and runs inside `jax.shard_map` (reduce `g.grads` yourself, or give `sdp_transform`
 `batch_axis_name=`).

@@ -126,7 +126,8 @@ def structural_prunable(params: PyTree, *, dense_first: bool = False) -> PyTree:
     Candidates are the floating leaves with ndim >= 2 (dense, conv, attention and embedding
     kernels; biases, norms and scalars never). Every candidate is prunable except:
     - the output (logits) layer: among the candidates whose output dimension (last axis) feeds no
-      other candidate (it is none of their input dimensions), the last in natural path order;
+      other candidate (it is none of their input dimensions, nor, for a conv kernel, a divisor
+      of a dense kernel's input: a flatten), the last in natural path order;
     - with `dense_first=True` (SparCL's convention, `prunable="sparcl"`), also the input layer
       or embedding: among the candidates whose input dimensions are produced by no other
       candidate (none is another's last axis), the first in natural path order.
@@ -146,14 +147,17 @@ def structural_prunable(params: PyTree, *, dense_first: bool = False) -> PyTree:
     shapes = {i: tuple(np.shape(flat[i][1])) for i in cands}
     flags = [False] * len(flat)
     if len(cands) >= 2:
-        def outputs_of_others(i: int) -> set[int]:
-            return {shapes[j][-1] for j in cands if j != i}
+        def feeds(i: int, j: int) -> bool:
+            """Kernel i's output can be kernel j's input: the same dimension, or a conv's
+            channels flattened into a dense kernel's input (in = positions x channels)."""
+            out = shapes[i][-1]
+            if out in _in_dims(shapes[j]):
+                return True
+            return (len(shapes[i]) >= 4 and len(shapes[j]) == 2 and shapes[j][0] > out
+                    and shapes[j][0] % out == 0)
 
-        def inputs_of_others(i: int) -> set[int]:
-            return set().union(*(_in_dims(shapes[j]) for j in cands if j != i))
-
-        last = [i for i in cands if shapes[i][-1] not in inputs_of_others(i)]
-        first = [i for i in cands if not _in_dims(shapes[i]) & outputs_of_others(i)]
+        last = [i for i in cands if not any(feeds(i, j) for j in cands if j != i)]
+        first = [i for i in cands if not any(feeds(j, i) for j in cands if j != i)]
         logits = last[-1] if last else cands[-1]
         rest = [i for i in cands if i != logits]
         first = [i for i in first if i != logits]

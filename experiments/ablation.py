@@ -256,8 +256,8 @@ def to_markdown(settings: Settings, lines: Sequence[Line], info: dict[str, str],
     parts = [sweep.provenance_markdown("EsaCL ablation", info)]
     parts.append(f"{with_results} of {planned} planned runs have results; buffer "
                  f"{settings.buffer_size}. Mean ± sample std over seeds. FLOPs / DER++: "
-                 "training FLOPs relative to dense DER++ on the same benchmark (METHOD.md's "
-                 "cost model: A 1.94x, B 1.28x, C 1.17x before sparsity). Blank cells: no "
+                 "training FLOPs relative to dense DER++ on the same benchmark (cost model: "
+                 "docs/METHOD.md, \"One EsaCL step\"). Blank cells: no "
                  "results (run failed or not run).\n")
     for bench in settings.benchmarks:
         reference = _reference(lines, bench)

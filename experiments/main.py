@@ -8,6 +8,11 @@ read-only or in use by another run, a damaged checkpoint, NaN loss) ends with on
 and exit status 1 (2 for command-line errors). SIGINT and SIGTERM stop the run at the next chunk
 boundary, saving a checkpoint when --config.checkpoint=True, and exit 130 or 143.
 
+A --workdir that already holds a finished run (results.json) of another config is left as it
+is: the run writes to the first free DIR-2, DIR-3, ... and says so in one line
+(`esacl_jax.harness.workdirs`). Same config: the run replaces it; no results.json yet (an
+interrupted run): the run resumes there.
+
 Several hosts: start the same command on every host with --config.distributed=True (and, unless
 the cluster is auto-detected, --config.coordinator_address=HOST:PORT --config.num_processes=N
 --config.process_id=I); only process 0 writes results and prints the summary.
@@ -21,7 +26,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from esacl_jax.harness import distributed
+from esacl_jax.harness import distributed, workdirs
 from esacl_jax.harness.atomic_io import WorkdirBusyError, WriteError
 from esacl_jax.harness.config import base_config, closest_name
 from esacl_jax.harness.data import DataError
@@ -107,7 +112,15 @@ def main(argv: list[str]) -> None:
         print(f"error: cannot start the multi-process run: {text[:300]}", file=sys.stderr)
         sys.exit(1)
     try:
-        result = train_and_evaluate(config, _WORKDIR.value, progress=config.progress)
+        # A workdir holding a finished run of another config is kept: this run goes to DIR-2, ...
+        workdir = workdirs.resolve_workdir(config, _WORKDIR.value)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    if workdir.note and distributed.is_primary():
+        print(workdir.note, file=sys.stderr, flush=True)
+    try:
+        result = train_and_evaluate(config, workdir.path, progress=config.progress)
     except RunInterrupted as err:
         print(f"{err}", file=sys.stderr)
         sys.exit(err.exit_code)
@@ -129,7 +142,7 @@ def main(argv: list[str]) -> None:
         return  # process 0 prints the summary and wrote results.json
     print()
     print(format_summary(result))
-    print(f"results: {_WORKDIR.value}/results.json")
+    print(f"results: {workdir.path}/results.json")
 
 
 if __name__ == "__main__":

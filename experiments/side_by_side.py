@@ -3,6 +3,10 @@
 Each WORKDIR holds a results.json written by `experiments.main`. One row per run: class-IL and
 task-IL accuracy, forgetting, sparsity over all weights, nonzero weights and training FLOPs (also
 as a multiple of the last run's, the baseline `make run` puts last).
+
+With --latest each WORKDIR stands for the newest finished run among WORKDIR, WORKDIR-2,
+WORKDIR-3, ...: where the last `experiments.main --workdir=WORKDIR` wrote (it moves to the first
+free WORKDIR-N when WORKDIR holds a finished run of another config). `make run` uses it.
 """
 
 from __future__ import annotations
@@ -11,7 +15,12 @@ import json
 import pathlib
 import sys
 
-from absl import app
+from absl import app, flags
+
+from esacl_jax.harness.workdirs import latest_finished_run
+
+_LATEST = flags.DEFINE_bool("latest", False, "Each WORKDIR stands for the newest finished run "
+                            "among WORKDIR, WORKDIR-2, WORKDIR-3, ...")
 
 
 def load(workdir: str) -> dict:
@@ -42,7 +51,8 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str]) -> None:
     if len(argv) < 2:
         raise app.UsageError("usage: python -m experiments.side_by_side WORKDIR [WORKDIR ...]")
-    results = [load(w) for w in argv[1:]]
+    workdirs = [latest_finished_run(w) if _LATEST.value else w for w in argv[1:]]
+    results = [load(w) for w in workdirs]
     bench = {r["benchmark"]["name"] for r in results}
     print(f"\n{', '.join(sorted(bench))}, seed {results[0]['seed']}")
     print(table(results))

@@ -332,7 +332,7 @@ def test_sparcl_dgm_keeps_exactly_the_top_fraction_of_gradients(sparcl_run):
             assert gm.sum() == round(keep * gm.size)  # exactly 20% of the layer's entries
             assert not np.any(gm & ~wm)
     weight, grad = method.flops_densities(method.init(jax.random.key(0)))
-    # Whole-network sparsity (prune_scope "model" for the MLP): the first layer is pruned too.
+    # Whole-network sparsity (the default prune_scope): the first layer is pruned too.
     assert weight["hidden_1/kernel"] == pytest.approx(0.25)
     assert weight["stem/kernel"] == pytest.approx(0.25) and weight["classifier/kernel"] == 1.0
     assert grad["hidden_1/kernel"] == pytest.approx(0.2) and grad["classifier/kernel"] == 1.0

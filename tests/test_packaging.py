@@ -21,7 +21,7 @@ def test_library_imports_load_no_harness_dependency():
     code = (
         "import sys\n"
         "import esacl_jax, esacl_jax.sdp, esacl_jax.masks, esacl_jax.sharpness, esacl_jax.ids\n"
-        "import esacl_jax.replay, esacl_jax.metrics\n"
+        "import esacl_jax.replay, esacl_jax.metrics, esacl_jax.esacl, esacl_jax.export\n"
         f"loaded = [m for m in {HARNESS_ONLY!r} if m in sys.modules]\n"
         "print(','.join(loaded))\n"
         "assert not loaded, loaded\n"
@@ -35,7 +35,8 @@ def test_library_imports_load_no_harness_dependency():
 
 @pytest.mark.slow
 def test_plain_install_runs_the_readme_example(tmp_path):
-    """`pip install .` (no extras) into a fresh venv: the README example runs, flax is absent."""
+    """`pip install .` (no extras) into a fresh venv: the README's two own-loop examples (EsaCL
+    whole, sdp_transform alone) run, and flax is absent."""
     source = tmp_path / "src"
     source.mkdir()
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
@@ -49,12 +50,15 @@ def test_plain_install_runs_the_readme_example(tmp_path):
     install = subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(source)],
                              capture_output=True, text=True, timeout=600, env=env)
     assert install.returncode == 0, install.stderr[-3000:]
-    example = tmp_path / "example.py"
-    example.write_text(readme_section_code("sdp_transform in your own training loop"))
-    run = subprocess.run([str(python), str(example)], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "sparsity of the pruned layers 0.90" in run.stdout
+    examples = (("sdp_transform in your own training loop", "sparsity of the pruned layers 0.90"),
+                ("EsaCL in your own training loop", "sparsity over all weights 0.87"))
+    for section, expected in examples:
+        example = tmp_path / "example.py"
+        example.write_text(readme_section_code(section))
+        run = subprocess.run([str(python), str(example)], capture_output=True, text=True,
+                             timeout=300, cwd=tmp_path, env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert expected in run.stdout
     missing = subprocess.run([str(python), "-c", "import flax"], capture_output=True, text=True,
                              cwd=tmp_path, env=env)
     assert missing.returncode != 0  # the library install pulled in no harness dependency

@@ -153,12 +153,15 @@ def test_cifar_pipeline_end_to_end_on_cifar_format_files(tmp_path):
     assert np.all(np.isfinite(np.asarray(result["class_il_matrix"])))
     sparsity = result["per_task"][-1]["sparsity"]
     assert sparsity["global_sparsity"] == pytest.approx(0.9, abs=1e-3)
-    assert len(sparsity["layers"]) == 16  # exactly the 3x3 convolutions of the residual blocks
+    # The default set: every kernel but the classifier (16 block convs, the stem, 3 shortcuts).
+    assert len(sparsity["layers"]) == 16 + 1 + 3
     assert result["dense_forward_flops_per_example"] > 0
 
 
 def test_prune_scopes_of_the_harness_models():
-    """MLP/CNN: every kernel but the classifier's; ResNet-18: SparCL's 16 block convs."""
+    """Default: every kernel but the classifier's, the library's structural set, equal to the
+    name-based all_but_classifier on every harness model; "sparcl": SparCL's set (ResNet-18: its
+    16 block convs; MLP and CNN: the library's prunable="sparcl")."""
     import jax
 
     from esacl_jax import masks
@@ -173,8 +176,22 @@ def test_prune_scopes_of_the_harness_models():
     config.prune_scope = "sparcl"
     flags = masks.prunable_tree(mlp, prunable_filter(config))
     assert not flags["stem"]["kernel"] and flags["hidden_1"]["kernel"]
-    config.prune_scope, config.model = "model", "resnet18"
     assert prunable_filter(config) is masks.name_prunable
+    from esacl_jax.harness.methods.base import all_but_classifier
+
+    cnn = build_model("cnn", 10, nf=4).init(jax.random.key(0), np.zeros((1, 28, 28, 1)))
+    res = build_model("resnet18", 10, nf=4).init(jax.random.key(0), np.zeros((1, 32, 32, 3)),
+                                                        train=False)
+    for params in (mlp, cnn["params"], res["params"]):
+        assert masks.prunable_tree(params) == masks.prunable_tree(params, all_but_classifier)
+        assert masks.prunable_tree(params) == masks.prunable_tree(params, "structural")
+    for params in (mlp, cnn["params"]):  # SparCL's set by names = the library's "sparcl"
+        assert masks.prunable_tree(params, "sparcl") == masks.prunable_tree(params, "name")
+    chosen = jax.tree.leaves(masks.prunable_tree(res["params"], "name"))
+    assert sum(chosen) == 16
+    config.prune_scope = "model"  # removed: the default is the same for every model
+    with pytest.raises(ValueError, match="prune_scope"):
+        prunable_filter(config)
     config.prune_scope = "everything"
     with pytest.raises(ValueError, match="prune_scope"):
         prunable_filter(config)

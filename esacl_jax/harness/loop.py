@@ -24,7 +24,7 @@ import numpy as np
 import tqdm
 
 from esacl_jax import metrics as metrics_lib
-from esacl_jax.harness import atomic_io, distributed
+from esacl_jax.harness import atomic_io, distributed, export_model
 from esacl_jax.harness import flops as flops_lib
 from esacl_jax.harness import memory as memory_lib
 from esacl_jax.harness import results as results_lib
@@ -640,6 +640,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
     }
     if not primary:
         return result
+    sparse_export = export_model.export_sparse_model(workdir, method, state)
+    if sparse_export is not None:  # a sparse method: workdir/sparse_model.npz
+        result["sparse_export"] = sparse_export
     try:
         atomic_io.write_json_atomic(workdir / "results.json", result)
     except atomic_io.WriteError as err:

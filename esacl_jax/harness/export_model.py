@@ -1,0 +1,59 @@
+"""The trained sparse model as a compact file: `sparse_model.npz` beside results.json.
+
+At the end of a run of a sparse method (`method.sparse_masks(state)` is not None), the primary
+process saves the evaluated params (`method.eval_variables(state)[0]`) with
+`esacl_jax.export.save_sparse` and records in results.json
+
+    "sparse_export": {"file": "sparse_model.npz", "bytes": ..., "dense_bytes": ..., "ratio": ...}
+
+`dense_bytes` is the size of the same params written by `export.save_dense` (same format, to a
+temporary file that is deleted), `ratio` = bytes / dense_bytes. Only the params are saved: a
+model with batch normalisation also needs its batch_stats (results.json does not carry them).
+Like every file the harness writes, the file is written atomically. A failed write does not fail
+the run: its results matter more, so the error is recorded under "sparse_export" and printed.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import tempfile
+from typing import Any
+
+from esacl_jax import export
+
+FILE_NAME = "sparse_model.npz"
+
+
+def export_sparse_model(workdir: str | os.PathLike, method: Any, state: Any) -> dict | None:
+    """Writes `workdir/sparse_model.npz` for a sparse method; the `sparse_export` entry.
+
+    None for a dense method (no file written).
+    """
+    weight_masks = method.sparse_masks(state)
+    if weight_masks is None:
+        return None
+    params = method.eval_variables(state)[0]
+    path = pathlib.Path(workdir) / FILE_NAME
+    try:
+        nbytes = export.save_sparse(path, params, weight_masks)
+    except OSError as err:
+        try:
+            path.unlink(missing_ok=True)  # no stale file from an earlier run beside the results
+        except OSError:
+            pass
+        return {"file": None, "error": _failed(err)}
+    entry = {"file": FILE_NAME, "bytes": nbytes}
+    try:
+        with tempfile.TemporaryDirectory(prefix=".dense-size.", dir=path.parent) as tmp:
+            dense_bytes = export.save_dense(pathlib.Path(tmp) / "dense.npz", params)
+    except OSError as err:
+        return {**entry, "error": _failed(err)}
+    return {**entry, "dense_bytes": dense_bytes, "ratio": nbytes / dense_bytes}
+
+
+def _failed(err: OSError) -> str:
+    message = " ".join(str(err).split())
+    print(f"warning: sparse model export: {message}", file=sys.stderr, flush=True)
+    return message
