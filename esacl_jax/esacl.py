@@ -216,11 +216,13 @@ def esacl_gradients(
         return loss + value, jax.tree.map(jnp.add, grads, replay_grads)
 
     if table is not None:  # variant C: ascent on the table's top-gamma examples
+        recorded = ids.gather_scores(table, example_index)  # the batch's (loss, sharpness)
         if ids_score == "random":
             table_score = jax.random.uniform(key, jnp.shape(example_index))
         else:
             kind = "estimated_sharpness" if ids_score == "sharpness" else "loss"
-            table_score = ids.table_scores(table, example_index, kind, unseen=unseen)
+            table_score = ids.table_scores(table, example_index, kind, unseen=unseen,
+                                           recorded=recorded)
         selected, _ = ids.select_top(table_score, gamma)
 
         def clean(p):
@@ -238,11 +240,10 @@ def esacl_gradients(
             loss, descent_grads = add_clean_replay(loss, descent_grads)
         # One table update (one scatter per field): the batch's losses at w + eps and
         # correctness, and the sharpness measured on the selected examples.
-        _, sharpness = ids.gather_scores(table, example_index)
-        sharpness = sharpness.at[selected].set(per_example[selected] - clean_selected)
+        sharpness = recorded[1].at[selected].set(per_example[selected] - clean_selected)
         table = ids.update_example_stats(
             table, example_index, loss=per_example, sharpness=sharpness,
-            correct=None if correct_fn is None else correct_fn(aux))
+            correct=None if correct_fn is None else correct_fn(aux), recorded=recorded)
         return EsaCLGradients(grads, descent_grads, loss, per_example, aux, ascent_aux,
                               selected, table)
 

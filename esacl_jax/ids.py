@@ -121,18 +121,21 @@ def update_example_stats(
     loss: jax.Array | None = None,
     sharpness: jax.Array | None = None,
     correct: jax.Array | None = None,
+    recorded: tuple[jax.Array, jax.Array] | None = None,
 ) -> ExampleStats:
     """Record a batch's statistics at positions `idx` (int[B], distinct within the batch).
 
     Only the given fields change. `seen` is incremented for every index; `totals` follows the
     loss and sharpness entries (distinct indices are what keeps it exact). A forgetting event is
     counted when an example recorded as correct is now incorrect (so never on a first sighting).
+    `recorded`: `gather_scores(stats, idx)` when the caller has it already (one gather less).
     """
     idx = jnp.asarray(idx, jnp.int32)
     new = stats
     scored = loss is not None or sharpness is not None
     if scored:  # the batch's old entries leave the totals (padding gathers NaN: no contribution)
-        before = _contributions(*gather_scores(stats, idx))
+        old_loss, old_sharpness = gather_scores(stats, idx) if recorded is None else recorded
+        before = _contributions(old_loss, old_sharpness)
     if loss is not None:
         new = new._replace(loss=stats.loss.at[idx].set(jnp.asarray(loss, jnp.float32), mode="drop"))
     if sharpness is not None:
@@ -148,9 +151,17 @@ def update_example_stats(
             forgetting=stats.forgetting.at[idx].add(forgot, mode="drop"),
         )
     new = new._replace(seen=stats.seen.at[idx].add(1, mode="drop"))
-    if scored:  # ... and their new entries join them
-        new = new._replace(
-            totals=stats.totals - before + _contributions(*gather_scores(new, idx)))
+    if scored:  # ... and their new entries join them (what the scatter stored at idx, read from
+        # the written values: padding indices store nothing, so they count as unrecorded)
+        stored = idx < stats.loss.shape[0]
+
+        def written(values: jax.Array | None, old: jax.Array) -> jax.Array:
+            if values is None:
+                return old
+            return jnp.where(stored, jnp.asarray(values, jnp.float32), jnp.nan)
+
+        new = new._replace(totals=stats.totals - before + _contributions(
+            written(loss, old_loss), written(sharpness, old_sharpness)))
     return new
 
 
@@ -196,7 +207,8 @@ def _mean_score(stats: ExampleStats, kind: str) -> jax.Array:
 
 
 def table_scores(stats: ExampleStats, idx: jax.Array, kind: str = "loss",
-                 unseen: str = "first") -> jax.Array:
+                 unseen: str = "first",
+                 recorded: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """The batch's recorded scores (float32[B]); padding indices (>= capacity) get -inf.
 
     `kind`: "loss", "sharpness", or "estimated_sharpness" (measured sharpness where known, else
@@ -204,14 +216,15 @@ def table_scores(stats: ExampleStats, idx: jax.Array, kind: str = "loss",
     "first" gives them +inf (coverage first: every example is scored before any is ranked);
     "mean" gives them the mean of the recorded scores, so an example with a higher recorded
     score than average is chosen before an unscored one (ranking from the first recorded pass).
-    Costs O(batch): the table-wide quantities come from `stats.totals`.
+    Costs O(batch): the table-wide quantities come from `stats.totals`. `recorded`:
+    `gather_scores(stats, idx)` when the caller has it already.
     """
     if kind not in SCORE_FIELDS:
         raise ValueError(f"kind must be one of {SCORE_FIELDS}, got {kind!r}")
     if unseen not in UNSEEN_POLICIES:
         raise ValueError(f"unseen must be one of {UNSEEN_POLICIES}, got {unseen!r}")
     idx = jnp.asarray(idx, jnp.int32)
-    loss, sharpness = gather_scores(stats, idx)
+    loss, sharpness = gather_scores(stats, idx) if recorded is None else recorded
     values = {"loss": lambda: loss, "sharpness": lambda: sharpness,
               "estimated_sharpness": lambda: _estimate(loss, sharpness,
                                                        _sharpness_per_loss(stats))}[kind]()

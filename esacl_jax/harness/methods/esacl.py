@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from typing import Any
 
 import jax
@@ -105,6 +106,9 @@ class EsaCL(ReplayMethod):
         self.ramp_steps = max(1, int(e.prune_end_fraction * first_task_steps))
         # Mask updates run between compiled epochs (task start, every k epochs), not in the scan.
         self._refresh_masks = jax.jit(functools.partial(sdp.refresh_masks, **self.mask_kwargs()))
+        self._refresh_compiling: threading.Thread | None = None
+        # One compiled program (not one small compilation per field) empties the score table.
+        self._reset_table = jax.jit(ids.reset_example_stats)
 
     # ----- state -----
     def mask_kwargs(self) -> dict:
@@ -251,15 +255,44 @@ class EsaCL(ReplayMethod):
     def _refresh(self, state: TrainState) -> TrainState:
         if not self.esacl.sdp:
             return state
+        if self._refresh_compiling is not None:  # compiled in the background: wait for it
+            self._refresh_compiling.join()
+            self._refresh_compiling = None
         opt_state, params = self._refresh_masks(state.opt_state, state.params)
         return state.replace(opt_state=opt_state, params=params)
 
+    def _compile_refresh_in_background(self, state: TrainState) -> None:
+        """Compile the mask update while the first task trains (it is first used at the next
+        task start, or a few epochs in), so its compilation is off the run's critical path on a
+        machine with a spare core. Same program, same results; if this fails, the first call
+        compiles it as before."""
+        def spec(x: Any) -> Any:  # the call's signature: a committed array's sharding is part of it
+            committed = getattr(x, "committed", False)
+            return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x),
+                                        sharding=x.sharding if committed else None)
+
+        specs = jax.tree.map(spec, (state.opt_state, state.params))
+
+        def compile_refresh() -> None:
+            try:
+                self._refresh_masks.lower(*specs).compile()
+            except Exception:  # noqa: BLE001 - the first real call compiles (and reports) it
+                pass
+
+        self._refresh_compiling = threading.Thread(target=compile_refresh, daemon=True)
+        self._refresh_compiling.start()
+
     def begin_task(self, state: TrainState, task_id: int) -> TrainState:
         state = super().begin_task(state, task_id)
+        refreshes = self.esacl.sdp and (len(self.benchmark.tasks) > 1 or (
+            self.esacl.mask_update_every_epochs
+            and self.esacl.mask_update_every_epochs < self.config.epochs))
+        if task_id == 0 and refreshes and self._refresh_compiling is None:
+            self._compile_refresh_in_background(state)
         if task_id > 0:  # at task 0 there is no sharpness-aware gradient history to score with
             state = self._refresh(state)
         if self.esacl.step_variant == "C":
-            stats = ids.reset_example_stats(state.method_state["example_stats"])
+            stats = self._reset_table(state.method_state["example_stats"])
             state = state.replace(method_state={**state.method_state, "example_stats": stats})
         return state
 
