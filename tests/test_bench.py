@@ -101,3 +101,15 @@ def test_train_chunk_skips_invalid_steps_wherever_they_are():
     loss1, loss2 = np.asarray(m1.loss), np.asarray(m2.loss)
     assert np.isnan(loss1[[1, 3]]).all() and np.isnan(loss2[[2, 3]]).all()
     np.testing.assert_array_equal(loss1[[0, 2]], loss2[[0, 1]])
+
+
+def test_bench_step_tiny_run_has_every_row():
+    """experiments/bench_step.py (the library EsaCL step against DER++) on a tiny MLP."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.bench_step", "--steps=3", "--repeats=1",
+         "--cases=784-8-8-10@4"], cwd=REPO_ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 5 and rows[0].startswith("| DER++") and rows[0].endswith("| 1.00 |")
+    assert all(float(row.split("|")[2]) > 0 for row in rows)
