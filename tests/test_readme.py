@@ -1,4 +1,4 @@
-"""The README's own-loop examples (EsaCL whole, and sdp_transform alone) run as written."""
+"""The README's own-loop examples (EsaCL whole, and sdp_transform alone)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,10 @@ def readme_section_code(title: str) -> str:
     return blocks[0]
 
 
-def test_sdp_transform_example_runs(capsys):
-    code = readme_section_code("sdp_transform in your own training loop")
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
-    assert "sparsity of the pruned layers 0.90" in capsys.readouterr().out
-
-
-def test_esacl_example_runs_learns_and_fits_in_40_lines(capsys):
-    code = readme_section_code("EsaCL in your own training loop")
-    assert len(code.splitlines()) <= 40
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
-    out = capsys.readouterr().out
-    assert "class-IL accuracy per task" in out and "sparsity over all weights 0.87" in out
+# Both examples run, and are checked for what they print (learning, sparsity), as a user runs
+# them: in a fresh library-only virtual environment (tests/test_packaging.py). Here: they are
+# valid Python, and the EsaCL one keeps its promised length.
+def test_own_loop_examples_compile_and_esacl_fits_in_40_lines():
+    for title in ("sdp_transform in your own training loop", "EsaCL in your own training loop"):
+        compile(readme_section_code(title), "README.md", "exec")
+    assert len(readme_section_code("EsaCL in your own training loop").splitlines()) <= 40
