@@ -190,7 +190,7 @@ def esacl_gradients(
         raise ValueError("a score table needs example_index= (each example's position in the "
                          "task's training set)")
     no_sam = _is_zero(rho)
-    replay = replay_loss_fn if replay_loss_fn is not None else None
+    replay = replay_loss_fn
     replay_at_clean = replay is not None and replay_at == "clean" and not no_sam
     sdp_masks = sdp.find_sdp_state(opt_state).masks
 
@@ -200,15 +200,20 @@ def esacl_gradients(
         return sdp.perturbed_params(grads, sdp_masks, params, rho,
                                     perturbation_dtype=perturbation_dtype)
 
-    def descent(point: PyTree, rows: Any, with_replay: bool):
-        def objective(p):
+    def objective(rows: Any, with_replay: bool) -> Callable[[PyTree], tuple[jax.Array, Any]]:
+        """params -> (mean loss over `rows` [+ replay], (per-example losses, aux))."""
+        def fn(p):
             per_example, aux = loss_fn(p, rows)
             total = per_example.mean()
             if with_replay:
                 total = total + replay(p)
             return total, (per_example, aux)
 
-        (loss, (per_example, aux)), grads = jax.value_and_grad(objective, has_aux=True)(point)
+        return fn
+
+    def descent(point: PyTree, rows: Any, with_replay: bool):
+        (loss, (per_example, aux)), grads = jax.value_and_grad(
+            objective(rows, with_replay), has_aux=True)(point)
         return loss, per_example, aux, grads
 
     def add_clean_replay(loss: jax.Array, grads: PyTree) -> tuple[jax.Array, PyTree]:
@@ -225,13 +230,7 @@ def esacl_gradients(
                                            recorded=recorded)
         selected, _ = ids.select_top(table_score, gamma)
 
-        def clean(p):
-            per_example, aux = loss_fn(p, _gather(batch, selected))
-            total = per_example.mean()
-            if replay_in_ascent and replay is not None:
-                total = total + replay(p)
-            return total, (per_example, aux)
-
+        clean = objective(_gather(batch, selected), replay_in_ascent and replay is not None)
         (_, (clean_selected, ascent_aux)), grads = jax.value_and_grad(
             clean, has_aux=True)(params)
         loss, per_example, aux, descent_grads = descent(
@@ -248,14 +247,7 @@ def esacl_gradients(
                               selected, table)
 
     # Variants A/B: a clean pass on the whole batch, IDS on the batch's own scores.
-    with_replay_in_clean = replay_in_ascent and replay is not None and not no_sam
-
-    def clean(p):
-        per_example, aux = loss_fn(p, batch)
-        total = per_example.mean()
-        if with_replay_in_clean:
-            total = total + replay(p)
-        return total, (per_example, aux)
+    clean = objective(batch, replay_in_ascent and replay is not None and not no_sam)
 
     if no_sam:  # eps = 0: the clean gradient is never used, only the forward pass
         _, (clean_per_example, ascent_aux) = clean(params)
