@@ -149,7 +149,7 @@ class EsaCL(ReplayMethod):
             return replay.er_loss(logits, y, valid)
         return jnp.zeros((), jnp.float32)
 
-    # ----- the step: one function per variant, then a shared update -----
+    # ----- the step: the library's esacl_gradients for every variant, then the optimizer -----
     def train_step(self, state: TrainState, batch: Batch, ctx: TaskContext,
                    key: jax.Array) -> tuple[TrainState, StepMetrics]:
         replay_key, insert_key, select_key = jax.random.split(key, 3)
