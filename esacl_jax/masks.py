@@ -90,10 +90,10 @@ def name_prunable(path: KeyPath, leaf: Any) -> bool:
     return not any(part in name for name in lowered for part in EXCLUDED_NAME_PARTS)
 
 
-def default_prunable(path: KeyPath, leaf: Any) -> bool:
-    """Kept for callers that want a per-leaf filter: `name_prunable`. The default prunable SET
-    of the library and the harness is `structural_prunable` (every kernel but the logits)."""
-    return name_prunable(path, leaf)
+# Kept for earlier callers, who passed it as a per-leaf filter: `name_prunable`. The default
+# prunable SET of the library and the harness is `structural_prunable` (every kernel but the
+# logits layer).
+default_prunable = name_prunable
 
 
 def _natural_key(path: KeyPath) -> tuple:

@@ -150,11 +150,6 @@ class EsaCL(ReplayMethod):
         return jnp.zeros((), jnp.float32)
 
     # ----- the step: the library's esacl_gradients for every variant, then the optimizer -----
-    def train_step(self, state: TrainState, batch: Batch, ctx: TaskContext,
-                   key: jax.Array) -> tuple[TrainState, StepMetrics]:
-        replay_key, insert_key, select_key = jax.random.split(key, 3)
-        return self._esacl_step(state, batch, ctx, replay_key, insert_key, select_key)
-
     def _no_sam(self) -> bool:
         return isinstance(self.esacl.rho, (int, float)) and self.esacl.rho == 0.0
 
@@ -164,9 +159,11 @@ class EsaCL(ReplayMethod):
         e = self.esacl
         return e.replay_at == "clean" and e.step_variant in ("B", "C") and not self._no_sam()
 
-    def _esacl_step(self, state, batch, ctx, replay_key, insert_key, select_key):
+    def train_step(self, state: TrainState, batch: Batch, ctx: TaskContext,
+                   key: jax.Array) -> tuple[TrainState, StepMetrics]:
         """The library's composed step (`esacl_jax.esacl_gradients`) on the harness's model,
         class mask and replay buffer; BatchNorm statistics come from the clean pass."""
+        replay_key, insert_key, select_key = jax.random.split(key, 3)
         e, mask = self.esacl, self.current_loss_mask(ctx)
 
         def loss_fn(params, rows):
