@@ -231,7 +231,33 @@ def test_epoch_shuffle_is_jax_permutation_compiled_once_per_size_bucket():
     for n in (1, 2, 5, 999, 11263, 12665, 16384, 16385):
         np.testing.assert_array_equal(loop.permutation(key, n),
                                       np.asarray(jax.random.permutation(key, n)))
+    # The loop's per-task and per-epoch keys, folded in inside the compiled shuffle.
+    folded = jax.random.fold_in(jax.random.fold_in(key, 1_000_003 + 2), 4)
+    np.testing.assert_array_equal(loop.permutation(key, 12089, folds=(1_000_003 + 2, 4)),
+                                  np.asarray(jax.random.permutation(folded, 12089)))
     loop._padded_permutation.clear_cache()
     for n in (11263, 12089, 12665):  # split_mnist's task sizes: one 16384 bucket
-        loop.permutation(jax.random.key(n), n)
-    assert loop._padded_permutation._cache_size() == 1
+        loop.permutation(jax.random.key(n), n, folds=(n, 0))
+    assert loop._padded_permutation.cache_size() == 1
+
+
+def test_cheaply_compiled_init_is_bit_identical_to_the_default_compilation():
+    """`compilation.call_once` (XLA backend optimisation level 0 on CPU) gives the same train
+    state, bit for bit, as the plain jit call the loop made before, for a dense and a sparse
+    method with a replay buffer and per-example statistics."""
+    import jax
+
+    from esacl_jax.harness import compilation, loop
+    from experiments.configs.split_digits import get_config
+
+    for method_name in ("derpp", "esacl"):
+        config = get_config(method_name)
+        _, method = loop.build_config_method(config)
+        key = jax.random.key(3)
+        cheap = compilation.call_once(method.init, key)
+        plain = jax.jit(method.init)(key)
+        assert compilation.one_shot_options() == {"xla_backend_optimization_level": 0}
+        for a, b in zip(jax.tree.leaves(cheap), jax.tree.leaves(plain), strict=True):
+            if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+                a, b = jax.random.key_data(a), jax.random.key_data(b)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

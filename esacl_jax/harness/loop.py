@@ -7,7 +7,6 @@ The loop knows nothing about which method it runs.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import pathlib
 import signal
@@ -24,7 +23,7 @@ import numpy as np
 import tqdm
 
 from esacl_jax import metrics as metrics_lib
-from esacl_jax.harness import atomic_io, distributed, export_model
+from esacl_jax.harness import atomic_io, compilation, distributed, export_model
 from esacl_jax.harness import flops as flops_lib
 from esacl_jax.harness import memory as memory_lib
 from esacl_jax.harness import results as results_lib
@@ -183,11 +182,15 @@ def pad_to(array: np.ndarray, capacity: int) -> np.ndarray:
     return np.concatenate([array, np.zeros((pad, *array.shape[1:]), array.dtype)])
 
 
-@functools.partial(jax.jit, static_argnames=("size", "num_rounds"))
-def _padded_permutation(key: jax.Array, n: jax.Array, *, size: int, num_rounds: int) -> jax.Array:
+def _padded_permutation_fn(key: jax.Array, folds: jax.Array, n: jax.Array, *, size: int,
+                           num_rounds: int) -> jax.Array:
     """jax.random.permutation's sort-based shuffle of arange(n) inside an array of `size`: the
     positions >= n get the largest sort key, so the (stable) sorts keep them last and the first
-    n entries are bit for bit `jax.random.permutation(key, n)`."""
+    n entries are bit for bit `jax.random.permutation(fold_in(...fold_in(key, folds[0])...), n)`
+    (the loop's per-task and per-epoch keys are folded in here, not by eager ops that would
+    each compile a program of their own)."""
+    for i in range(folds.shape[0]):
+        key = jax.random.fold_in(key, folds[i])
     x = jnp.arange(size, dtype=jnp.int32)
     real = x < n
     for _ in range(num_rounds):
@@ -198,21 +201,29 @@ def _padded_permutation(key: jax.Array, n: jax.Array, *, size: int, num_rounds: 
     return x
 
 
-def permutation(key: jax.Array, n: int) -> np.ndarray:
-    """`jax.random.permutation(key, n)`, compiled once per power-of-two size bucket instead of
-    once per n (each task's training set has its own size: a compilation per task before)."""
+# Run once an epoch: compiled cheaply, once per power-of-two size bucket (`compilation`).
+_padded_permutation = compilation.OneShot(_padded_permutation_fn, ("size", "num_rounds"))
+
+
+def permutation(key: jax.Array, n: int, folds: tuple[int, ...] = ()) -> np.ndarray:
+    """`jax.random.permutation(key', n)` with key' = key with `folds` folded in one by one,
+    compiled once per power-of-two size bucket instead of once per n (each task's training set
+    has its own size: a compilation per task before)."""
     size = 1 << max(0, (n - 1).bit_length())
     num_rounds = int(np.ceil(3 * np.log(max(1, n)) / np.log(np.iinfo(np.uint32).max)))
-    return np.asarray(_padded_permutation(key, n, size=size, num_rounds=num_rounds))[:n]
+    folds_array = np.asarray(folds, np.uint32).reshape(-1)
+    return np.asarray(_padded_permutation(key, folds_array, np.int32(n), size=size,
+                                          num_rounds=num_rounds))[:n]
 
 
-def epoch_batches(key: jax.Array, indices: np.ndarray, batch_size: int,
-                  steps_per_call: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Shuffles `indices`, drops the incomplete last batch, pads to whole chunks.
+def epoch_batches(key: jax.Array, indices: np.ndarray, batch_size: int, steps_per_call: int,
+                  folds: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray, int]:
+    """Shuffles `indices` (with `key`, `folds` folded into it), drops the incomplete last batch,
+    pads to whole chunks.
 
     Returns (batch_idx [chunks*steps_per_call, B], valid [same leading dim], real step count).
     """
-    order = permutation(key, indices.shape[0])
+    order = permutation(key, indices.shape[0], folds)
     shuffled = indices[order]
     steps = shuffled.shape[0] // batch_size
     if steps == 0:
@@ -230,9 +241,9 @@ def count_passes(counter: flops_lib.FlopsCounter, passes: list[Pass], repeats: i
     """Adds `repeats` executions of `passes` to the training-FLOPs counter."""
     for p in passes:
         if p.kind == "fwd":
-            counter.forward(p.examples * repeats)
+            counter.forward(p.examples * repeats, p.layers)
         else:
-            counter.forward_backward(p.examples * repeats)
+            counter.forward_backward(p.examples * repeats, p.layers)
 
 
 def log_task(logger, summary: dict, class_il_row: np.ndarray, task_il_row: np.ndarray,
@@ -262,7 +273,8 @@ def memory_footprint(method: Method, state: TrainState, benchmark: Benchmark,
     buffer = state.method_state.get("buffer") if isinstance(state.method_state, dict) else None
     analytic = memory_lib.analytic_footprint(
         state.params, masks=method.sparse_masks(state), opt_state=state.opt_state, buffer=buffer,
-        activation_bytes=activations * batch_size)
+        activation_bytes=method.step_activation_bytes(state, activations, batch_size),
+        method_state=method.stored_method_state(state))
     return {"analytic": analytic, "measured": memory_lib.peak_memory()}
 
 
@@ -429,6 +441,39 @@ def _workdir_lock(workdir: pathlib.Path):
             lock.release()
 
 
+def _compile_in_background(method: Method, run_chunk: Callable, predict: Callable,
+                           key: jax.Array, capacity: int, replicated: Any, batch_sharding: Any,
+                           ) -> tuple[compilation.BackgroundCompile,
+                                      compilation.BackgroundCompile | None]:
+    """Starts compiling the training chunk and the prediction from the shapes of the arguments
+    the loop will call them with (the state's from `jax.eval_shape` of its initialisation)."""
+    config, benchmark = method.config, method.benchmark
+
+    def placed(spec: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(spec.shape, spec.dtype, weak_type=spec.weak_type,
+                                    sharding=replicated)
+
+    state = jax.eval_shape(method.init, key)
+    if replicated is not None:
+        state = jax.tree.map(placed, state)
+    x0 = method.training_data(0)[0]
+    chunk = compilation.BackgroundCompile(
+        run_chunk, state,
+        jax.ShapeDtypeStruct((capacity, *x0.shape[1:]), x0.dtype, sharding=replicated),
+        jax.ShapeDtypeStruct((capacity,), np.int32, sharding=replicated),
+        jax.ShapeDtypeStruct((config.steps_per_call, config.batch_size), np.int32,
+                             sharding=batch_sharding),
+        jax.ShapeDtypeStruct((config.steps_per_call,), np.bool_), task_context(benchmark, 0))
+    try:
+        eval_variables = jax.eval_shape(method.eval_variables, state)
+    except Exception:  # noqa: BLE001 - not traceable: evaluation compiles it when first called
+        return chunk, None
+    prediction = compilation.BackgroundCompile(
+        predict, *eval_variables, jax.ShapeDtypeStruct(
+            (config.eval_batch_size, *benchmark.input_shape), benchmark.tasks[0].x_test.dtype))
+    return chunk, prediction
+
+
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: bool,
          on_task_end: TaskEndCallback | None, make_method: Callable[..., Any],
          stop: _StopSignals, start: float) -> dict[str, Any]:
@@ -438,19 +483,29 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
     benchmark, method = build_config_method(config, make_method=make_method)
     mesh = make_data_mesh(config.num_devices, config.batch_size)
     key = jax.random.key(config.seed)
-    state = jax.jit(method.init)(key)  # one compilation instead of one per primitive
     replicated = batch_sharding = None
     if mesh is not None:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+    run_chunk = make_train_chunk(method)
+    predict = make_predict(method, benchmark)
+    t_count = benchmark.num_tasks
+    spc = config.steps_per_call
+    capacity = max(method.training_data(t)[1].shape[0] for t in range(t_count))
+    # The training chunk and the prediction compile in threads, from the shapes of their
+    # arguments, while the state is initialised and the first task set up (and, for the
+    # prediction, trained): their first calls find them compiled (`compilation`).
+    chunk_compile, predict_compile = (None, None) if multiprocess else _compile_in_background(
+        method, run_chunk, predict, key, capacity, replicated, batch_sharding)
+    # One compilation instead of one per primitive, and a cheap one: it runs once.
+    state = compilation.call_once(method.init, key)
+    if mesh is not None:
         state = distributed.replicate(state, replicated)
 
     def settle(state: TrainState) -> TrainState:
         """Several processes: every leaf a global array replicated on the mesh (host hooks may
         put process-local arrays in the state; checkpoints and host reads need global ones)."""
         return distributed.ensure_replicated(state, replicated) if multiprocess else state
-    run_chunk = make_train_chunk(method)
-    predict = make_predict(method, benchmark)
 
     sample = jnp.zeros((1, *benchmark.input_shape), jnp.float32)
     counter = flops_lib.FlopsCounter(flops_lib.layer_forward_flops(
@@ -458,9 +513,6 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
         state.batch_stats else {"params": state.params}, sample))
     flops_per_task = []
 
-    t_count = benchmark.num_tasks
-    spc = config.steps_per_call
-    capacity = max(method.training_data(t)[1].shape[0] for t in range(t_count))
     logger = make_logger(workdir, bool(config.tensorboard) and primary)
     class_il = np.full((t_count, t_count), np.nan)
     task_il = np.full((t_count, t_count), np.nan)
@@ -536,9 +588,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
                 counter.set_densities(*method.flops_densities(state))
                 first_chunk = 0
             indices = custom if custom is not None else np.arange(x_np.shape[0], dtype=np.int32)
-            task_key = jax.random.fold_in(state.rng, 1_000_003 + task_id)
-            epoch_key = jax.random.fold_in(task_key, epoch)
-            batch_idx, valid, steps = epoch_batches(epoch_key, indices, config.batch_size, spc)
+            # The epoch's key: the run key with the task and the epoch folded in.
+            batch_idx, valid, steps = epoch_batches(state.rng, indices, config.batch_size, spc,
+                                                    folds=(1_000_003 + task_id, epoch))
             if epoch == first_epoch:
                 bar.reset(total=steps * config.epochs)
                 bar.update(min(steps, first_chunk * spc) + steps * (epoch))
@@ -548,6 +600,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
                 # Several processes: each feeds only its own devices' columns of the batch.
                 chunk_idx = distributed.global_array(batch_idx[sl], batch_sharding)
                 state = settle(state)
+                if chunk_compile is not None:  # the first chunk: wait for its compilation
+                    chunk_compile.wait()
+                    chunk_compile = None
                 state, step_metrics = run_chunk(state, x_dev, y_dev, chunk_idx, valid[sl], ctx)
                 state = settle(state)
                 ok = valid[sl]
@@ -561,7 +616,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
                 bar.set_postfix(loss=f"{np.mean(chunk_loss):.3f}",
                                 acc=f"{100 * np.mean(accs[-1]):.1f}%", refresh=False)
                 bar.update(int(ok.sum()))
-                count_passes(counter, method.step_passes(), int(ok.sum()))
+                count_passes(counter, method.step_passes_for_task(task_id), int(ok.sum()))
                 global_step = int(state.step)
                 logger.scalars({"train/loss": float(np.mean(chunk_loss)),
                                 "train/accuracy": float(np.mean(accs[-1])),
@@ -589,6 +644,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
         jax.block_until_ready(state)
         train_times.append(time.perf_counter() - task_start)
         eval_start = time.perf_counter()
+        if predict_compile is not None:
+            predict_compile.wait()
+            predict_compile = None
         class_il[task_id], task_il[task_id] = evaluate(method, predict, state, benchmark, task_id,
                                                        config.eval_batch_size)
         eval_times.append(time.perf_counter() - eval_start)
