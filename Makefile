@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[harness,test]"
+	$(PY) -m pip install --quiet -e ".[harness,test,cluster]"
 	touch $(STAMP)
 
 # METHOD on EXP, then BASELINE (empty: none) with the same overrides, then both side by side.

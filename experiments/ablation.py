@@ -29,7 +29,9 @@ Quick smoke run:
 
 Writes <out>/ablation.md (one table per benchmark and sparsity) and <out>/ablation.csv, each
 headed by the command line, git commit, machine and evaluation split. Runs already done are
-skipped (--force redoes them); the exit status is 1 when any run failed.
+skipped (--force redoes them); the exit status is 1 when any run failed. --launcher=ray runs
+each run as a Ray task, on a local Ray instance or a cluster (--ray_address; README "Sweeps on
+a Ray cluster").
 """
 
 from __future__ import annotations
@@ -118,6 +120,10 @@ class Settings:
     force: bool = False
     isolate: bool = False  # a fresh process per run (clean measured peak memory)
     overrides: tuple[str, ...] = ()  # KEY=VALUE applied to every run (--set)
+    launcher: str = "local"  # or "ray": a Ray task per run (esacl_jax.harness.sweep.ray_launcher)
+    ray_address: str = ""  # "": a local Ray instance; "auto" / "HOST:PORT": a cluster
+    ray_cpus_per_run: float = 1.0
+    ray_gpus_per_run: float = 0.0
 
     def command(self) -> str:
         """The equivalent explicit command line."""
@@ -137,6 +143,7 @@ class Settings:
         if self.isolate != Settings.isolate:
             args.append("--isolate" if self.isolate else "--noisolate")
         args += [f"--set={item}" for item in self.overrides]
+        args += sweep.launcher_args(self, Settings)
         return shlex.join(args)
 
 
@@ -325,7 +332,7 @@ def write_report(settings: Settings, runs: Sequence[sweep.Run]) -> list[Line]:
     results = [r for _, r in loaded]
     info = sweep.provenance(settings.command(),
                             sweep.evaluation_split(settings.validation_fraction), results,
-                            settings.jobs)
+                            settings.jobs, settings.launcher)
     out = pathlib.Path(settings.out)
     markdown = to_markdown(settings, lines, info, len(loaded), len(plan(settings)))
     write_text_atomic(out / "ablation.md", markdown)
@@ -345,7 +352,8 @@ def run_ablation(settings: Settings, progress: bool = True, dry_run: bool = Fals
         print(f"{len(runs)} runs")
         return 0
     result = sweep.run_all(runs, jobs=settings.jobs, data_dir=settings.data_dir or None,
-                           progress=progress, force=settings.force, isolate=settings.isolate)
+                           progress=progress, force=settings.force, isolate=settings.isolate,
+                           **sweep.launcher_kwargs(settings))
     write_report(settings, result.usable_runs)
     if progress:
         print(f"ablation: {pathlib.Path(settings.out) / 'ablation.md'}")

@@ -20,7 +20,8 @@ Writes <out>/comparison.md (a table per benchmark), comparison.csv, accuracy_vs_
 accuracy_matrix_esacl.png (class-IL, EsaCL at sparsity 0.9, seed 0, split_mnist; else the
 nearest available), each report headed by the command line, git commit, machine and evaluation
 split. --docs_dir copies them there. Runs already done are skipped (--force redoes them); the
-exit status is 1 when any run failed.
+exit status is 1 when any run failed. --launcher=ray runs each run as a Ray task, on a local Ray
+instance or a cluster (--ray_address; README "Sweeps on a Ray cluster").
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ class Settings:
     force: bool = False
     isolate: bool = True  # a fresh process per run (clean measured peak memory)
     overrides: tuple[str, ...] = ()  # KEY=VALUE applied to every run (--set)
+    launcher: str = "local"  # or "ray": a Ray task per run (esacl_jax.harness.sweep.ray_launcher)
+    ray_address: str = ""  # "": a local Ray instance; "auto" / "HOST:PORT": a cluster
+    ray_cpus_per_run: float = 1.0
+    ray_gpus_per_run: float = 0.0
 
     def command(self) -> str:
         """The equivalent explicit command line."""
@@ -89,6 +94,7 @@ class Settings:
         if self.isolate != Settings.isolate:
             args.append("--isolate" if self.isolate else "--noisolate")
         args += [f"--set={item}" for item in self.overrides]
+        args += sweep.launcher_args(self, Settings)
         return shlex.join(args)
 
 
@@ -210,7 +216,7 @@ def write_report(settings: Settings, runs: Sequence[sweep.Run], usable: Sequence
     rows = sorted(reporting.aggregate(results), key=lambda r: order.get(r.benchmark, len(order)))
     info = sweep.provenance(settings.command(),
                             sweep.evaluation_split(settings.validation_fraction), results,
-                            settings.jobs)
+                            settings.jobs, settings.launcher)
 
     reporting.plot_accuracy_vs_flops(rows, out / "accuracy_vs_flops.png")
     chosen = heatmap_result(loaded)
@@ -263,7 +269,8 @@ def run_comparison(settings: Settings, progress: bool = True, dry_run: bool = Fa
         print(f"{len(runs)} runs")
         return 0
     result = sweep.run_all(runs, jobs=settings.jobs, data_dir=settings.data_dir or None,
-                           progress=progress, force=settings.force, isolate=settings.isolate)
+                           progress=progress, force=settings.force, isolate=settings.isolate,
+                           **sweep.launcher_kwargs(settings))
     write_report(settings, runs, result.usable_runs, notes)
     if progress:
         print(f"comparison: {pathlib.Path(settings.out) / 'comparison.md'}")

@@ -63,6 +63,15 @@ def define_common_flags(defaults: Any, sparsity_help: str) -> None:
                       "run's own.")
     flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every run, repeatable "
                               "(e.g. --set=steps_per_call=500).")
+    flags.DEFINE_string("launcher", d.launcher, "Who runs the runs: local (this process or a "
+                        "process pool) or ray (a Ray task per run; pip install -e '.[cluster]').")
+    flags.DEFINE_string("ray_address", d.ray_address, "--launcher=ray: the Ray cluster to join "
+                        "(auto: the one `ray start` began on this node; HOST:PORT: its head). "
+                        "Empty: start a local Ray instance with --jobs CPUs.")
+    flags.DEFINE_float("ray_cpus_per_run", d.ray_cpus_per_run, "--launcher=ray: CPUs a run asks.")
+    flags.DEFINE_float("ray_gpus_per_run", d.ray_gpus_per_run, "--launcher=ray: GPUs a run asks "
+                       "(the configs name no device: 1 for the GPU protocols, e.g. ResNet-18 on "
+                       "split_cifar10; 0 runs JAX on the CPU).")
     flags.DEFINE_bool("dry_run", False, "Only list the planned runs.")
 
 
@@ -73,4 +82,26 @@ def common_settings(f: Any) -> dict[str, Any]:
         seeds=tuple(int(s) for s in f.seeds), jobs=f.jobs, out=f.out,
         validation_fraction=f.validation_fraction, max_train_per_task=f.max_train_per_task,
         epochs=f.epochs, buffer_size=f.buffer_size, data_dir=f.data_dir, force=f.force,
-        isolate=f.isolate, overrides=tuple(f.set))
+        isolate=f.isolate, overrides=tuple(f.set), launcher=f.launcher,
+        ray_address=f.ray_address, ray_cpus_per_run=f.ray_cpus_per_run,
+        ray_gpus_per_run=f.ray_gpus_per_run)
+
+
+def launcher_args(settings: Any, defaults: Any) -> list[str]:
+    """The launcher flags of `settings` that differ from `defaults` (for `Settings.command`)."""
+    args = []
+    if settings.launcher != defaults.launcher:
+        args.append(f"--launcher={settings.launcher}")
+    if settings.ray_address:
+        args.append(f"--ray_address={settings.ray_address}")
+    for name in ("ray_cpus_per_run", "ray_gpus_per_run"):
+        if getattr(settings, name) != getattr(defaults, name):
+            args.append(f"--{name}={getattr(settings, name):g}")
+    return args
+
+
+def launcher_kwargs(settings: Any) -> dict[str, Any]:
+    """`run_all`'s launcher arguments from a sweep's Settings."""
+    return dict(launcher=settings.launcher, ray_address=settings.ray_address or None,
+                ray_cpus_per_run=settings.ray_cpus_per_run,
+                ray_gpus_per_run=settings.ray_gpus_per_run)

@@ -3,13 +3,19 @@
 - a run whose workdir already holds a results.json is skipped (so a sweep resumes where it
   stopped); `force=True` redoes it. A results.json written with a *different* config (say a
   smoke run with --max_train_per_task into the same --out) is never reused silently: that run
-  fails with a message naming the differing fields (`reuse.check_existing`).
-- `jobs > 1` runs a pool of "spawn" worker processes; each imports JAX once and runs many
-  configs, clearing JAX's caches between them. `isolate=True` gives every run a fresh process
-  instead: results.json's measured peak memory is a per-process peak, so only isolated runs
-  measure their own (the comparison isolates; the ablation, which reports no memory, does not).
+  fails with a message naming the differing fields (`reuse.check_existing`). These checks run in
+  this process before any run starts, whichever launcher runs the rest.
+- launcher "local" (the default): `jobs > 1` runs a pool of "spawn" worker processes; each
+  imports JAX once and runs many configs, clearing JAX's caches between them. `isolate=True`
+  gives every run a fresh process instead: results.json's measured peak memory is a per-process
+  peak, so only isolated runs measure their own (the comparison isolates; the ablation, which
+  reports no memory, does not).
+- launcher "ray": every run is a Ray task on a local Ray instance or a cluster
+  (`esacl_jax.harness.sweep.ray_launcher`; Ray is the optional ``cluster`` extra).
 - a failing run is reported on one line with its name and the sweep goes on; the returned
   `SweepResult.exit_code` is non-zero when any run failed.
+- every finished run records where it ran in its results.json (``"node"``: launcher, host and,
+  with Ray, the node's ip and id).
 """
 
 from __future__ import annotations
@@ -17,28 +23,41 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import pathlib
+import socket
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TextIO
 
 from esacl_jax.harness.sweep.plan import Outcome, Run, SweepResult, build_config, one_line
 from esacl_jax.harness.sweep.reuse import check_existing
 
+LAUNCHERS = ("local", "ray")
 
-def execute(run: Run, data_dir: str | None = None) -> Outcome:
-    """Builds the run's config and trains it; any exception becomes a "failed" outcome."""
+
+def execute(run: Run, data_dir: str | None = None, node: Mapping | None = None) -> Outcome:
+    """Builds the run's config and trains it; any exception becomes a "failed" outcome.
+
+    A finished run's results.json gets a ``"node"`` record saying where it ran: `node` (the Ray
+    launcher's: host, ip, Ray node id, attempts) or, by default, ``{"launcher": "local",
+    "hostname": ...}``.
+    """
     import jax
 
+    from esacl_jax.harness.atomic_io import write_json_atomic
     from esacl_jax.harness.loop import train_and_evaluate
 
     start = time.perf_counter()
+    node = {"launcher": "local", "hostname": socket.gethostname()} if node is None \
+        else dict(node)
     try:
         config = build_config(run, data_dir)
         result = train_and_evaluate(config, run.workdir, progress=False)
+        result["node"] = node
+        write_json_atomic(run.results_path, result)
         return Outcome.from_metrics(
             run, "done", result["metrics"],
-            float(result.get("wall_time_s", time.perf_counter() - start)))
+            float(result.get("wall_time_s", time.perf_counter() - start)), node)
     except Exception as err:  # noqa: BLE001 - one bad run must not stop the sweep
         return Outcome(run, "failed", wall_time_s=time.perf_counter() - start,
                        error=one_line(err))
@@ -66,10 +85,13 @@ def _percent(value: float | None) -> str:
 
 
 class _Printer:
-    """One line per finished run plus an ETA from the mean time per finished run so far."""
+    """One line per finished run plus an ETA from the mean time per finished run so far;
+    `show_node` adds where the run ran (and its attempts when Ray retried it)."""
 
-    def __init__(self, total: int, stream: TextIO | None, start: float):
+    def __init__(self, total: int, stream: TextIO | None, start: float,
+                 show_node: bool = False):
         self.total, self.stream, self.start, self.finished = total, stream, start, 0
+        self.show_node = show_node
 
     def __call__(self, outcome: Outcome) -> None:
         self.finished += 1
@@ -77,14 +99,19 @@ class _Printer:
             return
         width = len(str(self.total))
         head = f"[{self.finished:>{width}}/{self.total}]"
+        where = ""
+        if self.show_node:
+            where = f" on {outcome.node}" if outcome.node else ""
+            if outcome.attempts > 1:
+                where += f" (attempt {outcome.attempts}: Ray retried it after its worker died)"
         if outcome.status == "failed":
-            line = f"{head} FAILED {outcome.run.name}: {outcome.error}"
+            line = f"{head} FAILED {outcome.run.name}{where}: {outcome.error}"
         else:
             elapsed = time.perf_counter() - self.start
             eta = elapsed / self.finished * (self.total - self.finished)
             line = (f"{head} {outcome.run.name}  class-IL {_percent(outcome.class_il)}  "
-                    f"task-IL {_percent(outcome.task_il)}  {outcome.wall_time_s or 0:7.1f} s  "
-                    f"ETA {format_duration(eta)}")
+                    f"task-IL {_percent(outcome.task_il)}  {outcome.wall_time_s or 0:7.1f} s"
+                    f"{' ' + where if where else ''}  ETA {format_duration(eta)}")
         print(line, file=self.stream, flush=True)
 
 
@@ -116,15 +143,41 @@ def _execute_isolated(run: Run, data_dir: str | None) -> Outcome:
         return pool.submit(execute, run, data_dir).result()
 
 
+def check_launcher(launcher: str, ray_address: str | None = None,
+                   ray_cpus_per_run: float = 1.0, ray_gpus_per_run: float = 0.0) -> None:
+    """ValueError (one line) for an unknown launcher, Ray settings without the Ray launcher,
+    impossible resource needs, or the Ray launcher without Ray installed."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"unknown launcher {launcher!r}; choose from {', '.join(LAUNCHERS)}")
+    if launcher != "ray":
+        given = [name for name, value, default in (
+            ("--ray_address", ray_address or "", ""), ("--ray_cpus_per_run", ray_cpus_per_run, 1),
+            ("--ray_gpus_per_run", ray_gpus_per_run, 0)) if value != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} needs --launcher=ray")
+        return
+    if not ray_cpus_per_run > 0 or not ray_gpus_per_run >= 0:
+        raise ValueError(f"a Ray run needs > 0 CPUs and >= 0 GPUs, got "
+                         f"--ray_cpus_per_run={ray_cpus_per_run:g} "
+                         f"--ray_gpus_per_run={ray_gpus_per_run:g}")
+    from esacl_jax.harness.sweep import ray_launcher
+
+    ray_launcher.require_ray()
+
+
 def run_all(runs: Sequence[Run], jobs: int = 1, data_dir: str | None = None,
             progress: bool = True, force: bool = False, isolate: bool = False,
-            stream: TextIO | None = None) -> SweepResult:
+            stream: TextIO | None = None, launcher: str = "local",
+            ray_address: str | None = None, ray_cpus_per_run: float = 1.0,
+            ray_gpus_per_run: float = 0.0) -> SweepResult:
     """Runs every run not already done; returns all outcomes (see the module docstring).
 
     Args:
       runs: the sweep; workdirs must be distinct.
       jobs: runs at a time. Without `isolate`: 1 runs in this process, more use that many
-        long-lived "spawn" workers (JAX imported once per worker).
+        long-lived "spawn" workers (JAX imported once per worker). With the Ray launcher and no
+        `ray_address`: the CPUs of the local Ray instance (`jobs` x `ray_cpus_per_run`); on a
+        cluster its resources decide.
       data_dir: sets ``config.data_dir`` of every run (None: keep the config's, i.e. the
         ``ESACL_DATA_DIR`` environment variable or tfds).
       progress: print one line per finished run (and the skip/summary lines) to `stream`.
@@ -132,12 +185,20 @@ def run_all(runs: Sequence[Run], jobs: int = 1, data_dir: str | None = None,
       isolate: run each config in a fresh process (each run then pays a process start and the
         JAX import). Needed when the measured peak memory matters: it is a per-process peak,
         so runs sharing a process would report the largest peak of all runs before them.
+        With Ray: a fresh worker process per task.
       stream: where lines go (default sys.stdout).
+      launcher: "local" (this process or a process pool) or "ray" (a Ray task per run).
+      ray_address: the Ray cluster to join ("auto", "HOST:PORT"); None or "": start a local
+        Ray instance (or use this process's Ray session when one is initialized).
+      ray_cpus_per_run, ray_gpus_per_run: each Ray task's resource needs. A task asking no GPU
+        runs JAX on the CPU (``JAX_PLATFORMS=cpu``), so CPU runs never take GPU memory.
 
     Raises:
+      ValueError: bad launcher settings, Ray missing, two runs sharing a workdir.
       DataError: a dataset that runs to do need is missing (checked before any run starts).
     """
     start = time.perf_counter()
+    check_launcher(launcher, ray_address, ray_cpus_per_run, ray_gpus_per_run)
     stream = (stream or sys.stdout) if progress else None
     workdirs = [pathlib.Path(r.workdir).resolve() for r in runs]
     if len(set(workdirs)) != len(workdirs):
@@ -155,43 +216,30 @@ def run_all(runs: Sequence[Run], jobs: int = 1, data_dir: str | None = None,
         else:
             todo.append(i)
     check_data((runs[i] for i in todo), data_dir)
-    workers = min(jobs, max(1, len(todo)))
-    if stream:
-        skipped = sum(o.status == "skipped" for o in outcomes.values())
-        note = f"; skipping {skipped} with results.json (--force redoes them)" if skipped else ""
+    skipped = sum(o.status == "skipped" for o in outcomes.values())
+    note = f"; skipping {skipped} with results.json (--force redoes them)" if skipped else ""
+
+    def announce(workers: int, how: str) -> _Printer:
+        if stream:
+            print(f"sweep: {len(runs)} runs, {len(todo)} to run, {workers} at a time ({how})"
+                  f"{note}", file=stream, flush=True)
+        return _Printer(len(todo), stream, time.perf_counter(), show_node=launcher == "ray")
+
+    if launcher == "ray" and todo:
+        from esacl_jax.harness.sweep import ray_launcher
+
+        with ray_launcher.RaySession(ray_address or None, jobs, ray_cpus_per_run,
+                                     ray_gpus_per_run, isolate, data_dir) as session:
+            printer = announce(min(session.concurrency, len(todo)), session.describe())
+            outcomes.update(session.run([(i, runs[i]) for i in todo], printer))
+    else:
+        workers = min(jobs, max(1, len(todo)))
         how = "a fresh process per run" if isolate else "in this process" if workers == 1 \
             else "worker processes"
-        print(f"sweep: {len(runs)} runs, {len(todo)} to run, {workers} at a time ({how}){note}",
-              file=stream, flush=True)
-
-    printer = _Printer(len(todo), stream, time.perf_counter())
-    if todo and workers == 1 and not isolate:
-        for i in todo:
-            outcomes[i] = execute(runs[i], data_dir)
-            printer(outcomes[i])
-    elif todo:
-        if isolate:
-            pool: concurrent.futures.Executor = concurrent.futures.ThreadPoolExecutor(workers)
-            task = _execute_isolated
-        else:
-            pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker)
-            task = execute
-        with pool:
-            futures = {pool.submit(task, runs[i], data_dir): i for i in todo}
-            try:
-                for future in concurrent.futures.as_completed(futures):
-                    i = futures[future]
-                    try:
-                        outcomes[i] = future.result()
-                    except Exception as err:  # noqa: BLE001 - a worker died (e.g. killed)
-                        outcomes[i] = Outcome(runs[i], "failed",
-                                              error=f"worker process failed: {one_line(err)}")
-                    printer(outcomes[i])
-            except KeyboardInterrupt:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        printer = announce(workers, how)
+        if todo:
+            outcomes.update(_run_local([(i, runs[i]) for i in todo], workers, isolate, data_dir,
+                                       printer))
 
     result = SweepResult(tuple(outcomes[i] for i in range(len(runs))),
                          time.perf_counter() - start)
@@ -202,3 +250,38 @@ def run_all(runs: Sequence[Run], jobs: int = 1, data_dir: str | None = None,
         for outcome in result.failed:
             print(f"  failed: {outcome.run.name}: {outcome.error}", file=stream, flush=True)
     return result
+
+
+def _run_local(todo: Sequence[tuple[int, Run]], workers: int, isolate: bool,
+               data_dir: str | None, printer: _Printer) -> dict[int, Outcome]:
+    """The local launcher: this process, a "spawn" pool, or a fresh process per run."""
+    outcomes: dict[int, Outcome] = {}
+    if workers == 1 and not isolate:
+        for i, run in todo:
+            outcomes[i] = execute(run, data_dir)
+            printer(outcomes[i])
+        return outcomes
+    if isolate:
+        pool: concurrent.futures.Executor = concurrent.futures.ThreadPoolExecutor(workers)
+        task = _execute_isolated
+    else:
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker)
+        task = execute
+    runs = dict(todo)
+    with pool:
+        futures = {pool.submit(task, run, data_dir): i for i, run in todo}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                i = futures[future]
+                try:
+                    outcomes[i] = future.result()
+                except Exception as err:  # noqa: BLE001 - a worker died (e.g. killed)
+                    outcomes[i] = Outcome(runs[i], "failed",
+                                          error=f"worker process failed: {one_line(err)}")
+                printer(outcomes[i])
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return outcomes

@@ -60,7 +60,12 @@ def accuracy(metrics: Mapping, setting: str) -> float | None:
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-    """What happened to one run: ``status`` is "done", "skipped" or "failed"."""
+    """What happened to one run: ``status`` is "done", "skipped" or "failed".
+
+    ``node`` says where it ran (``host (ip)``, from results.json's ``node`` record; empty when
+    unknown); ``attempts`` counts the Ray launcher's tries (more than 1: its worker process died
+    and Ray retried it).
+    """
 
     run: Run
     status: str
@@ -68,13 +73,24 @@ class Outcome:
     task_il: float | None = None
     wall_time_s: float | None = None
     error: str = ""
+    node: str = ""
+    attempts: int = 1
 
     @classmethod
     def from_metrics(cls, run: Run, status: str, metrics: Mapping,
-                     wall_time_s: float | None) -> Outcome:
-        """A done/skipped outcome with the accuracies of a results.json's ``metrics``."""
+                     wall_time_s: float | None, node: Mapping | None = None) -> Outcome:
+        """A done/skipped outcome with the accuracies of a results.json's ``metrics`` and where
+        it ran (its ``node`` record)."""
         return cls(run, status, class_il=accuracy(metrics, "class_il"),
-                   task_il=accuracy(metrics, "task_il"), wall_time_s=wall_time_s)
+                   task_il=accuracy(metrics, "task_il"), wall_time_s=wall_time_s,
+                   node=describe_node(node))
+
+
+def describe_node(node: Mapping | None) -> str:
+    """A results.json ``node`` record as ``host (ip)`` (``host`` without an ip); "" for none."""
+    if not isinstance(node, Mapping) or not node.get("hostname"):
+        return ""
+    return f"{node['hostname']} ({node['ip']})" if node.get("ip") else str(node["hostname"])
 
 
 @dataclasses.dataclass(frozen=True)

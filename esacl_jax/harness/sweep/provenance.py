@@ -1,8 +1,9 @@
 """What a sweep's report is made from and where it came from.
 
 `load_results` reads the results.json of planned runs; `provenance` describes what produced a
-report (command, commit, machine, evaluation split), and `provenance_markdown` /
-`provenance_csv` turn that into a report's header.
+report (command, commit, machine, evaluation split, launcher, and the nodes that ran the runs
+of a Ray sweep), and `provenance_markdown` / `provenance_csv` turn that into a report's header.
+Each run's own node is in its results.json (``"node"``: launcher, host, ip, Ray node id).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import platform
 from collections.abc import Iterable, Mapping, Sequence
 
-from esacl_jax.harness.sweep.plan import Run
+from esacl_jax.harness.sweep.plan import Run, describe_node
 
 
 def load_results(runs: Iterable[Run]) -> list[tuple[Run, dict]]:
@@ -31,9 +32,26 @@ def load_results(runs: Iterable[Run]) -> list[tuple[Run, dict]]:
     return out
 
 
+def nodes_summary(results: Sequence[dict]) -> str:
+    """Where the runs ran, from their results.json ``node`` records: ``host-a (10.0.0.5): 12
+    runs, host-b (10.0.0.6): 8 runs`` ("" when no result records one)."""
+    counts: dict[str, int] = {}
+    for result in results:
+        where = describe_node(result.get("node"))
+        if where:
+            counts[where] = counts.get(where, 0) + 1
+    unrecorded = len(results) - sum(counts.values())
+    parts = [f"{where}: {n} run{'s' if n > 1 else ''}" for where, n in sorted(counts.items())]
+    if counts and unrecorded:
+        parts.append(f"not recorded: {unrecorded} run{'s' if unrecorded > 1 else ''}")
+    return ", ".join(parts)
+
+
 def provenance(command: str, evaluation: str, results: Sequence[dict] = (),
-               jobs: int = 1) -> dict[str, str]:
-    """What produced a report: command, commit, machine, evaluation split, result commits."""
+               jobs: int = 1, launcher: str = "local") -> dict[str, str]:
+    """What produced a report: command, commit, machine, evaluation split, how the runs were
+    launched and, when the results record it (the Ray launcher), the nodes that ran them, and
+    the results' commits."""
     import jax
 
     from esacl_jax.harness.results import git_commit
@@ -47,10 +65,19 @@ def provenance(command: str, evaluation: str, results: Sequence[dict] = (),
                     f"backend {jax.default_backend()}, {len(devices)} device(s): "
                     f"{', '.join(kinds)}"),
         "evaluation split": evaluation,
-        "runs at a time (--jobs)": (f"{jobs}: wall times include the contention between "
-                                    "parallel runs" if jobs > 1 else "1"),
-        "generated": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+    if launcher == "ray":
+        info["launcher"] = ("ray: one Ray task per run; wall times include the contention "
+                            "between runs sharing a node")
+        ran_on = [r for r in results if (r.get("node") or {}).get("launcher") == "ray"]
+        if ran_on:
+            # Only runs the Ray launcher ran: the "machine" line above is the driver's.
+            info["nodes (Ray runs each)"] = nodes_summary(ran_on)
+    else:
+        info["runs at a time (--jobs)"] = (f"{jobs}: wall times include the contention "
+                                           "between parallel runs" if jobs > 1 else "1")
+    info["generated"] = datetime.datetime.now(datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M UTC")
     commits = sorted({str((r.get("environment") or {}).get("git_commit")) for r in results
                       if (r.get("environment") or {}).get("git_commit")})
     if commits:

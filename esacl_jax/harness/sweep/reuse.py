@@ -70,4 +70,4 @@ def check_existing(run: Run, data_dir: str | None) -> Outcome:
         return Outcome(run, "failed", error=f"{run.results_path} was made with another config "
                        f"({shown}): pass --force to redo it or choose another --out")
     return Outcome.from_metrics(run, "skipped", stored.get("metrics") or {},
-                                stored.get("wall_time_s"))
+                                stored.get("wall_time_s"), stored.get("node"))
