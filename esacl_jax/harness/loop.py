@@ -616,7 +616,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
                 bar.set_postfix(loss=f"{np.mean(chunk_loss):.3f}",
                                 acc=f"{100 * np.mean(accs[-1]):.1f}%", refresh=False)
                 bar.update(int(ok.sum()))
-                count_passes(counter, method.step_passes_for_task(task_id), int(ok.sum()))
+                count_passes(counter, method.step_passes(), int(ok.sum()))
                 global_step = int(state.step)
                 logger.scalars({"train/loss": float(np.mean(chunk_loss)),
                                 "train/accuracy": float(np.mean(accs[-1])),
