@@ -241,9 +241,9 @@ def count_passes(counter: flops_lib.FlopsCounter, passes: list[Pass], repeats: i
     """Adds `repeats` executions of `passes` to the training-FLOPs counter."""
     for p in passes:
         if p.kind == "fwd":
-            counter.forward(p.examples * repeats, p.layers)
+            counter.forward(p.examples * repeats)
         else:
-            counter.forward_backward(p.examples * repeats, p.layers)
+            counter.forward_backward(p.examples * repeats)
 
 
 def log_task(logger, summary: dict, class_il_row: np.ndarray, task_il_row: np.ndarray,
@@ -273,8 +273,7 @@ def memory_footprint(method: Method, state: TrainState, benchmark: Benchmark,
     buffer = state.method_state.get("buffer") if isinstance(state.method_state, dict) else None
     analytic = memory_lib.analytic_footprint(
         state.params, masks=method.sparse_masks(state), opt_state=state.opt_state, buffer=buffer,
-        activation_bytes=method.step_activation_bytes(state, activations, batch_size),
-        method_state=method.stored_method_state(state))
+        activation_bytes=activations * batch_size)
     return {"analytic": analytic, "measured": memory_lib.peak_memory()}
 
 
