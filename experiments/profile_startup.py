@@ -27,6 +27,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -49,10 +50,12 @@ def _child(method: str, workdir: str, data_dir: str, out_json: str) -> None:
     from esacl_jax.harness import loop
     from experiments.configs.split_mnist import get_config
 
-    spans: list[tuple[str, str, float, float]] = []
+    spans: list[tuple[str, str, float, float, bool]] = []
+    main_thread = threading.main_thread()
     monitoring.register_event_time_span_listener(
         lambda event, start, end, **kw: spans.append(
-            (event, str(kw.get("fun_name", "?")), start, end)) if event in _COMPILE_EVENTS
+            (event, str(kw.get("fun_name", "?")).removeprefix("jit(").removesuffix(")"), start,
+             end, threading.current_thread() is main_thread)) if event in _COMPILE_EVENTS
         else None)
     cache_reads: list[float] = []
     monitoring.register_event_duration_secs_listener(
@@ -84,11 +87,13 @@ def _child(method: str, workdir: str, data_dir: str, out_json: str) -> None:
     by_name: dict[str, dict[str, float]] = collections.defaultdict(
         lambda: collections.defaultdict(float))
     counts: collections.Counter = collections.Counter()
-    for event, name, start, end in spans:
+    for event, name, start, end, on_main in spans:
         by_name[name][_COMPILE_EVENTS[event]] += end - start
+        by_name[name]["background"] = float(not on_main)
         if _COMPILE_EVENTS[event] == "compile":
             counts[name] += 1
-    compile_total = sum(end - start for _, _, start, end in spans)
+    compile_main = sum(end - start for _, _, start, end, on_main in spans if on_main)
+    compile_background = sum(end - start for _, _, start, end, on_main in spans if not on_main)
     json.dump({
         "method": method,
         "imports_s": t_imports,
@@ -96,7 +101,8 @@ def _child(method: str, workdir: str, data_dir: str, out_json: str) -> None:
         "run_s": run_time,
         "train_s": float(sum(result["train_time_per_task_s"])),
         "eval_s": float(sum(result["eval_time_per_task_s"])),
-        "compile_s": compile_total,
+        "compile_s": compile_main,
+        "compile_background_s": compile_background,
         "cache_read_s": float(sum(cache_reads)),
         "programs": {name: {**parts, "count": counts[name]} for name, parts in by_name.items()},
         "class_il": result["metrics"]["class_il"]["average_accuracy"],
@@ -126,7 +132,7 @@ def _phases(p: dict) -> dict[str, float]:
         "interpreter and exit": p["wall_s"] - p["child_total_s"],
         "imports": p["imports_s"],
         "data": p["data_s"],
-        "compilation (trace, lower, compile or cache read)": compile_in_run,
+        "compilation on the main thread (trace, lower, compile or cache read)": compile_in_run,
         "training and evaluation (compiled)": train,
     }
     phases["other (config, init, results, export)"] = p["wall_s"] - sum(phases.values())
@@ -142,12 +148,16 @@ def _report(rows: dict[tuple[str, str], list[dict]]) -> str:
         lines.append("| phase | seconds |\n|---|---|")
         for name, seconds in _phases(best).items():
             lines.append(f"| {name} | {seconds:.2f} |")
-        lines.append(f"| **process wall time** | **{best['wall_s']:.2f}** |\n")
-        lines.append("| program | compilations | trace | lower | compile |\n|---|---|---|---|---|")
+        lines.append(f"| **process wall time** | **{best['wall_s']:.2f}** |")
+        lines.append(f"| (compilation in background threads, overlapped with the above) | "
+                     f"{best.get('compile_background_s', 0.0):.2f} |\n")
+        lines.append("| program | compilations | thread | trace | lower | compile or cache read |"
+                     "\n|---|---|---|---|---|---|")
         for name, parts in sorted(best["programs"].items(),
                                   key=lambda kv: -sum(v for k, v in kv[1].items()
-                                                      if k != "count")):
-            lines.append(f"| {name} | {int(parts.get('count', 0))} | "
+                                                      if k not in ("count", "background"))):
+            thread = "background" if parts.get("background") else "main"
+            lines.append(f"| {name} | {int(parts.get('count', 0))} | {thread} | "
                          f"{parts.get('trace', 0):.3f} | {parts.get('lower', 0):.3f} | "
                          f"{parts.get('compile', 0):.3f} |")
         lines.append(f"\ncache reads: {best['cache_read_s']:.2f} s; class-IL "

@@ -1,8 +1,8 @@
 """The trained sparse model as a compact file: `sparse_model.npz` beside results.json.
 
 At the end of a run of a sparse method (`method.sparse_masks(state)` is not None), the primary
-process saves the evaluated params (`method.eval_variables(state)[0]`) with
-`esacl_jax.export.save_sparse` and records in results.json
+process saves the evaluated params (`method.eval_variables(state)[0]`, with the masks of those
+params) with `esacl_jax.export.save_sparse` and records in results.json
 
     "sparse_export": {"file": "sparse_model.npz", "bytes": ..., "dense_bytes": ..., "ratio": ...}
 
@@ -35,6 +35,10 @@ def export_sparse_model(workdir: str | os.PathLike, method: Any, state: Any) -> 
     if weight_masks is None:
         return None
     params = method.eval_variables(state)[0]
+    if isinstance(params, dict) and isinstance(weight_masks, dict):
+        # The masks of the evaluated params only: a method may train modules it does not
+        # evaluate with (CO2L's projection head).
+        weight_masks = {k: weight_masks[k] for k in params}
     path = pathlib.Path(workdir) / FILE_NAME
     try:
         nbytes = export.save_sparse(path, params, weight_masks)

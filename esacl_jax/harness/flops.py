@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -204,7 +204,9 @@ class FlopsCounter:
     The loop tells it the current weight/gradient densities whenever masks change
     (`set_densities`) and, per step, how many examples each pass touched (`forward`,
     `forward_backward`); data selection is accounted for by passing the examples actually used.
-    EsaCL's ascent pass, IDS sharpness forward and descent pass are each one call.
+    EsaCL's ascent pass, IDS sharpness forward and descent pass are each one call. A pass that
+    runs through part of the layers only (CO2L: encoder and projection head, or the linear
+    classifier alone) names their top-level modules (`modules=`).
     """
 
     def __init__(
@@ -226,18 +228,33 @@ class FlopsCounter:
         grad_densities: Mapping[PathLike, float] | None = None,
     ) -> None:
         """Update F_s (weights) and F_g (gradients; defaults to the weight densities)."""
-        self.f_fwd = forward_flops(self.layers, weight_densities)
-        self.f_wgrad = forward_flops(
-            self.layers, weight_densities if grad_densities is None else grad_densities
+        self.weight_densities = dict(weight_densities or {})
+        self.grad_densities = dict(
+            self.weight_densities if grad_densities is None else grad_densities
         )
+        self.f_fwd = forward_flops(self.layers, self.weight_densities)
+        self.f_wgrad = forward_flops(self.layers, self.grad_densities)
 
-    def forward(self, n_examples: float) -> float:
-        """Count a forward-only pass over ``n_examples``; returns the FLOPs added."""
-        return self.add(pass_flops(self.f_fwd, self.f_wgrad, n_examples, "fwd"))
+    def costs(self, modules: Iterable[str] | None = None) -> tuple[float, float]:
+        """(F_s, F_g) per example of the layers under the top-level modules named (the first
+        component of their kernel paths, e.g. "stem" or "projection_head"); None: all layers."""
+        if modules is None:
+            return self.f_fwd, self.f_wgrad
+        names = set(modules)
+        layers = [layer for layer in self.layers if layer.path.split("/", 1)[0] in names]
+        return (forward_flops(layers, self.weight_densities),
+                forward_flops(layers, self.grad_densities))
 
-    def forward_backward(self, n_examples: float) -> float:
-        """Count a forward + backward pass over ``n_examples``; returns the FLOPs added."""
-        return self.add(pass_flops(self.f_fwd, self.f_wgrad, n_examples, "fwd_bwd"))
+    def forward(self, n_examples: float, modules: Iterable[str] | None = None) -> float:
+        """Count a forward-only pass over ``n_examples`` (through ``modules`` only, when
+        given); returns the FLOPs added."""
+        return self.add(pass_flops(*self.costs(modules), n_examples, "fwd"))
+
+    def forward_backward(self, n_examples: float,
+                         modules: Iterable[str] | None = None) -> float:
+        """Count a forward + backward pass over ``n_examples`` (through ``modules`` only, when
+        given); returns the FLOPs added."""
+        return self.add(pass_flops(*self.costs(modules), n_examples, "fwd_bwd"))
 
     def add(self, flops: float) -> float:
         """Add raw FLOPs (e.g. a cost computed elsewhere); returns them."""

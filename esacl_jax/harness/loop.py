@@ -241,9 +241,9 @@ def count_passes(counter: flops_lib.FlopsCounter, passes: list[Pass], repeats: i
     """Adds `repeats` executions of `passes` to the training-FLOPs counter."""
     for p in passes:
         if p.kind == "fwd":
-            counter.forward(p.examples * repeats)
+            counter.forward(p.examples * repeats, p.layers)
         else:
-            counter.forward_backward(p.examples * repeats)
+            counter.forward_backward(p.examples * repeats, p.layers)
 
 
 def log_task(logger, summary: dict, class_il_row: np.ndarray, task_il_row: np.ndarray,
@@ -273,7 +273,8 @@ def memory_footprint(method: Method, state: TrainState, benchmark: Benchmark,
     buffer = state.method_state.get("buffer") if isinstance(state.method_state, dict) else None
     analytic = memory_lib.analytic_footprint(
         state.params, masks=method.sparse_masks(state), opt_state=state.opt_state, buffer=buffer,
-        activation_bytes=activations * batch_size)
+        activation_bytes=method.step_activation_bytes(state, activations, batch_size),
+        method_state=method.stored_method_state(state))
     return {"analytic": analytic, "measured": memory_lib.peak_memory()}
 
 
@@ -506,10 +507,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
         put process-local arrays in the state; checkpoints and host reads need global ones)."""
         return distributed.ensure_replicated(state, replicated) if multiprocess else state
 
-    sample = jnp.zeros((1, *benchmark.input_shape), jnp.float32)
-    counter = flops_lib.FlopsCounter(flops_lib.layer_forward_flops(
-        method.model, {"params": state.params, "batch_stats": state.batch_stats} if
-        state.batch_stats else {"params": state.params}, sample))
+    counter = flops_lib.FlopsCounter(method.flops_layers(state.params, state.batch_stats))
     flops_per_task = []
 
     logger = make_logger(workdir, bool(config.tensorboard) and primary)
@@ -579,6 +577,9 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
             if mid is not None and epoch == mid["epoch"]:
                 custom = mid["indices"]
                 custom = None if custom is None else np.asarray(custom, np.int32)
+                # The densities of partial passes (`Pass.layers`) from the state; the whole
+                # network's costs as the checkpoint recorded them.
+                counter.set_densities(*method.flops_densities(state))
                 counter.f_fwd, counter.f_wgrad = mid["f_fwd"], mid["f_wgrad"]
                 first_chunk = mid["chunk"]
             else:
@@ -615,7 +616,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
                 bar.set_postfix(loss=f"{np.mean(chunk_loss):.3f}",
                                 acc=f"{100 * np.mean(accs[-1]):.1f}%", refresh=False)
                 bar.update(int(ok.sum()))
-                count_passes(counter, method.step_passes(), int(ok.sum()))
+                count_passes(counter, method.step_passes_for_task(task_id), int(ok.sum()))
                 global_step = int(state.step)
                 logger.scalars({"train/loss": float(np.mean(chunk_loss)),
                                 "train/accuracy": float(np.mean(accs[-1])),

@@ -1,9 +1,9 @@
 """Memory footprint: analytic byte counts (what a sparse model must store) and measured peaks.
 
 Analytic (METHOD.md "Memory footprint"): nonzero weights of the masked (prunable) leaves plus
-one bit per mask entry, every other parameter dense, the optimizer state, the replay buffer and
-the activations of one step. Measured: the process's peak RSS and, on GPU/TPU, the device
-allocator's ``peak_bytes_in_use``.
+one bit per mask entry, every other parameter dense, the optimizer state, the replay buffer, what
+else the method says it stores (`Method.stored_method_state`) and the activations of one step.
+Measured: the process's peak RSS and, on GPU/TPU, the device allocator's ``peak_bytes_in_use``.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def analytic_footprint(
     opt_state: Any = None,
     buffer: Any = None,
     activation_bytes: int = 0,
+    method_state: Any = None,
 ) -> dict[str, int]:
     """Analytic memory of a sparse continual learner, in bytes.
 
@@ -53,11 +54,14 @@ def analytic_footprint(
       opt_state: optimizer state, counted as stored (all array leaves).
       buffer: replay buffer (any pytree of arrays), counted as stored.
       activation_bytes: activations of one step (see `activation_bytes_per_example`).
+      method_state: other state the method stores (any pytree, e.g. CO2L's copy of the past
+        model), counted as stored.
 
     Returns:
       dict with "weights" (nonzero + unmasked weights), "masks", "params" (= weights + masks),
       "dense_params" (all parameters dense, for comparison), "opt_state", "buffer",
-      "activations" and "total" (params + opt_state + buffer + activations).
+      "method_state", "activations" and "total" (params + opt_state + buffer + method_state +
+      activations).
     """
     mask_by_path = {}
     if masks is not None:
@@ -81,9 +85,11 @@ def analytic_footprint(
         "dense_params": dense,
         "opt_state": tree_bytes(opt_state),
         "buffer": tree_bytes(buffer),
+        "method_state": tree_bytes(method_state),
         "activations": int(activation_bytes),
     }
-    out["total"] = out["params"] + out["opt_state"] + out["buffer"] + out["activations"]
+    out["total"] = (out["params"] + out["opt_state"] + out["buffer"] + out["method_state"]
+                    + out["activations"])
     return out
 
 

@@ -26,6 +26,8 @@ METHODS = {
     "sparcl_ewc": "esacl_jax.harness.methods.sparcl:SparCLEWC",
     "sparcl_er": "esacl_jax.harness.methods.sparcl:SparCLER",
     "sparcl_derpp": "esacl_jax.harness.methods.sparcl:SparCLDERPP",
+    "co2l": "esacl_jax.harness.methods.co2l:CO2L",
+    "sparcl_co2l": "esacl_jax.harness.methods.sparcl:SparCLCO2L",
     "prune_retrain": "esacl_jax.harness.methods.prune_retrain:PruneRetrain",
 }
 
@@ -46,6 +48,14 @@ def config_section(name: str) -> str | None:
     return method_class(name).config_section
 
 
+def config_sections(name: str) -> tuple[str, ...]:
+    """Every method-specific config sub-dict the method reads: its own and, for a wrapper,
+    its base's (SparCL-CO2L reads `sparcl` and `co2l`)."""
+    cls = method_class(name)
+    own = () if cls.config_section is None else (cls.config_section,)
+    return own + tuple(s for s in cls.extra_config_sections if s not in own)
+
+
 def sparsity_key(name: str) -> str | None:
     """The dotted config field of the method's target sparsity; None for dense methods."""
     cls = method_class(name)
@@ -61,12 +71,11 @@ def section_readers() -> dict[str, frozenset[str]]:
     """Method-specific config sections -> the methods that read them."""
     readers: dict[str, set[str]] = {}
     for name in METHODS:
-        section = config_section(name)
-        if section is not None:
+        for section in config_sections(name):
             readers.setdefault(section, set()).add(name)
     return {section: frozenset(names) for section, names in readers.items()}
 
 
 __all__ = ["Batch", "METHODS", "Method", "Pass", "StepMetrics", "TaskContext", "TrainState",
-           "build_method", "config_section", "make_optimizer", "method_class", "section_readers",
-           "sparsity_key", "uses_buffer"]
+           "build_method", "config_section", "config_sections", "make_optimizer", "method_class",
+           "section_readers", "sparsity_key", "uses_buffer"]

@@ -64,6 +64,9 @@ class Pass(NamedTuple):
 
     kind: str  # "fwd" (forward only) or "fwd_bwd" (forward + activation and weight gradients)
     examples: int  # examples the pass touches
+    # The top-level modules (first component of a kernel path, e.g. "stem", "classifier",
+    # "projection_head") the pass runs through; None: every layer of `Method.flops_layers`.
+    layers: tuple[str, ...] | None = None
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -120,6 +123,7 @@ class Method:
     scenarios: tuple[str, ...] = ("class_il", "domain_il")
     # Facts reports and sweeps read through the registry (`methods.sparsity_key` and friends):
     config_section: str | None = None  # the config sub-dict holding this method's own knobs
+    extra_config_sections: tuple[str, ...] = ()  # other sub-dicts it reads (a wrapper's base's)
     sparse: bool = False  # True: `<config_section>.sparsity` is the method's target sparsity
     uses_buffer: bool = False  # True: the method trains with the replay buffer
 
@@ -144,10 +148,15 @@ class Method:
         del params
         return {}
 
+    def init_params(self, key: jax.Array) -> tuple[Any, Any]:
+        """(params, batch_stats) at initialisation: the model's; methods that train more than the
+        model (CO2L's projection head) add their parameters here."""
+        sample = jnp.zeros((1, *self.benchmark.input_shape), jnp.float32)
+        return init_variables(self.model, key, sample)
+
     def init(self, key: jax.Array) -> TrainState:
         init_key, run_key = jax.random.split(key)
-        sample = jnp.zeros((1, *self.benchmark.input_shape), jnp.float32)
-        params, batch_stats = init_variables(self.model, init_key, sample)
+        params, batch_stats = self.init_params(init_key)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             task_id=jnp.zeros((), jnp.int32),
@@ -248,6 +257,32 @@ class Method:
         """The passes one train step executes. Finetune: one forward+backward on the batch."""
         return [Pass("fwd_bwd", self.config.batch_size)]
 
+    def step_passes_for_task(self, task_id: int) -> list[Pass]:
+        """The passes one train step of task `task_id` executes (what the loop counts): the same
+        for every task unless a method overrides it (CO2L: no past-model forward on task 0)."""
+        del task_id
+        return self.step_passes()
+
+    def flops_layers(self, params: Any, batch_stats: Any) -> list[flops_lib.LayerFlops]:
+        """The conv/dense layers the FLOPs counter knows: the model's, from an abstract forward
+        pass. Methods with layers of their own (CO2L's projection head) add them."""
+        sample = jnp.zeros((1, *self.benchmark.input_shape), jnp.float32)
+        variables = {"params": params, "batch_stats": batch_stats} if batch_stats else \
+            {"params": params}
+        return flops_lib.layer_forward_flops(self.model, variables, sample)
+
+    def stored_method_state(self, state: TrainState) -> Any:
+        """Method state the analytic memory footprint counts beside the params, the optimizer
+        state and the replay buffer (e.g. CO2L's past-model copy); None: nothing more."""
+        del state
+        return None
+
+    def step_activation_bytes(self, state: TrainState, per_example: int, batch_size: int) -> int:
+        """Activation bytes one step keeps for its backward pass, given the model's per-example
+        bytes: the current batch's by default (CO2L: two views of batch + replay, head too)."""
+        del state
+        return per_example * batch_size
+
     def sparse_masks(self, state: TrainState) -> Any | None:
         """The weight masks of a sparse method (bool pytree like params), None for dense ones."""
         del state
@@ -335,8 +370,9 @@ class SparseWrapperMethod(Method):
 
     Shared by SparCL and prune-then-retrain. The base (a method registry name) supplies
     `replay_loss` (replay terms or the EWC penalty), `after_step` (reservoir insertion), `end_task`
-    (EWC's Fisher), `step_passes` and `end_task_passes`; its method_state entries are merged into
-    this method's dict.
+    (EWC's Fisher), `step_passes` and `end_task_passes`, and, for bases that train more than the
+    model or evaluate with other weights (CO2L), `init_params`, `eval_variables`, `flops_layers`
+    and the memory hooks; its method_state entries are merged into this method's dict.
     """
 
     allowed_bases: tuple[str, ...] = ()
@@ -360,11 +396,29 @@ class SparseWrapperMethod(Method):
     def replay_loss(self, params, batch_stats, state, key):
         return self.base.replay_loss(params, batch_stats, state, key)
 
+    def init_params(self, key: jax.Array) -> tuple[Any, Any]:
+        return self.base.init_params(key)
+
+    def eval_variables(self, state: TrainState) -> tuple[Any, Any]:
+        return self.base.eval_variables(state)
+
     def step_passes(self) -> list[Pass]:
         return self.base.step_passes()
 
+    def step_passes_for_task(self, task_id: int) -> list[Pass]:
+        return self.base.step_passes_for_task(task_id)
+
     def end_task_passes(self, num_examples: int) -> list[Pass]:
         return self.base.end_task_passes(num_examples)
+
+    def flops_layers(self, params: Any, batch_stats: Any) -> list[flops_lib.LayerFlops]:
+        return self.base.flops_layers(params, batch_stats)
+
+    def stored_method_state(self, state: TrainState) -> Any:
+        return self.base.stored_method_state(state)
+
+    def step_activation_bytes(self, state: TrainState, per_example: int, batch_size: int) -> int:
+        return self.base.step_activation_bytes(state, per_example, batch_size)
 
     def loss_and_grads(self, state: TrainState, batch: Batch, ctx: TaskContext,
                        key: jax.Array) -> tuple[jax.Array, tuple, Any]:

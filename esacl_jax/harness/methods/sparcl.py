@@ -1,7 +1,9 @@
 """SparCL (Wang et al., NeurIPS 2022), faithful to its official code, around a dense base method.
 
-SparCL = a base continual method (online EWC, ER or DER++, `config.sparcl.base`) trained with
-three efficiency mechanisms (METHOD.md "SparCL"):
+SparCL = a base continual method (online EWC, ER or DER++, `config.sparcl.base`; CO2L through
+`SparCLCO2L`, whose docstring says what differs: the contrastive step, the projection head in
+the prunable set, and DDR's correctness from nearest class means) trained with three efficiency
+mechanisms (METHOD.md "SparCL"):
 
 - TDM, task-aware dynamic masking. Weight masks live in `method_state["masks"]` (bool, params
   structure, sparse only on `masks.default_prunable` leaves, scalar True elsewhere), initialised
@@ -233,15 +235,19 @@ class SparCL(SparseWrapperMethod):
         self._tdm_fns: dict[bool, Any] = {}
 
     # ----- state -----
+    def prunable_flags(self, params: Any) -> Any:
+        """The bool tree of the leaves SparCL prunes (config.prune_scope on the params)."""
+        return masks_lib.prunable_tree(params, self.prunable)
+
     def sparsities(self, params: Any) -> Any:
         if self._sparsities is None:
             self._sparsities = masks_lib.layer_sparsities(
-                params, self.sp.sparsity, self.sp.distribution,
-                masks_lib.prunable_tree(params, self.prunable))
+                params, self.sp.sparsity, self.sp.distribution, self.prunable_flags(params))
         return self._sparsities
 
     def init_method_state(self, params: Any) -> Any:
-        weight_masks = masks_lib.magnitude_masks(params, self.sparsities(params), self.prunable)
+        weight_masks = masks_lib.magnitude_masks(params, self.sparsities(params),
+                                                 self.prunable_flags(params))
         sparse_params = masks_lib.apply_masks(params, weight_masks)
         state = {**self.base.init_method_state(sparse_params), "masks": weight_masks}
         state["last_grad"] = jax.tree.map(
@@ -261,11 +267,9 @@ class SparCL(SparseWrapperMethod):
                                                           state.method_state["masks"]))
 
     # ----- the compiled step -----
-    def train_step(self, state: TrainState, batch: Batch, ctx: TaskContext,
-                   key: jax.Array) -> tuple[TrainState, StepMetrics]:
-        replay_key, after_key = jax.random.split(key)
-        loss, (logits, new_stats, per_example), grads = self.loss_and_grads(state, batch, ctx,
-                                                                            replay_key)
+    def sparse_update(self, state: TrainState, grads: Any) -> tuple[Any, Any, dict]:
+        """The step's update from the base's dense gradient: weight masks, DGM's gradient masks,
+        the optimizer. Returns (params, opt_state, method_state updates)."""
         ms = state.method_state
         weight_masks = ms["masks"]
         masked = masks_lib.apply_masks(grads, weight_masks)
@@ -281,6 +285,15 @@ class SparCL(SparseWrapperMethod):
         updates["last_grad"] = jax.tree.map(
             lambda g, m: g.astype(jnp.float32) if _is_sparse_leaf(m)
             else jnp.zeros((), jnp.float32), grads, weight_masks)
+        return params, opt_state, updates
+
+    def train_step(self, state: TrainState, batch: Batch, ctx: TaskContext,
+                   key: jax.Array) -> tuple[TrainState, StepMetrics]:
+        replay_key, after_key = jax.random.split(key)
+        loss, (logits, new_stats, per_example), grads = self.loss_and_grads(state, batch, ctx,
+                                                                            replay_key)
+        ms = state.method_state
+        params, opt_state, updates = self.sparse_update(state, grads)
         if self.sp.ddr:  # official: argmax over the whole head, before the update
             updates["example_stats"] = ids.update_example_stats(
                 ms["example_stats"], batch.index, correct=losses.correct(logits, batch.y))
@@ -386,6 +399,94 @@ class SparCLDERPP(SparCL):
     base_name = "derpp"
 
 
-__all__ = ["SPARCL_BASES", "SparCL", "SparCLDERPP", "SparCLER", "SparCLEWC",
-           "ddr_removal", "ddr_schedule", "dgm_leaf_mask", "dgm_masks", "tdm_schedule",
-           "tdm_update"]
+# ----------------------------------------------------------------------------- SparCL-CO2L
+
+
+def ncm_correct(z: jax.Array, labels: jax.Array, means: jax.Array,
+                available: jax.Array) -> jax.Array:
+    """Nearest-class-mean correctness: the class whose (normalised) mean has the largest cosine
+    similarity with each row of `z` ([n, D], normalised), among the `available` classes, is the
+    row's label. A row whose class has no mean yet is incorrect."""
+    sims = z.astype(jnp.float32) @ (means / jnp.maximum(
+        jnp.linalg.norm(means, axis=-1, keepdims=True), 1e-12)).T
+    sims = jnp.where(available[None, :], sims, -jnp.inf)
+    return (jnp.argmax(sims, axis=1) == labels) & available[labels]
+
+
+def ncm_update(means: jax.Array, seen: jax.Array, z: jax.Array, labels: jax.Array,
+               valid: jax.Array, momentum: float) -> tuple[jax.Array, jax.Array]:
+    """Class means <- momentum * mean + (1 - momentum) * the batch's mean of the class, for the
+    classes with valid rows in the batch (a class's first batch mean initialises it)."""
+    onehot = jax.nn.one_hot(labels, means.shape[0], dtype=jnp.float32) * valid[:, None]
+    counts = jnp.sum(onehot, axis=0)
+    batch = (onehot.T @ z.astype(jnp.float32)) / jnp.maximum(counts, 1.0)[:, None]
+    present = counts > 0
+    blended = jnp.where(seen[:, None], momentum * means + (1.0 - momentum) * batch, batch)
+    return jnp.where(present[:, None], blended, means), seen | present
+
+
+class SparCLCO2L(SparCL):
+    """SparCL around CO2L: TDM + DGM + DDR on CO2L's contrastive step.
+
+    - The step is CO2L's (`CO2L.loss_and_grads`: asymmetric SupCon + IRD on two views of batch
+      and replay) with SparCL's masked update (`sparse_update`: weight masks, DGM); the past
+      model's copy is the masked params of the previous task's end.
+    - Prunable set (masks cover params with the head, `CO2L.prunable_tree`): the model's set of
+      config.prune_scope computed on the model's params alone, plus the projection head's two
+      kernels under the default "all_but_classifier" (co2l.prune_head=True: the head runs in
+      every training pass, dense it would cost several times the 90%-sparse encoder; SparCL
+      prunes what it trains, and the head is discarded at evaluation, so the evaluated model's
+      sparsity is the encoder's either way). prune_scope="sparcl" keeps the head dense (its
+      name filter excludes heads). The linear classifier is never pruned.
+    - DDR needs per-example correctness, and CO2L has no classifier while it trains (the linear
+      classifier of the last task end knows none of the current task's classes). SparCL's
+      official code has no contrastive variant, so this is our choice: nearest class mean of
+      the normalised projections (`ncm_correct`, view 1 of each current example, before the
+      update, as SparCL records argmax correctness before it), the class means an exponential
+      moving average (decay co2l.ncm_momentum) of every step's per-class means over both views
+      of batch and replay (`ncm_update`), among the classes seen so far. Forgetting events are
+      correct -> incorrect transitions of that, exactly as for the other bases.
+    """
+
+    name = "sparcl_co2l"
+    base_name = "co2l"
+    allowed_bases = ("co2l",)
+    extra_config_sections = ("co2l",)
+
+    def prunable_flags(self, params: Any) -> Any:
+        return self.base.prunable_tree(params, self.prunable)
+
+    def init_method_state(self, params: Any) -> Any:
+        state = super().init_method_state(params)
+        if self.sp.ddr:
+            state["ncm_means"] = jnp.zeros((self.num_classes, self.config.co2l.head_dim),
+                                           jnp.float32)
+            state["ncm_seen"] = jnp.zeros((self.num_classes,), bool)
+        return state
+
+    def train_step(self, state: TrainState, batch: Batch, ctx: TaskContext,
+                   key: jax.Array) -> tuple[TrainState, StepMetrics]:
+        loss_key, after_key = jax.random.split(key)
+        loss, grads, aux = self.base.loss_and_grads(state, batch, ctx, loss_key)
+        ms = state.method_state
+        params, opt_state, updates = self.sparse_update(state, grads)
+        if self.sp.ddr:
+            b = batch.y.shape[0]
+            correct = ncm_correct(aux.z[:b], aux.labels[:b], ms["ncm_means"],
+                                  ms["ncm_seen"] & ctx.seen_classes)
+            updates["example_stats"] = ids.update_example_stats(ms["example_stats"],
+                                                                batch.index, correct=correct)
+            updates["ncm_means"], updates["ncm_seen"] = ncm_update(
+                ms["ncm_means"], ms["ncm_seen"], aux.z, jnp.concatenate([aux.labels] * 2),
+                jnp.concatenate([aux.valid] * 2), self.config.co2l.ncm_momentum)
+        method_state = {**self.base.after_step(state, batch, ctx, None, None, after_key),
+                        **updates}
+        new_state = state.replace(step=state.step + 1, params=params,
+                                  batch_stats=aux.batch_stats, opt_state=opt_state,
+                                  method_state=method_state)
+        return new_state, StepMetrics(loss, aux.accuracy)
+
+
+__all__ = ["SPARCL_BASES", "SparCL", "SparCLCO2L", "SparCLDERPP", "SparCLER", "SparCLEWC",
+           "ddr_removal", "ddr_schedule", "dgm_leaf_mask", "dgm_masks", "ncm_correct",
+           "ncm_update", "tdm_schedule", "tdm_update"]

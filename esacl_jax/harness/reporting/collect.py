@@ -31,6 +31,7 @@ VARIANT_KNOBS: dict[str, tuple[str, dict[str, Any]]] = {
     "sparcl_ewc": ("sparcl", {"ddr": True, "dgm": True}),
     "sparcl_er": ("sparcl", {"ddr": True, "dgm": True}),
     "sparcl_derpp": ("sparcl", {"ddr": True, "dgm": True}),
+    "sparcl_co2l": ("sparcl", {"ddr": True, "dgm": True}),
 }
 # Knobs whose value alone is clear enough in a label ("esacl[C]" rather than "step_variant=C").
 _BARE_KNOBS = {"step_variant"}

@@ -22,8 +22,8 @@ from esacl_jax.harness.reporting.collect import METRICS, commit_of, method_of, r
 log = logging.getLogger(__name__)
 
 # Methods in the order tables list them (unknown methods go last, alphabetically).
-METHOD_ORDER = ("finetune", "joint", "ewc", "er", "derpp", "sparcl_ewc", "sparcl_er",
-                "sparcl_derpp", "sparcl", "prune_retrain", "esacl")
+METHOD_ORDER = ("finetune", "joint", "ewc", "er", "derpp", "co2l", "sparcl_ewc", "sparcl_er",
+                "sparcl_derpp", "sparcl_co2l", "sparcl", "prune_retrain", "esacl")
 
 MiB = 1024**2
 
