@@ -18,23 +18,7 @@ from esacl_jax.harness.methods import METHODS, config_sections, method_class, se
 from esacl_jax.harness.methods.base import Batch, Pass
 from esacl_jax.harness.methods.co2l import CO2L, asym_supcon_loss, ird_loss
 from experiments.configs import split_digits
-
-DIGITS_PER_TASK = 260  # equal task sizes: the loop compiles once per run
-
-
-def digits_config(row: str, **overrides):
-    config = split_digits.get_config(row)
-    config.progress = False
-    config.tensorboard = False
-    config.max_train_per_task = DIGITS_PER_TASK
-    for key, value in overrides.items():
-        if "." in key:
-            group, field = key.split(".")
-            config[group][field] = value
-        else:
-            config[key] = value
-    return config
-
+from tests.test_baselines import DIGITS_PER_TASK, digits_config
 
 # ----------------------------------------------------------------------------- pure pieces
 
