@@ -15,13 +15,22 @@ Rows (``--variants``, comma-separated names; default all):
   ids_perturbed_loss  esacl.ids_score=perturbed_loss
   ids_clean_loss      esacl.ids_score=clean_loss
   ids_random          esacl.ids_score=random: a random subset of the same size (IDS's control)
+  c_ids_random        the published default with esacl.ids_score=random (same cost)
+  c_ids_random_half   gamma 0.5 with a random subset of the same size (gamma_half's control)
+  c_gamma_1           the published default with gamma 1.0 (ascent on the whole batch)
+  c_no_sdp            the published default with masks fixed at initialisation
+  c_no_sam            the published default with rho 0 (no ascent)
+  c_erk               the published default with ERK layer sparsities
+  c_input_dense       the published default with the first layer dense (SparCL's prunable set)
+  dense_to_sparse     the published default, dense-to-sparse (cubic ramp over the first task)
+  sparcl_derpp        SparCL-DER++ at the same sparsity
   derpp               dense DER++, the reference row of every table
 
 Every sparse row runs at each of --sparsities (esacl.sparsity); DER++ runs once per benchmark
 and seed. The ablation picks defaults, so by default it evaluates on a held-out 10% of each
 task's training set (--validation_fraction), never on the test set.
 
-Full ablation (2 benchmarks x (12 sparse rows x 3 sparsities + DER++) x 3 seeds = 222 runs):
+Full ablation (2 benchmarks x (21 sparse rows x 3 sparsities + DER++) x 3 seeds = 384 runs):
   python -m experiments.ablation --data_dir=DATA --jobs=2
 Quick smoke run:
   python -m experiments.ablation --benchmarks=split_digits --seeds=0 --sparsities=0.9 \
@@ -88,6 +97,13 @@ VARIANTS: dict[str, Variant] = {
     # where they act (the multi-epoch protocols), and the dense-to-sparse reading of SDP.
     "c_ids_random": Variant("default, IDS score=random (same cost)", "esacl",
                             {"esacl.ids_score": "random"}),
+    # IDS's data efficiency: the ascent on gamma = 0.25 (default), 0.5 and 1.0 of the batch,
+    # each against a random subset of the same size (gamma 0.5 is `gamma_half`; at gamma 1 both
+    # are the whole batch).
+    "c_ids_random_half": Variant("default with gamma 0.5, IDS score=random (same cost)", "esacl",
+                                 {"esacl.gamma": 0.5, "esacl.ids_score": "random"}),
+    "c_gamma_1": Variant("default with gamma 1 (ascent on the whole batch: no selection)",
+                         "esacl", {"esacl.gamma": 1.0}),
     "c_no_sdp": Variant("default, no SDP (masks fixed at init)", "esacl", {"esacl.sdp": False}),
     "c_no_sam": Variant("default, no SAM (rho=0)", "esacl", {"esacl.rho": 0.0}),
     "c_erk": Variant("default, ERK layer sparsities (same global sparsity)", "esacl",

@@ -35,9 +35,9 @@ from typing import Any
 from esacl_jax.harness import sweep
 from esacl_jax.harness.atomic_io import write_bytes_atomic, write_text_atomic
 
-DENSE_METHODS = ("finetune", "joint", "ewc", "er", "derpp")
+DENSE_METHODS = ("finetune", "joint", "ewc", "er", "derpp", "co2l")
 DEFAULT_METHODS = (*DENSE_METHODS, "esacl", "sparcl_ewc", "sparcl_er", "sparcl_derpp",
-                   "prune_retrain")
+                   "sparcl_co2l", "prune_retrain")
 HEATMAP = dict(method="esacl", benchmark="split_mnist", sparsity=0.9, seed=0)
 CIFAR10_COMMAND = ("python -m experiments.compare --benchmarks=split_cifar10 "
                    "--data_dir=/path/to/cifar --out=runs/compare_cifar10 --jobs=1")

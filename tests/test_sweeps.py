@@ -69,7 +69,7 @@ def test_full_plans_have_the_documented_size():
     assert {r.overrides["validation_fraction"] for r in runs} == {0.1}
     methods = list(compare.DEFAULT_METHODS)
     runs = compare.plan(compare.Settings(), methods)
-    assert len(runs) == 2 * (5 + 5 * 3) * 3
+    assert len(runs) == 2 * (6 + 6 * 3) * 3
     assert len({r.workdir for r in runs}) == len(runs)
     assert {r.overrides["validation_fraction"] for r in runs} == {0.0}
     sparse = [r for r in runs if r.method == "sparcl_er"]
