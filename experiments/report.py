@@ -32,6 +32,27 @@ _ACROSS = flags.DEFINE_bool(
 flags.mark_flag_as_required("runs")
 
 
+_PAPER = flags.DEFINE_bool(
+    "paper_table", False,
+    "Also write paper_table.md: per benchmark, every method's class-IL and task-IL at each "
+    "sparsity in the paper's layout, training FLOPs relative to dense DER++, the memory "
+    "footprint (model as saved + buffer + optimizer state), and --paper_subject paired by seed "
+    "against dense DER++ and every other sparse method.")
+_PAPER_SUBJECT = flags.DEFINE_string("paper_subject", "esacl",
+                                     "The method whose paired differences paper_table.md lists.")
+
+
+def _provenance(runs: list[dict]) -> str:
+    """Commits and machines the runs recorded, as Markdown list items."""
+    commits = sorted({reporting.commit_of(r) or "unknown" for r in runs})
+    machines = sorted({f"{(r.get('environment') or {}).get('platform', '?')}; "
+                       f"{(r.get('environment') or {}).get('cpu_count', '?')} CPU cores; "
+                       f"backend {(r.get('environment') or {}).get('backend', '?')}"
+                       for r in runs})
+    return (f"- results from commit(s): {', '.join(commits)}\n"
+            f"- machine(s): {' | '.join(machines)}\n")
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
@@ -85,6 +106,13 @@ def main(argv: list[str]) -> None:
             print(f"warning: {err}", file=sys.stderr)
 
     print(table, end="")
+    if _PAPER.value:
+        command = " ".join(["python -m experiments.report", *sys.argv[1:]])
+        text = (f"# The paper's comparison on our protocols\n\n- command: `{command}`\n"
+                + _provenance(runs) + f"- {len(runs)} runs under {runs_dir}\n\n"
+                + reporting.paper.paper_markdown(runs, _PAPER_SUBJECT.value))
+        write_text_atomic(out / "paper_table.md", text)
+        print(text, end="")
     if _PAIRED_WITH.value:
         paired = reporting.paired_rows(runs, runs_dir, _PAIRED_WITH.value,
                                        across_protocols=_ACROSS.value)

@@ -9,13 +9,16 @@ the main method. Each group becomes one `Row` holding mean ± sample std over it
   `method_label`, `sparsity_of`, ...);
 - `tables`: `aggregate` into `Row`/`Stat`, Markdown and CSV tables;
 - `paired`: differences paired by seed against a reference group, with standard errors;
-- `plots`: the accuracy-matrix heatmap and the accuracy-vs-FLOPs figure.
+- `plots`: the accuracy-matrix heatmap and the accuracy-vs-FLOPs figure;
+- `paper`: the paper's comparison layout (accuracy per sparsity, FLOPs relative to DER++,
+  memory footprint with the compact export's bytes, paired differences).
 
 Units inside a `Row`: accuracies and forgetting in percent, training FLOPs in FLOPs, memory in
 bytes, wall time in seconds. Keys a results.json lacks (``training_flops``, ``memory``) give
 ``None`` statistics, shown as blank cells. This package reads no flags.
 """
 
+from esacl_jax.harness.reporting import paper
 from esacl_jax.harness.reporting.collect import (
     METRICS,
     VARIANT_KNOBS,
@@ -56,7 +59,7 @@ __all__ = [
     "benchmark_of", "benchmarks_of", "buffer_of", "commit_of", "csv_header", "csv_text",
     "flops_exponent", "format_sparsity", "format_stat", "group_of", "group_runs", "load_runs",
     "method_family", "method_label", "method_of", "paired_markdown", "paired_rows",
-    "peak_memory_of", "plot_accuracy_matrix",
+    "paper", "peak_memory_of", "plot_accuracy_matrix",
     "plot_accuracy_vs_flops", "read_csv", "run_key", "seed_of", "slug", "sparsity_of", "to_csv",
     "to_markdown",
 ]
