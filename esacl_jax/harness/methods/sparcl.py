@@ -25,10 +25,10 @@ mechanisms (METHOD.md "SparCL"):
   mask is recomputed: exactly round(dgm_keep * size) entries with the largest |grad * weight_mask|
   (the official "80th percentile over the whole tensor"), intersected with the weight mask; it is
   reused until the next refresh. The applied gradient is grad * weight_mask * grad_mask.
-  No lax.cond: the candidate mask is computed every step and selected with jnp.where. Its cost is
-  kept low by an exact top-k without sorting: a 32-step bisection on the float32 bit patterns of
-  |grad| (monotone for non-negative floats), i.e. ~32 compare-and-count passes over the prunable
-  kernels per step, and a cumulative sum to break ties by index.
+  The refresh sits behind lax.cond, so the other steps pay nothing for it. It is an exact top-k
+  without sorting: a 32-step bisection on the float32 bit patterns of |grad| (monotone for
+  non-negative floats), i.e. ~32 compare-and-count passes over the prunable kernels, and a
+  cumulative sum to break ties by index.
   FLOPs: gradient density min(weight density, dgm_keep) per prunable layer (0.20 at s = 0.75,
   SparCL's published g = 0.80).
 - DDR, dynamic data removal. Per-example forgetting events (correct -> incorrect transitions of
@@ -276,9 +276,10 @@ class SparCL(SparseWrapperMethod):
         updates = {}
         if self.sp.dgm:
             refresh = ms["dgm_step"] % self.sp.dgm_every == 0
-            fresh = dgm_masks(masked, weight_masks, self.sp.dgm_keep)
-            grad_masks = jax.tree.map(lambda new, old: jnp.where(refresh, new, old), fresh,
-                                      ms["grad_masks"])
+            # lax.cond, not jnp.where: the top-k runs only on refresh steps (1 in dgm_every).
+            grad_masks = jax.lax.cond(
+                refresh, lambda g: dgm_masks(g, weight_masks, self.sp.dgm_keep),
+                lambda _: ms["grad_masks"], masked)
             masked = masks_lib.apply_masks(masked, grad_masks)
             updates.update(grad_masks=grad_masks, dgm_step=ms["dgm_step"] + 1)
         params, opt_state = self.masked_update(state, masked, weight_masks)
