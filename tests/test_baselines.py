@@ -288,6 +288,25 @@ def test_ewc_penalty_is_zero_on_the_first_task_and_positive_after(tmp_path):
         assert float(method.penalty(moved["params"], moved["method_state"])) > 0.0
     task_il = np.asarray(result["task_il_matrix"])
     assert np.diag(task_il).min() > 0.9
+    # the footprint counts the Fisher and the anchor: two float32 copies of the parameters
+    memory = result["memory"]
+    assert memory["method_state_counted"] == ["checkpoint", "fisher"]
+    assert memory["analytic"]["method_state"] == 2 * memory["analytic"]["dense_params"]
+
+
+def test_sparcl_state_is_counted_in_the_footprint(sparcl_run):
+    """SparCL's masks, gradient masks, last gradient and DDR table count like EsaCL's state in
+    its optimizer; the replay buffer is counted once, as the buffer."""
+    result, method, records = sparcl_run
+    memory = result["memory"]
+    state = [r for r in records if "state" in r][-1]["state"]
+    counted = memory["method_state_counted"]
+    assert "buffer" not in counted
+    assert {"masks", "grad_masks", "last_grad", "example_stats"} <= set(counted)
+    expected = sum(np.asarray(leaf).nbytes for key in counted
+                   for leaf in jax.tree.leaves(state["method_state"][key]))
+    assert memory["analytic"]["method_state"] == expected
+    assert memory["analytic"]["buffer"] > 0
 
 
 @pytest.fixture(scope="module")

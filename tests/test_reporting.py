@@ -473,11 +473,13 @@ def test_a_network_of_another_size_gets_its_own_row():
 def test_paper_table_layout_costs_and_paired_differences(tmp_path):
     """Hand-computed: EsaCL at 0.9 is +1 and +3 points over DER++ on seeds 0 and 1 (mean +2,
     SE 1), costs 0.1x its FLOPs, and its footprint counts the compact export's bytes as the
-    model (buffer + optimizer state added, method state shown apart)."""
+    model, plus buffer, optimizer state and method state; a run recorded before method state
+    was counted for every method gets no footprint (not an undercount)."""
     def run(method, seed, acc, flops, sparse_bytes=None, **overrides):
         result = make_result(method, seed=seed, acc=acc, flops=flops, **overrides)
         result["memory"]["analytic"].update(params=4 * MiB, opt_state=MiB, buffer=2 * MiB,
                                             method_state=3 * MiB)
+        result["memory"]["method_state_counted"] = ["masks"]
         if sparse_bytes is not None:
             result["sparse_export"] = {"file": "sparse_model.npz", "bytes": sparse_bytes}
         return result
@@ -489,16 +491,19 @@ def test_paper_table_layout_costs_and_paired_differences(tmp_path):
             run("esacl", 0, 0.80, 5e10, MiB // 4, esacl__sparsity=0.95)]
     assert reporting.paper.footprint_of(runs[2]) == {
         "model": MiB // 2, "buffer": 2 * MiB, "opt_state": MiB, "method_state": 3 * MiB,
-        "total": MiB // 2 + 3 * MiB}
-    assert reporting.paper.footprint_of(runs[0])["total"] == 7 * MiB  # dense: its parameters
+        "total": MiB // 2 + 6 * MiB}
+    assert reporting.paper.footprint_of(runs[0])["total"] == 10 * MiB  # dense: its parameters
+    old = make_result("esacl", seed=2)
+    old["memory"]["analytic"].update(params=4 * MiB, opt_state=MiB, buffer=2 * MiB)
+    assert reporting.paper.footprint_of(old) is None
     text = reporting.paper.paper_markdown(runs)
     lines = text.splitlines()
     assert ("| method | dense class-IL | dense task-IL | 0.9 class-IL | 0.9 task-IL | "
             "0.95 class-IL | 0.95 task-IL |") in lines
     assert "| derpp | 89.00 ± 1.41 | 97.00 ± 0.00 |  |  |  |  |" in lines
     assert "| esacl |  |  | 91.00 ± 0.00 | 97.00 ± 0.00 | 80.00 ± 0.00 | 97.00 ± 0.00 |" in lines
-    assert "| esacl | 0.9 | 2 | 0.100x |  | 3.50 | 0.50 | 2.00 | 1.00 | 3.00 |" in lines
-    assert "| derpp | 0 | 2 | 1.000x |  | 7.00 | 4.00 | 2.00 | 1.00 | 3.00 |" in lines
+    assert "| esacl | 0.9 | 2 | 0.100x |  | 6.50 | 0.50 | 2.00 | 1.00 | 3.00 |" in lines
+    assert "| derpp | 0 | 2 | 1.000x |  | 10.00 | 4.00 | 2.00 | 1.00 | 3.00 |" in lines
     # paired: vs DER++ (+1, +3) -> +2 ± 1; vs SparCL-DER++ (+1, +1) -> +1 ± 0; at 0.95 one seed
     assert "| 0.9 | 91.00 ± 0.00 | +2.00 ± 1.00 | +1.00 ± 0.00 |" in lines
     assert "| 0.95 | 80.00 ± 0.00 |  |  |" in lines

@@ -271,11 +271,14 @@ def memory_footprint(method: Method, state: TrainState, benchmark: Benchmark,
         variables["batch_stats"] = state.batch_stats
     activations = memory_lib.activation_bytes_per_example(method.model, variables, sample)
     buffer = state.method_state.get("buffer") if isinstance(state.method_state, dict) else None
+    stored = method.stored_method_state(state)
     analytic = memory_lib.analytic_footprint(
         state.params, masks=method.sparse_masks(state), opt_state=state.opt_state, buffer=buffer,
         activation_bytes=method.step_activation_bytes(state, activations, batch_size),
-        method_state=method.stored_method_state(state))
-    return {"analytic": analytic, "measured": memory_lib.peak_memory()}
+        method_state=stored)
+    counted = sorted(stored) if isinstance(stored, dict) else []
+    return {"analytic": analytic, "measured": memory_lib.peak_memory(),
+            "method_state_counted": counted}
 
 
 def make_data_mesh(num_devices: int, batch_size: int) -> jax.sharding.Mesh | None:

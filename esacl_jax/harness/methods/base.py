@@ -273,9 +273,13 @@ class Method:
 
     def stored_method_state(self, state: TrainState) -> Any:
         """Method state the analytic memory footprint counts beside the params, the optimizer
-        state and the replay buffer (e.g. CO2L's past-model copy); None: nothing more."""
-        del state
-        return None
+        state and the replay buffer: every other array the method keeps between steps (EWC's
+        Fisher and anchor, SparCL's masks and last gradient, the IDS and DDR tables, CO2L's
+        past-model copy), so that state kept here and state kept in an optimizer count alike."""
+        ms = state.method_state
+        if not isinstance(ms, dict):
+            return ms
+        return {k: v for k, v in ms.items() if k != "buffer"}
 
     def step_activation_bytes(self, state: TrainState, per_example: int, batch_size: int) -> int:
         """Activation bytes one step keeps for its backward pass, given the model's per-example
@@ -413,9 +417,6 @@ class SparseWrapperMethod(Method):
 
     def flops_layers(self, params: Any, batch_stats: Any) -> list[flops_lib.LayerFlops]:
         return self.base.flops_layers(params, batch_stats)
-
-    def stored_method_state(self, state: TrainState) -> Any:
-        return self.base.stored_method_state(state)
 
     def step_activation_bytes(self, state: TrainState, per_example: int, batch_size: int) -> int:
         return self.base.step_activation_bytes(state, per_example, batch_size)

@@ -502,9 +502,6 @@ class CO2L(ReplayMethod):
         del state
         return {"linear_classifier_examples": self._probe_examples}
 
-    def stored_method_state(self, state: TrainState) -> Any:
-        return {"past_params": state.method_state["past_params"]}
-
     def step_activation_bytes(self, state: TrainState, per_example: int, batch_size: int) -> int:
         """Both views of batch + replay, through the model and the projection head."""
         del batch_size

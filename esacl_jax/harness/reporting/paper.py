@@ -6,10 +6,14 @@ class-IL and task-IL accuracy; cost is given as training FLOPs and memory footpr
 
 - accuracy cells are mean ± sample std over seeds (percent);
 - training FLOPs are the mean over seeds divided by the mean of dense DER++ on the same protocol;
-- the memory footprint is model + replay buffer + optimizer state (`footprint_of`), where the
-  model of a sparse run counts as the bytes of its compact export (``sparse_model.npz``) and a
-  dense one as its parameters at their dtypes; other state a method keeps (EWC's Fisher, CO2L's
-  copy of the past model) is shown beside it, not hidden;
+- the memory footprint is model + replay buffer + optimizer state + the other state the method
+  keeps between steps (`footprint_of`), where the model of a sparse run counts as the bytes of
+  its compact export (``sparse_model.npz``) and a dense one as its parameters at their dtypes.
+  Method state (EWC's Fisher and anchor, SparCL's masks and last gradient, the IDS and DDR
+  tables, CO2L's past model) is counted like optimizer state: one method keeps in its optimizer
+  what another keeps beside it (EsaCL's masks and gradient average sit in SDP's optimizer
+  state). Runs recorded before every method's state was counted (no
+  ``memory.method_state_counted``) get no footprint rather than an undercount;
 - paired differences are per-seed differences of class-IL over the seeds both groups have,
   mean ± standard error (std / sqrt(n)).
 """
@@ -40,9 +44,10 @@ REFERENCE = "derpp"
 
 def footprint_of(result: dict) -> dict[str, float] | None:
     """Bytes of {"model", "buffer", "opt_state", "method_state", "total"} for one run; "total"
-    is model + buffer + optimizer state. None when the run recorded no analytic memory."""
+    is model + buffer + optimizer state + method state. None when the run recorded no analytic
+    memory, or recorded it before every method's state was counted."""
     analytic = _get(result, "memory", "analytic")
-    if not isinstance(analytic, dict):
+    if not isinstance(analytic, dict) or _get(result, "memory", "method_state_counted") is None:
         return None
     exported = _finite(_get(result, "sparse_export", "bytes"))
     model = exported if exported is not None else _finite(analytic.get("params"))
@@ -50,7 +55,8 @@ def footprint_of(result: dict) -> dict[str, float] | None:
                                                                   "method_state")}
     if model is None:
         return None
-    return {"model": model, **parts, "total": model + parts["buffer"] + parts["opt_state"]}
+    return {"model": model, **parts,
+            "total": model + parts["buffer"] + parts["opt_state"] + parts["method_state"]}
 
 
 def _class_il(result: dict) -> float | None:
@@ -159,7 +165,7 @@ def paper_markdown(runs: Sequence[dict[str, Any]], sparse_reference: str = "esac
             out.append("| " + " | ".join(row) + " |")
         out += ["", "| method | sparsity | seeds | training FLOPs / DER++ | nonzero weights | "
                 "memory footprint (MiB) | model as saved (MiB) | buffer (MiB) | "
-                "optimizer state (MiB) | other method state (MiB) |",
+                "optimizer state (MiB) | method state (MiB) |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for key in sorted(mine, key=lambda k: (_rank(k[1]), k[2])):
             c = mine[key]
