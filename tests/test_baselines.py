@@ -299,7 +299,7 @@ def test_sparcl_state_is_counted_in_the_footprint(sparcl_run):
     its optimizer; the replay buffer is counted once, as the buffer."""
     result, method, records = sparcl_run
     memory = result["memory"]
-    state = [r for r in records if "state" in r][-1]["state"]
+    state = select(records, "end", task=2)[0]["state"]  # the last task's end
     counted = memory["method_state_counted"]
     assert "buffer" not in counted
     assert {"masks", "grad_masks", "last_grad", "example_stats"} <= set(counted)
