@@ -35,7 +35,6 @@ from esacl_jax.ids import (
 )
 from esacl_jax.masks import (
     apply_masks,
-    default_prunable,
     keep_top,
     layer_sparsities,
     magnitude_masks,
@@ -43,7 +42,6 @@ from esacl_jax.masks import (
     prunable_tree,
     prune_and_regrow,
     sdp_scores,
-    sparse_init,
     sparsity_summary,
     structural_prunable,
 )
@@ -66,6 +64,7 @@ from esacl_jax.replay import (
     sample,
 )
 from esacl_jax.sdp import (
+    STATIC_ARGS,
     SDPState,
     accumulate_grad_fn,
     find_sdp_state,
@@ -73,6 +72,7 @@ from esacl_jax.sdp import (
     perturbed_params,
     refresh_masks,
     replace_sdp_state,
+    sam_radius,
     sdp_transform,
     update_masks,
 )
@@ -91,12 +91,13 @@ __all__ = [
     # SDP: the optax transform and its state
     "sdp_transform", "keep_sparse", "SDPState", "update_masks", "refresh_masks",
     "find_sdp_state", "replace_sdp_state", "accumulate_grad_fn", "perturbed_params",
+    "sam_radius", "STATIC_ARGS",
     # export: a compact file of a sparse model
     "save_sparse", "save_dense", "load_sparse", "SparseFileError",
     # masks
-    "default_prunable", "name_prunable", "structural_prunable", "prunable_tree",
+    "name_prunable", "structural_prunable", "prunable_tree",
     "layer_sparsities", "magnitude_masks", "apply_masks",
-    "keep_top", "sdp_scores", "prune_and_regrow", "sparsity_summary", "sparse_init",
+    "keep_top", "sdp_scores", "prune_and_regrow", "sparsity_summary",
     # sharpness (SAM)
     "sam_perturbation", "add_perturbation", "masked_global_norm", "per_example_sharpness",
     # IDS
@@ -110,3 +111,11 @@ __all__ = [
     "summarize_run",
 ]
 
+
+
+def __getattr__(name: str) -> object:
+    """Deprecated names (kept for one release, with a DeprecationWarning)."""
+    if name in ("sparse_init", "default_prunable"):
+        from esacl_jax import masks as _masks
+        return getattr(_masks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

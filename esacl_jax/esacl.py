@@ -13,7 +13,7 @@ The harness's EsaCL step is this module; a user's loop calls the same two functi
 
     g = esacl_jax.esacl_gradients(loss_fn, params, batch, opt_state, table=table,
                                   example_index=batch["index"], replay_loss_fn=replay_term)
-    updates, opt_state = tx.update(g.grads, opt_state, params, grad_fn=g.grad_fn)
+    updates, opt_state = tx.update(g.ascent_grads, opt_state, params, grad_fn=g.grad_fn)
     params, table = optax.apply_updates(params, updates), g.table
 
 `esacl_gradients` does the step's gradient work (METHOD.md's step, docs/METHOD.md):
@@ -26,20 +26,23 @@ The harness's EsaCL step is this module; a user's loop calls the same two functi
   4. the descent gradient at w + eps of mean(loss over the current examples; C: all of them,
      A/B: the selected ones) + `replay_loss_fn`;
   5. (C) the table records the batch's losses at w + eps and the selected examples' sharpness.
-`tx.update(g.grads, opt_state, params, grad_fn=g.grad_fn)` then masks the descent gradient, keeps
-the SDP score averages and applies your optimizer; pruned weights stay exactly 0 (`keep_sparse`).
+`tx.update(g.ascent_grads, opt_state, params, grad_fn=g.grad_fn)` then masks the descent
+gradient, keeps the SDP score averages and applies your optimizer; pruned weights stay exactly 0
+(`keep_sparse`). rho is set once, in `esacl_optimizer`: `esacl_gradients` reads it from
+`opt_state` (`sdp.sam_radius`).
 
 Cost per step in forward-equivalents (forward 1, forward+backward 3): C is 3 k + 3 B + replay,
 i.e. 3 gamma + 3 + 6 = 9.75 per current example at gamma 0.25 with DER++'s two replay minibatches
 as large as the batch (DER++ alone: 9; k = ceil(gamma B) rounds up: 9.9 at B = 10); B is
 3 B + B + 3 k + replay. Everything has static shapes (k is a
 Python int), so it jits, shards (`jax.jit` with a batch sharded over a mesh: the gradient is
-global) and runs inside `jax.shard_map` (reduce `g.grads` yourself, or give `sdp_transform`
+global) and runs inside `jax.shard_map` (reduce `g.descent_grads` yourself, or give `sdp_transform`
 `batch_axis_name=`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -69,8 +72,10 @@ class EsaCLGradients(NamedTuple):
     """What `esacl_gradients` computed for one step.
 
     Attributes:
-      grads: the clean gradient g at w (SAM's ascent direction): `tx.update`'s `updates`.
-      descent_grads: the descent gradient at w + eps (current examples + replay).
+      ascent_grads: the clean gradient g at w, SAM's ascent direction: `tx.update`'s `updates`
+        (the transform perturbs along it; it is not the gradient applied).
+      descent_grads: the descent gradient at w + eps (current examples + replay): the gradient
+        applied, handed to `tx.update` through `grad_fn=g.grad_fn`.
       loss: the descent objective's value (mean current loss + replay loss).
       per_example: float32[n] current-example losses at w + eps (n = B for C, k for A/B).
       aux: `loss_fn`'s aux at the descent pass (e.g. logits).
@@ -79,7 +84,7 @@ class EsaCLGradients(NamedTuple):
       table: the score table after this step (the one passed in, unchanged, without C).
     """
 
-    grads: PyTree
+    ascent_grads: PyTree
     descent_grads: PyTree
     loss: jax.Array
     per_example: jax.Array
@@ -87,6 +92,13 @@ class EsaCLGradients(NamedTuple):
     ascent_aux: Any
     selected: jax.Array
     table: ids.ExampleStats | jax.Array
+
+    @property
+    def grads(self) -> PyTree:
+        """Deprecated name of `ascent_grads` (it is not the gradient applied)."""
+        warnings.warn("EsaCLGradients.grads is deprecated (it is the ascent gradient, not the "
+                      "one applied): use g.ascent_grads", DeprecationWarning, stacklevel=2)
+        return self.ascent_grads
 
     def grad_fn(self, _params: PyTree) -> PyTree:
         """`tx.update`'s `grad_fn`: the descent gradient, already taken at w + eps."""
@@ -96,30 +108,78 @@ class EsaCLGradients(NamedTuple):
 def esacl_optimizer(
     optimizer: optax.GradientTransformation,
     *,
-    sparsity: Any = DEFAULTS["sparsity"],
+    sparsity: float = DEFAULTS["sparsity"],
     rho: Any = DEFAULTS["rho"],
     prunable: PrunableFn | PyTree | str | None = None,
     distribution: str = DEFAULTS["distribution"],
-    **sdp_kwargs: Any,
+    score: str = DEFAULTS["score"],
+    score_lambda: Any = DEFAULTS["score_lambda"],
+    ema_decay: Any = DEFAULTS["ema_decay"],
+    prune_fraction: Any = DEFAULTS["prune_fraction"],
+    regrow: str = DEFAULTS["regrow"],
+    mask_update_every_steps: Any = 0,
+    seed: int = 0,
+    batch_axis_name: Any = None,
+    perturbation: str = "global",
+    perturbation_dtype: Any = "float32",
 ) -> optax.GradientTransformationExtraArgs:
-    """`keep_sparse(chain(sdp_transform(sparsity, rho, ...), optimizer))` with EsaCL's defaults.
+    """`keep_sparse(chain(sdp_transform(...), optimizer))` with EsaCL's defaults.
 
-    `prunable=None` prunes every kernel but the logits layer (`masks.structural_prunable`);
-    `"sparcl"` also keeps the first layer dense. Other `sdp_transform` options pass through
-    (`mask_update_every_steps`, `prune_fraction`, `batch_axis_name`, ...).
+    Every argument but `optimizer` is keyword-only and is `sdp_transform`'s (see its docstring).
+    It works under `optax.inject_hyperparams(esacl_optimizer, static_args=esacl_jax.STATIC_ARGS)`
+    (rho and the other numeric options become mutable; sparsity, seed and prunable stay static);
+    a rho schedule goes here as `rho=schedule`. Learning-rate schedules belong to `optimizer`
+    (`optax.sgd(schedule)`, or `optax.inject_hyperparams(optax.sgd)(learning_rate=...)`).
+
+    Args:
+      optimizer: any optax optimizer (not `optax.MultiSteps`: see `accumulate_grad_fn`).
+      sparsity: fraction of each prunable layer pruned (init only).
+      rho: SAM radius: a Python float or a schedule `count -> rho`; `esacl_gradients` reads
+        it from the optimizer state (`sdp.sam_radius`).
+      prunable: None or "structural" (every kernel but the output layers), "sparcl" (the
+        first layer dense too), "name", a `(path, leaf) -> bool` filter or a bool tree.
+      distribution: "uniform" or "erk" per-layer sparsities.
+      score: "magnitude_gradient" or "taylor" (mask-update score).
+      score_lambda: lambda of the magnitude_gradient score.
+      ema_decay: decay of the score averages.
+      prune_fraction: fraction of each layer pruned and regrown per mask update.
+      regrow: "gradient" or "random".
+      mask_update_every_steps: 0 (masks change only through `refresh_masks`) or k > 0.
+      seed: seed of the regrowth key (init only).
+      batch_axis_name: the mapped axis under `jax.shard_map` / `pmap`, or None.
+      perturbation: "global" or "per_device" (with `batch_axis_name`).
+      perturbation_dtype: dtype of w + eps for low-precision params ("float32").
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs`; its `update` takes `grad_fn=`.
     """
-    for name in ("score", "score_lambda", "ema_decay", "prune_fraction", "regrow"):
-        sdp_kwargs.setdefault(name, DEFAULTS[name])
-    front = sdp.sdp_transform(sparsity, rho, prunable=prunable, distribution=distribution,
-                              **sdp_kwargs)
+    if isinstance(optimizer, optax.MultiSteps) or isinstance(
+            getattr(getattr(optimizer, "update", None), "__self__", None), optax.MultiSteps):
+        raise ValueError(sdp._MULTISTEPS_INSIDE)
+    front = sdp.sdp_transform(
+        sparsity, rho, prunable=prunable, distribution=distribution, score=score,
+        score_lambda=score_lambda, ema_decay=ema_decay, prune_fraction=prune_fraction,
+        regrow=regrow, mask_update_every_steps=mask_update_every_steps, seed=seed,
+        batch_axis_name=batch_axis_name, perturbation=perturbation,
+        perturbation_dtype=perturbation_dtype)
     return sdp.keep_sparse(optax.chain(front, optimizer))
 
 
 def sparse_start(params: PyTree, opt_state: Any, *,
                  rescale: bool = DEFAULTS["init_rescale"]) -> PyTree:
-    """The exactly sparse initial params of the transform's masks (`masks.sparse_init`): each
-    unit's kept weights rescaled to its dense incoming norm (`rescale=False`: only zeroed)."""
-    return masks.sparse_init(params, sdp.find_sdp_state(opt_state).masks, rescale=rescale)
+    """The exactly sparse initial params of the transform's masks: the one way to start sparse.
+
+    Args:
+      params: the dense initial params.
+      opt_state: `tx.init(params)` of a transform holding one `sdp_transform` (its masks are the
+        magnitude masks of `params`).
+      rescale: keep each unit's dense incoming norm by rescaling its kept weights (EsaCL's
+        start, `masks.masked_start`); False only zeroes the pruned weights.
+
+    Returns:
+      The params with every pruned weight exactly 0.
+    """
+    return masks.masked_start(params, sdp.find_sdp_state(opt_state).masks, rescale=rescale)
 
 
 def _gather(batch: Any, positions: jax.Array) -> Any:
@@ -130,6 +190,24 @@ def _is_zero(rho: Any) -> bool:
     return isinstance(rho, (int, float)) and rho == 0.0
 
 
+def _shared_options(opt_state: Any, rho: Any, perturbation_dtype: Any) -> tuple[Any, Any]:
+    """rho and perturbation_dtype from the transform's state; a value passed must agree."""
+    state_rho = sdp.sam_radius(opt_state)
+    if rho is not None:
+        given, own = masks.concrete_float(rho), masks.concrete_float(state_rho)
+        if given is None or own is None or given != own:
+            raise ValueError(
+                f"esacl_gradients(rho={rho!r}) differs from the optimizer's rho "
+                f"({'an array' if own is None else own}): leave rho out, esacl_gradients reads "
+                "it from opt_state (set it once, in esacl_optimizer / sdp_transform)")
+    state_dtype = sdp.find_sdp_state(opt_state).perturbation_dtype
+    if perturbation_dtype is not None and perturbation_dtype != state_dtype:
+        raise ValueError(
+            f"esacl_gradients(perturbation_dtype={perturbation_dtype!r}) differs from the "
+            f"optimizer's ({state_dtype!r}): leave it out, it is read from opt_state")
+    return state_rho, state_dtype
+
+
 def esacl_gradients(
     loss_fn: LossFn,
     params: PyTree,
@@ -138,7 +216,7 @@ def esacl_gradients(
     *,
     table: ids.ExampleStats | None = None,
     example_index: jax.Array | None = None,
-    rho: Any = DEFAULTS["rho"],
+    rho: Any = None,
     gamma: float = DEFAULTS["gamma"],
     ids_score: str = DEFAULTS["ids_score"],
     unseen: str = DEFAULTS["ids_unseen"],
@@ -147,7 +225,8 @@ def esacl_gradients(
     replay_in_ascent: bool = False,
     correct_fn: Callable[[Any], jax.Array] | None = None,
     key: jax.Array | None = None,
-    perturbation_dtype: Any = "float32",
+    perturbation_dtype: Any = None,
+    check_index: bool = True,
 ) -> EsaCLGradients:
     """One EsaCL step's gradients: IDS selection, SAM ascent, descent at w + eps, table update.
 
@@ -160,9 +239,14 @@ def esacl_gradients(
         active weights the perturbation moves).
       table: the IDS score table (`init_example_stats`), for variant C (default in the harness);
         None: variants A/B, ranking by the batch's own scores (one extra forward at w + eps).
-      example_index: int[B] each example's position in the task's training set (C; indices >=
-        the table's capacity are padding and are never selected).
-      rho: SAM radius, the same as `sdp_transform`'s. A static 0 skips the perturbation.
+      example_index: int[B] each example's position in the task's training set (C); a
+        negative index marks a padding row (never selected nor recorded). A position >= the
+        table's capacity (e.g. a global dataset row id) is refused (`ids.table_positions`:
+        ValueError for concrete indices, a warning from inside `jit`).
+      rho: leave it out: the SAM radius is read from `opt_state` (`sdp.sam_radius`: the
+        transform's float, its schedule at this step, or the injected hyperparameter), so
+        the step and the transform cannot use two. A value given must equal the optimizer's
+        (else ValueError). A static 0 skips the perturbation.
       gamma: fraction of the batch IDS keeps (a static Python float: k = ceil(gamma * B)).
       ids_score: "sharpness" (default), "perturbed_loss", "clean_loss" or "random" (control).
         With a table, "sharpness" ranks by the recorded (or loss-estimated) sharpness and the
@@ -175,10 +259,13 @@ def esacl_gradients(
       correct_fn: `aux -> bool[B]` argmax correctness at the descent pass, recorded in the table
         (forgetting events); None leaves `table.correct` as it was.
       key: PRNG key, needed only by `ids_score="random"`.
-      perturbation_dtype: as `sdp_transform`'s.
+      perturbation_dtype: leave it out: read from `opt_state` (the transform's); a value given
+        must equal it.
+      check_index: check `example_index` against the table's capacity (`ids.table_positions`;
+        False drops the check's host callback from the compiled step).
 
     Returns:
-      An `EsaCLGradients`; pass `g.grads` and `grad_fn=g.grad_fn` to `tx.update`.
+      An `EsaCLGradients`; pass `g.ascent_grads` and `grad_fn=g.grad_fn` to `tx.update`.
     """
     if ids_score not in IDS_SCORES:
         raise ValueError(f"ids_score must be one of {IDS_SCORES}, got {ids_score!r}")
@@ -189,6 +276,7 @@ def esacl_gradients(
     if table is not None and example_index is None:
         raise ValueError("a score table needs example_index= (each example's position in the "
                          "task's training set)")
+    rho, perturbation_dtype = _shared_options(opt_state, rho, perturbation_dtype)
     no_sam = _is_zero(rho)
     replay = replay_loss_fn
     replay_at_clean = replay is not None and replay_at == "clean" and not no_sam
@@ -221,6 +309,7 @@ def esacl_gradients(
         return loss + value, jax.tree.map(jnp.add, grads, replay_grads)
 
     if table is not None:  # variant C: ascent on the table's top-gamma examples
+        example_index = ids.table_positions(table, example_index, check=check_index)
         recorded = ids.gather_scores(table, example_index)  # the batch's (loss, sharpness)
         if ids_score == "random":
             table_score = jax.random.uniform(key, jnp.shape(example_index))

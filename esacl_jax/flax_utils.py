@@ -19,7 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 import optax
-from flax.training import train_state
+
+try:
+    from flax.training import train_state
+except ModuleNotFoundError as error:  # the library installed without flax
+    raise ModuleNotFoundError(
+        f"esacl_jax.flax_utils needs flax ({error.name} is not installed): "
+        'pip install "esacl_jax[harness]" (or flax)', name=error.name) from None
 
 from esacl_jax import masks as masks_lib
 from esacl_jax import sdp
@@ -35,7 +41,8 @@ class SDPTrainState(train_state.TrainState):
         (`masks.apply_masks` with the transform's initial masks)."""
         state = super().create(apply_fn=apply_fn, params=params, tx=tx, **kwargs)
         if sparse_start:
-            state = state.replace(params=masks_lib.apply_masks(state.params, state.masks))
+            state = state.replace(params=masks_lib.masked_start(state.params, state.masks,
+                                                                 rescale=False))
         return state
 
     @property

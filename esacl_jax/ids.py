@@ -8,17 +8,21 @@ Two pieces, both pure and jit-friendly with static shapes:
   correctness). It serves EsaCL's score table (step variant C: choose the ascent examples from
   scores of earlier passes) and SparCL's dynamic data removal (forgetting events).
 
-Index convention: indices >= capacity are padding and are ignored by updates (scatter mode
-"drop") and get score -inf from `table_scores` (never selected).
+Index convention: indices >= capacity are ignored by updates (scatter mode "drop") and get
+score -inf from `table_scores` (never selected). `table_positions` is the checked entry point
+(`esacl_gradients` uses it): there a negative index marks a padding row, and an index >= the
+capacity (e.g. a global dataset row id) is refused, since IDS would silently rank nothing.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SCORE_FIELDS = ("loss", "sharpness", "estimated_sharpness")
 UNSEEN_POLICIES = ("mean", "first")
@@ -232,3 +236,59 @@ def table_scores(stats: ExampleStats, idx: jax.Array, kind: str = "loss",
     fill = jnp.inf if unseen == "first" else _mean_score(stats, kind)
     values = jnp.where(jnp.isnan(values), fill, values)
     return jnp.where(padding, -jnp.inf, values)
+
+
+def _outside_message(capacity: int, count: int, largest: int) -> str:
+    return (f"example_index holds {count} value(s) >= the score table's capacity {capacity} "
+            f"(largest {largest}): those examples are never recorded nor ranked, so IDS would "
+            "select blindly; pass each example's position in the task's training set "
+            f"(0..{capacity - 1}; a negative index marks a padding row), or a larger table "
+            "(init_example_stats(capacity))")
+
+
+def _warn_outside(capacity: int, count: np.ndarray, largest: np.ndarray) -> None:
+    """Host side of `table_positions`' check under jit (one warning per call site)."""
+    count, largest = np.asarray(count), np.asarray(largest)
+    if np.any(count > 0):
+        warnings.warn(_outside_message(capacity, int(count.max()), int(largest.max())),
+                      UserWarning, stacklevel=2)
+
+
+def table_positions(stats: ExampleStats, idx: jax.Array, *, check: bool = True) -> jax.Array:
+    """Checked table positions of a batch: `idx` with padding (negative) mapped past the end.
+
+    Args:
+      stats: the score table.
+      idx: int[B] each example's position in the task's training set; a negative value marks
+        a padding row (ignored, never selected).
+      check: refuse positions >= the table's capacity. With concrete `idx` it raises at once;
+        under `jit` a step that meets one warns (a host callback inside `lax.cond`, so other
+        steps pay one comparison; a program holding a host callback is not stored in JAX's
+        persistent compilation cache, so pass `check=False` once your indices are right).
+
+    Returns:
+      int32[B] positions for `gather_scores` / `update_example_stats` / `table_scores`.
+
+    Raises:
+      ValueError: a concrete `idx` holds a value >= the capacity (with `check`).
+    """
+    capacity = stats.loss.shape[0]
+    idx = jnp.asarray(idx, jnp.int32)
+    if check:
+        outside = idx >= capacity
+        try:
+            values = np.asarray(idx)
+        except jax.errors.TracerArrayConversionError:
+            values = None
+        if values is not None:
+            if np.any(values >= capacity):
+                raise ValueError(_outside_message(capacity, int(np.sum(values >= capacity)),
+                                                  int(values.max())))
+        else:
+            count, largest = jnp.sum(outside, dtype=jnp.int32), jnp.max(idx)
+            jax.lax.cond(
+                count > 0,
+                lambda c, m: jax.debug.callback(
+                    lambda c, m: _warn_outside(capacity, c, m), c, m),
+                lambda c, m: None, count, largest)
+    return jnp.where(idx < 0, capacity, idx)

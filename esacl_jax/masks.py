@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -93,7 +94,15 @@ def name_prunable(path: KeyPath, leaf: Any) -> bool:
 # Kept for earlier callers, who passed it as a per-leaf filter: `name_prunable`. The default
 # prunable SET of the library and the harness is `structural_prunable` (every kernel but the
 # logits layer).
-default_prunable = name_prunable
+
+
+def __getattr__(name: str) -> Any:
+    if name == "default_prunable":  # deprecated: it was never the default prunable set
+        warnings.warn("masks.default_prunable is deprecated (it is the name-based set, not the "
+                      "default): use masks.name_prunable, or prunable=None for the default "
+                      "structural set", DeprecationWarning, stacklevel=2)
+        return name_prunable
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _natural_key(path: KeyPath) -> tuple:
@@ -125,9 +134,10 @@ def structural_prunable(params: PyTree, *, dense_first: bool = False) -> PyTree:
 
     Candidates are the floating leaves with ndim >= 2 (dense, conv, attention and embedding
     kernels; biases, norms and scalars never). Every candidate is prunable except:
-    - the output (logits) layer: among the candidates whose output dimension (last axis) feeds no
+    - the output (logits) layers: the candidates whose output dimension (last axis) feeds no
       other candidate (it is none of their input dimensions, nor, for a conv kernel, a divisor
-      of a dense kernel's input: a flatten), the last in natural path order;
+      of a dense kernel's input: a flatten); a multi-head model (task-IL heads on a trunk) so
+      keeps every head dense;
     - with `dense_first=True` (SparCL's convention, `prunable="sparcl"`), also the input layer
       or embedding: among the candidates whose input dimensions are produced by no other
       candidate (none is another's last axis), the first in natural path order.
@@ -158,10 +168,11 @@ def structural_prunable(params: PyTree, *, dense_first: bool = False) -> PyTree:
 
         last = [i for i in cands if not any(feeds(i, j) for j in cands if j != i)]
         first = [i for i in cands if not any(feeds(j, i) for j in cands if j != i)]
-        logits = last[-1] if last else cands[-1]
-        rest = [i for i in cands if i != logits]
-        first = [i for i in first if i != logits]
-        embed = (first[0] if first else rest[0]) if dense_first else None
+        heads = set(last) if 0 < len(last) < len(cands) else {cands[-1]}
+        rest = [i for i in cands if i not in heads]
+        first = [i for i in first if i not in heads]
+        embed = (first[0] if first and rest else (rest[0] if rest else None)) if dense_first \
+            else None
         for i in rest:
             flags[i] = i != embed
     return treedef.unflatten(flags)
@@ -395,8 +406,11 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     return jax.tree.map(lambda w, m: jnp.where(m, w, jnp.zeros((), w.dtype)), params, masks)
 
 
-def sparse_init(params: PyTree, masks: PyTree, *, rescale: bool = True) -> PyTree:
+def masked_start(params: PyTree, masks: PyTree, *, rescale: bool = True) -> PyTree:
     """Masked initial params; with `rescale`, each unit keeps its dense incoming norm.
+
+    `esacl_jax.sparse_start(params, opt_state)` calls it with the transform's masks: the one
+    way to start sparse.
 
     Pruning 90% of a layer at init shrinks every output unit's incoming weight norm (magnitude
     pruning of a Gaussian init keeps ~44% of the squared norm at s = 0.9), so activations and
@@ -420,6 +434,14 @@ def sparse_init(params: PyTree, masks: PyTree, *, rescale: bool = True) -> PyTre
         return (kept32 * scale).astype(w.dtype)
 
     return jax.tree.map(one, params, masks)
+
+
+def sparse_init(params: PyTree, masks: PyTree, *, rescale: bool = True) -> PyTree:
+    """Deprecated: `esacl_jax.sparse_start(params, opt_state)` (or `masks.masked_start`)."""
+    warnings.warn("esacl_jax.sparse_init is deprecated: start sparse with "
+                  "esacl_jax.sparse_start(params, opt_state) (or masks.masked_start(params, "
+                  "masks))", DeprecationWarning, stacklevel=2)
+    return masked_start(params, masks, rescale=rescale)
 
 
 # ----------------------------------------------------------------------------- scores, updates
@@ -553,17 +575,44 @@ def prune_and_regrow(
 # ----------------------------------------------------------------------------- summaries
 
 
+class _SparsitySummary(dict):
+    """`sparsity_summary`'s dict; its deprecated key "global_sparsity" reads "prunable_sparsity"
+    (the name said "global" but it never counted the weights outside the prunable set)."""
+
+    _OLD = {"global_sparsity": "prunable_sparsity"}
+
+    def __getitem__(self, key: Any) -> Any:
+        if key in self._OLD and not dict.__contains__(self, key):
+            warnings.warn(f'sparsity_summary(...)["{key}"] is deprecated: it is the prunable '
+                          f'set\'s sparsity, now "{self._OLD[key]}"; over all weights it is '
+                          '"sparsity_all_weights" (pass params=)', DeprecationWarning,
+                          stacklevel=2)
+            key = self._OLD[key]
+        return dict.__getitem__(self, key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self[key] if key in self or key in self._OLD else default
+
+
 def sparsity_summary(masks: PyTree, prunable: PrunableFn | PyTree | None = None, *,
                      params: PyTree | None = None) -> dict[str, Any]:
     """Host-side summary of a mask tree (call outside `jit`).
 
-    Returns `{"global_sparsity", "num_active", "num_prunable", "layers": {name: {"sparsity",
-    "active", "size"}}}` over the prunable leaves (names are `"/".join(path_names(path))`):
-    `global_sparsity` is the sparsity of the PRUNABLE SET. With `params` (the tree the masks
-    belong to; non-prunable leaves carry scalar masks, so their sizes come from it) it also
-    reports the sparsity over all weights: `"num_weights"` (every entry of every leaf, biases and
-    norms included), `"num_pruned"`, `"sparsity_all_weights"` and `"prunable_fraction"` (the
-    prunable set's share of all weights).
+    Args:
+      masks: a mask tree (bool arrays on prunable leaves, scalar True elsewhere).
+      prunable: restrict the count to this set (`resolve_prunable`'s forms); None: every leaf
+        with an array mask.
+      params: the tree the masks belong to (non-prunable leaves carry scalar masks, so their
+        sizes come from it); needed for the sparsity over all weights.
+
+    Returns:
+      `{"prunable_sparsity", "num_active", "num_prunable", "layers": {name: {"sparsity",
+      "active", "size"}}}` over the prunable leaves (names are `"/".join(path_names(path))`):
+      `prunable_sparsity` is the sparsity of the PRUNABLE SET only. With `params` also the
+      sparsity over all weights: `"num_weights"` (every entry of every leaf, biases and norms
+      included), `"num_pruned"`, `"sparsity_all_weights"` (what "sparse" means for a network)
+      and `"prunable_fraction"` (the prunable set's share of all weights). The old key
+      `"global_sparsity"` (= `prunable_sparsity`) still reads, with a DeprecationWarning.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(masks)
     _, flags, _ = _mask_flags(masks, prunable)
@@ -581,12 +630,12 @@ def sparsity_summary(masks: PyTree, prunable: PrunableFn | PyTree | None = None,
         }
         total_active += active
         total_size += size
-    summary = {
-        "global_sparsity": 1.0 - total_active / total_size if total_size else 0.0,
+    summary = _SparsitySummary({
+        "prunable_sparsity": 1.0 - total_active / total_size if total_size else 0.0,
         "num_active": total_active,
         "num_prunable": total_size,
         "layers": layers,
-    }
+    })
     if params is not None:
         num_weights = sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params))
         pruned = total_size - total_active

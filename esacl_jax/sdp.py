@@ -49,9 +49,16 @@ else raises at trace time with one sentence naming the fix:
 
 Notes:
 - `grad_fn` takes the (perturbed) params only, unlike `optax.contrib.sam`'s `grad_fn(params, i)`.
-- Under `optax.inject_hyperparams(sdp_transform)`, numeric arguments become arrays in the params'
-  dtype: pass `hyperparam_dtype=jnp.float32` for bf16 params; a custom `prunable` filter needs
-  `static_args=("prunable",)`.
+- `keep_sparse` is the outermost transform: in an `optax.chain`, another transform before it
+  (its output would only steer the perturbation, then be dropped) or after it (it would move
+  pruned weights off zero) is rejected; put it inside, after `sdp_transform`.
+- `optax.inject_hyperparams(sdp_transform, static_args=esacl_jax.STATIC_ARGS)` (the same for
+  `esacl_optimizer`): rho, score_lambda, ema_decay, prune_fraction and mask_update_every_steps
+  are mutable hyperparameters; sparsity, seed and prunable are used only at init, so leaving
+  them out of `static_args` raises. Numeric arguments become arrays in the params' dtype: pass
+  `hyperparam_dtype=jnp.float32` for bf16 params. A rho schedule goes to the transform itself
+  (`rho=schedule`), so that `esacl_gradients` evaluates the same one.
+- `grad_fn` must return the gradient in the params' structure (one line says so otherwise).
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from esacl_jax import masks as masks_lib
@@ -119,6 +127,35 @@ _IF_FINITE = (
     "grad_fn returns: put it after sdp_transform, "
     "keep_sparse(optax.chain(sdp_transform(...), optax.apply_if_finite(optimizer, 5)))."
 )
+_BEFORE_KEEP_SPARSE = (
+    "a transform runs before keep_sparse (or esacl_optimizer) in an optax.chain: its output only "
+    "sets the direction of SAM's perturbation and never reaches the applied gradient, which "
+    "grad_fn recomputes, so it would be silently dropped; put it inside, after sdp_transform: "
+    "keep_sparse(optax.chain(sdp_transform(...), optax.clip_by_global_norm(1.0), optimizer))."
+)
+_AFTER_KEEP_SPARSE = (
+    "a transform runs after keep_sparse (or esacl_optimizer) in an optax.chain: it would change "
+    "the projected updates, so pruned weights would drift off zero; keep_sparse must be the "
+    "outermost transform: put it inside, keep_sparse(optax.chain(sdp_transform(...), optimizer, "
+    "optax.scale(0.5)))."
+)
+_MULTISTEPS_INSIDE = (
+    "optax.MultiSteps inside keep_sparse (or esacl_optimizer) would apply the accumulated "
+    "updates of several sdp_transform steps, each perturbed with one micro-batch: accumulate "
+    "inside one update instead, with esacl_jax.accumulate_grad_fn (see its docstring)."
+)
+_INJECTED_STATIC = (
+    "optax.inject_hyperparams made sdp_transform's {name} a mutable hyperparameter, but it is "
+    "used only when the masks are made (init), so changing it would do nothing: keep it static "
+    "with optax.inject_hyperparams(sdp_transform, static_args=esacl_jax.STATIC_ARGS) (the same "
+    "for esacl_optimizer)."
+)
+_GRAD_FN_STRUCTURE = (
+    "grad_fn returned a tree of another structure than the params ({got} leaves, expected "
+    "{want}): return the gradient in the params' structure (with flax nnx: "
+    "nnx.as_pure(nnx.state(grads, nnx.Param)))."
+)
+
 _PER_DEVICE_REDUCED = (
     'perturbation="per_device" got a gradient that is already reduced over batch_axis_name '
     "(under jax.shard_map, jax.grad with respect to replicated params sums over the devices): "
@@ -154,6 +191,11 @@ class SDPState:
       regrow: the transform's regrowth kind (static).
       static_prune_fraction: prune_fraction as a Python float when the transform was built with
         a Python number (static, so mask updates use `lax.top_k` with a static k), else None.
+      rho: the transform's SAM radius as built (static): a Python float, a schedule
+        `count -> rho` evaluated at `count`, or None when it is an array (an injected
+        hyperparameter: `optax.inject_hyperparams` then holds its value). `esacl_gradients` reads
+        it through `sam_radius(opt_state)`, so the step and the transform share one rho.
+      perturbation_dtype: the transform's `perturbation_dtype` (static), read the same way.
     """
 
     count: jax.Array
@@ -167,6 +209,9 @@ class SDPState:
     regrow: str = dataclasses.field(default="gradient", metadata={"static": True})
     static_prune_fraction: float | None = dataclasses.field(default=None,
                                                             metadata={"static": True})
+    rho: float | Callable[[jax.Array], Any] | None = dataclasses.field(default=None,
+                                                                       metadata={"static": True})
+    perturbation_dtype: Any = dataclasses.field(default="float32", metadata={"static": True})
 
     def _replace(self, **changes: Any) -> SDPState:
         """`dataclasses.replace`, under the NamedTuple name the state had before."""
@@ -177,7 +222,7 @@ jax.tree_util.register_dataclass(
     SDPState,
     data_fields=["count", "masks", "grad_ema", "curvature_ema", "key", "score_lambda",
                  "prune_fraction"],
-    meta_fields=["score", "regrow", "static_prune_fraction"],
+    meta_fields=["score", "regrow", "static_prune_fraction", "rho", "perturbation_dtype"],
 )
 
 
@@ -250,6 +295,59 @@ def _check_enclosing() -> None:
             if frame.f_code in codes:
                 raise ValueError(message)
         frame = frame.f_back
+
+
+_CHAIN_UPDATES: set[types.CodeType] = set()
+_INJECT_CODES: set[types.CodeType] = set()
+
+# The sdp_transform / esacl_optimizer arguments used only at init (they make the masks and the
+# regrowth key): `optax.inject_hyperparams(..., static_args=STATIC_ARGS)` keeps them static.
+STATIC_ARGS = ("sparsity", "seed", "prunable")
+
+
+def _check_chain_position() -> None:
+    """Raise when `keep_sparse.update` runs inside an `optax.chain` / `optax.named_chain` with
+    another transform before it (its output would be dropped) or after it (it would move pruned
+    weights off zero). Reads the enclosing chain's progress from its frame at trace time."""
+    if not _CHAIN_UPDATES:
+        _CHAIN_UPDATES.update(c for fn in (optax.chain, optax.named_chain)
+                              for c in _code_objects(fn) if c.co_name == "update_fn")
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code in _CHAIN_UPDATES:
+            local = frame.f_locals
+            done = local.get("new_state")
+            members = local.get("update_fns", local.get("transforms"))
+            if done is not None and members is not None:
+                if len(done) > 0:
+                    raise ValueError(_BEFORE_KEEP_SPARSE)
+                if len(done) < len(members) - 1:
+                    raise ValueError(_AFTER_KEEP_SPARSE)
+        frame = frame.f_back
+
+
+def _inside_inject_hyperparams() -> bool:
+    """Whether the caller's caller runs inside `optax.inject_hyperparams`'s init or update."""
+    if not _INJECT_CODES:
+        for name in ("inject_hyperparams", "inject_stateful_hyperparams"):
+            fn = getattr(optax, name, None)
+            if fn is not None:
+                _INJECT_CODES.update(_code_objects(fn))
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code in _INJECT_CODES:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _check_init_only_args(**values: Any) -> None:
+    """Refuse an init-only argument that `optax.inject_hyperparams` turned into an array."""
+    if not any(isinstance(v, jax.Array) for v in values.values()):
+        return
+    if _inside_inject_hyperparams():
+        name = next(k for k, v in values.items() if isinstance(v, jax.Array))
+        raise ValueError(_INJECTED_STATIC.format(name=name))
 
 
 def _axes(axis_name: Any) -> tuple[Any, ...]:
@@ -343,6 +441,18 @@ def update_masks(
 # ----------------------------------------------------------------------------- the transform
 
 
+def _rho_spec(rho: Any) -> float | Callable[[jax.Array], Any] | None:
+    """What the state records of `rho` (`SDPState.rho`): a Python number as a float, a schedule
+    as it is, None for an array (an injected hyperparameter, read from its wrapper's state)."""
+    if callable(rho):
+        return rho
+    if isinstance(rho, (int, float, np.number)) and not isinstance(rho, bool):
+        return float(rho)
+    if isinstance(rho, np.ndarray) and rho.ndim == 0:
+        return float(rho)
+    return None
+
+
 def sdp_transform(
     sparsity: Any = 0.9,
     rho: Any = 0.01,
@@ -366,9 +476,15 @@ def sdp_transform(
 
     Args:
       sparsity: fraction of pruned weights in each prunable layer (global target for "erk");
-        only used at init. With no prunable leaf, a sparsity > 0 raises.
-      rho: SAM radius (default 0.01, EsaCL's published default: `esacl_jax.DEFAULTS`). A static
-        0 evaluates `grad_fn` at w itself (no perturbation).
+        only used at init (so under `optax.inject_hyperparams` it must be among the static
+        arguments, `static_args=esacl_jax.STATIC_ARGS`, as `seed` and `prunable`; else it
+        raises). With no prunable leaf, a sparsity > 0 raises.
+      rho: SAM radius (default 0.01, EsaCL's published default: `esacl_jax.DEFAULTS`): a Python
+        float, or a schedule `count -> rho` (a function of the transform's step count, like an
+        optax learning-rate schedule; `sam_radius(opt_state)` gives the value the next update
+        uses, so `esacl_gradients` perturbs with the same one). A static 0 evaluates `grad_fn`
+        at w itself (no perturbation). Under `optax.inject_hyperparams` it is a mutable
+        hyperparameter.
       distribution: "uniform" or "erk" per-layer sparsities.
       prunable: which leaves are pruned: None or "structural" (default: every kernel, ndim >= 2,
         except the logits layer, found from shapes and order: `masks.structural_prunable`),
@@ -418,6 +534,8 @@ def sdp_transform(
     """
     _validate(sparsity, rho, distribution, score, regrow, mask_update_every_steps, perturbation,
               batch_axis_name)
+    _check_init_only_args(sparsity=sparsity, seed=seed)
+    rho_spec = _rho_spec(rho)
 
     def init_fn(params: PyTree) -> SDPState:
         flat, flags, treedef = masks_lib._flat_with_prunable(
@@ -460,6 +578,8 @@ def sdp_transform(
                 if isinstance(prune_fraction, (int, float)) and not isinstance(prune_fraction, bool)
                 else None
             ),
+            rho=rho_spec,
+            perturbation_dtype=perturbation_dtype,
         )
 
     def update_fn(
@@ -482,7 +602,8 @@ def sdp_transform(
             call.updated += 1
             if not all(id(x) in call.input_ids for x in jax.tree.leaves(updates)):
                 raise ValueError(_NOT_FIRST)
-        static_rho = masks_lib.concrete_float(rho)
+        rho_now = rho(state.count) if callable(rho) else rho
+        static_rho = masks_lib.concrete_float(rho_now)
         if grad_fn is None and require_grad_fn and static_rho != 0.0:
             raise ValueError(_MISSING_GRAD_FN)
 
@@ -504,7 +625,7 @@ def sdp_transform(
                 point = params
             else:
                 g = updates if perturbation == "per_device" else all_reduce(updates)
-                point = perturbed_params(g, state.masks, params, rho,
+                point = perturbed_params(g, state.masks, params, rho_now,
                                          perturbation_dtype=perturbation_dtype)
             if batch_axis_name is not None:
                 point = _as_varying(point, batch_axis_name)
@@ -569,17 +690,25 @@ def _call_grad_fn(
     the user's grad_fn gets the full params (keep_sparse's), with `point` on this transform's
     leaves, and its result is cut back to them."""
     if not _has_masked_nodes(params):
-        return grad_fn(point)
+        return _like_params(grad_fn(point), point)
     if call is None or _has_masked_nodes(call.params):
         raise ValueError(_INSIDE_MASKED)
     full = jax.tree.map(
         lambda full_p, q: full_p if _is_masked_node(q) else q,
         call.params, point, is_leaf=_is_masked_node,
     )
-    grads = grad_fn(full)
+    grads = _like_params(grad_fn(full), full)
     return jax.tree.map(
         lambda q, g: q if _is_masked_node(q) else g, point, grads, is_leaf=_is_masked_node
     )
+
+
+def _like_params(grads: PyTree, params: PyTree) -> PyTree:
+    """`grads` as grad_fn returned them, or one line when their structure is not the params'."""
+    want, got = jax.tree.structure(params), jax.tree.structure(grads)
+    if got != want:
+        raise ValueError(_GRAD_FN_STRUCTURE.format(got=got.num_leaves, want=want.num_leaves))
+    return grads
 
 
 def accumulate_grad_fn(
@@ -639,6 +768,56 @@ def find_sdp_state(opt_state: Any) -> SDPState:
             f"expected exactly one sdp_transform state in the optimizer state, found {len(found)}"
         )
     return found[0]
+
+
+_INJECTED_RHO_SCHEDULE = (
+    "rho is scheduled by optax.inject_hyperparams, whose schedule esacl_gradients cannot see, "
+    "so the step's rho and the transform's would differ: pass the schedule to the transform "
+    "itself, esacl_optimizer(optimizer, rho=schedule) (a function of the step count)."
+)
+_UNKNOWN_RHO = (
+    "the sdp_transform state holds no rho that esacl_gradients can read (rho was built from an "
+    "array outside optax.inject_hyperparams): build it with a Python float or a schedule."
+)
+
+
+def _is_inject_state(x: Any) -> bool:
+    return isinstance(x, optax.InjectStatefulHyperparamsState)
+
+
+def sam_radius(opt_state: Any) -> Any:
+    """The SAM radius rho the `sdp_transform` inside `opt_state` uses at its next update.
+
+    The one source of rho for a step that perturbs by itself (`esacl_gradients`): the Python
+    float the transform was built with, its schedule evaluated at the transform's step count,
+    or, under `optax.inject_hyperparams`, the hyperparameter's current value in the wrapper's
+    state (which is what the next update uses).
+
+    Args:
+      opt_state: an optimizer state holding exactly one `sdp_transform` state.
+
+    Returns:
+      rho as a Python float (static: a 0 lets a step skip the perturbation) or a scalar array.
+
+    Raises:
+      ValueError: rho is scheduled by `optax.inject_hyperparams` (pass the schedule to the
+        transform instead), or was built from a bare array.
+    """
+    state = find_sdp_state(opt_state)
+    if isinstance(state.rho, float):
+        return state.rho
+    if callable(state.rho):
+        return state.rho(state.count)
+    for wrapper in jax.tree.leaves(opt_state, is_leaf=_is_inject_state):
+        if not _is_inject_state(wrapper) or "rho" not in wrapper.hyperparams:
+            continue
+        inner = jax.tree.leaves(wrapper.inner_state, is_leaf=_is_sdp)
+        if not any(x is state for x in inner):
+            continue
+        if "rho" in wrapper.hyperparams_states:
+            raise ValueError(_INJECTED_RHO_SCHEDULE)
+        return wrapper.hyperparams["rho"]
+    raise ValueError(_UNKNOWN_RHO)
 
 
 def replace_sdp_state(opt_state: Any, new_state: SDPState) -> Any:
@@ -703,12 +882,16 @@ def keep_sparse(tx: optax.GradientTransformation) -> optax.GradientTransformatio
     def init_fn(params: PyTree) -> Any:
         state = inner.init(params)
         find_sdp_state(state)
+        is_multisteps = lambda x: isinstance(x, optax.MultiStepsState)  # noqa: E731
+        if any(is_multisteps(x) for x in jax.tree.leaves(state, is_leaf=is_multisteps)):
+            raise ValueError(_MULTISTEPS_INSIDE)
         return state
 
     def update_fn(
         updates: PyTree, state: Any, params: PyTree | None = None, **extra_args: Any
     ) -> tuple[PyTree, Any]:
         _check_enclosing()
+        _check_chain_position()
         if params is None:
             raise ValueError("keep_sparse needs params: call update(updates, state, params)")
         if _has_masked_nodes(params):

@@ -84,11 +84,11 @@ def make_step(kind: str, tx: optax.GradientTransformation, batch: int):
             updates, opt_state = tx.update(grads, opt_state, params, **extra)
         else:
             options = dict(esacl=dict(table=table, example_index=idx),
-                           no_ascent=dict(table=table, example_index=idx, rho=0.0),
+                           no_ascent=dict(table=table, example_index=idx),
                            no_table=dict(gamma=1.0))[kind]
             g = ecl.esacl_gradients(loss_fn, params, (x, y), opt_state,
                                     replay_loss_fn=replay, **options)
-            updates, opt_state = tx.update(g.grads, opt_state, params, grad_fn=g.grad_fn)
+            updates, opt_state = tx.update(g.ascent_grads, opt_state, params, grad_fn=g.grad_fn)
             loss, logits = g.loss, g.aux
             table = g.table if kind != "no_table" else table
         buffer = ecl.add_reservoir(buffer, insert_key, x, y, jax.lax.stop_gradient(logits))
@@ -100,7 +100,8 @@ def make_step(kind: str, tx: optax.GradientTransformation, batch: int):
 def time_case(kind: str, sizes: tuple[int, ...], batch: int, steps: int, repeats: int) -> float:
     """Best microseconds per step over `repeats` compiled scans of `steps` steps."""
     params = init_mlp(jax.random.key(0), sizes)
-    tx = optax.sgd(0.03) if kind == "derpp" else ecl.esacl_optimizer(optax.sgd(0.03))
+    tx = optax.sgd(0.03) if kind == "derpp" else ecl.esacl_optimizer(
+        optax.sgd(0.03), rho=0.0 if kind == "no_ascent" else ecl.DEFAULTS["rho"])
     opt_state = tx.init(params)
     if kind != "derpp":
         params = ecl.sparse_start(params, opt_state)

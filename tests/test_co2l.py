@@ -187,7 +187,7 @@ def test_sparcl_co2l_holds_exact_sparsity_across_steps_and_a_task_boundary(tmp_p
     sizes = [(t, e, n) for kind, t, e, n in records if kind == "indices"]
     kept = DIGITS_PER_TASK - round(0.3 * DIGITS_PER_TASK)
     assert sizes == [(0, 0, DIGITS_PER_TASK), (0, 1, kept), (1, 0, DIGITS_PER_TASK), (1, 1, kept)]
-    assert result["per_task"][-1]["sparsity"]["global_sparsity"] == pytest.approx(s)
+    assert result["per_task"][-1]["sparsity"]["prunable_sparsity"] == pytest.approx(s)
     # The exported (evaluated) model has no head; its prunable kernels are sparse.
     assert result["sparse_export"]["file"] == "sparse_model.npz"
     assert result["weights"]["total"] == 64 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10

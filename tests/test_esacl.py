@@ -61,7 +61,7 @@ def test_final_model_has_the_configured_sparsity_and_zero_pruned_weights(default
     sdp_state = sdp.find_sdp_state(state.opt_state)
     prunable = masks.prunable_tree(state.params)
     summary = masks.sparsity_summary(sdp_state.masks, prunable)
-    assert summary["global_sparsity"] == pytest.approx(0.9, abs=1e-9)
+    assert summary["prunable_sparsity"] == pytest.approx(0.9, abs=1e-9)
     for layer in summary["layers"].values():
         assert layer["active"] == round(0.1 * layer["size"])
     kernel = np.asarray(state.params["hidden_1"]["kernel"])
@@ -69,7 +69,7 @@ def test_final_model_has_the_configured_sparsity_and_zero_pruned_weights(default
     assert np.all(kernel[~mask] == 0.0)
     assert np.count_nonzero(kernel) <= mask.sum()
     # The sparsity is recorded per task in results.json.
-    assert result["per_task"][-1]["sparsity"]["global_sparsity"] == pytest.approx(0.9)
+    assert result["per_task"][-1]["sparsity"]["prunable_sparsity"] == pytest.approx(0.9)
 
 
 def test_sdp_moves_the_mask_across_tasks(tmp_path):

@@ -78,16 +78,16 @@ def test_library_defaults_are_the_harness_defaults():
 
 def test_variant_c_matches_a_hand_written_step():
     params, batch = init_params(), make_batch()
-    tx = esacl_jax.esacl_optimizer(optax.sgd(0.1))
+    rho, gamma = 0.05, 0.25
+    tx = esacl_jax.esacl_optimizer(optax.sgd(0.1), rho=rho)
     opt_state = tx.init(params)
     params = esacl_jax.sparse_start(params, opt_state)
     table = esacl_jax.init_example_stats(64)
     # Record an earlier pass so the table ranks (losses of some examples, unscored others).
     table = ids.update_example_stats(table, batch["index"][:8],
                                      loss=jnp.linspace(0.1, 2.0, 8), sharpness=jnp.full(8, jnp.nan))
-    rho, gamma = 0.05, 0.25
     g = jax.jit(lambda p, s, t: esacl_jax.esacl_gradients(
-        loss_fn, p, rows(batch), s, table=t, example_index=batch["index"], rho=rho, gamma=gamma,
+        loss_fn, p, rows(batch), s, table=t, example_index=batch["index"], gamma=gamma,
         replay_loss_fn=replay_term))(params, opt_state, table)
 
     # By hand: the top 4 of 16 by the table's (estimated) sharpness at the mean for unseen ones.
@@ -108,10 +108,10 @@ def test_variant_c_matches_a_hand_written_step():
                              clean, active)
         descent = jax.grad(lambda p: loss_fn(p, rows(batch))[0].mean() + replay_term(p))(point)
         return (clean, descent, loss_fn(point, rows(batch))[0], loss_fn(params, sub)[0],
-                tx.update(g.grads, opt_state, params, grad_fn=g.grad_fn)[0])
+                tx.update(g.ascent_grads, opt_state, params, grad_fn=g.grad_fn)[0])
 
     clean, descent, per_example, clean_sub, updates = by_hand(params)
-    for a, b in zip(jax.tree.leaves(g.grads), jax.tree.leaves(clean), strict=True):
+    for a, b in zip(jax.tree.leaves(g.ascent_grads), jax.tree.leaves(clean), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(g.descent_grads), jax.tree.leaves(descent), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
@@ -131,9 +131,9 @@ def test_variant_c_matches_a_hand_written_step():
 
 def test_variant_b_descends_on_the_sharpest_examples():
     params, batch = init_params(), make_batch()
-    tx = esacl_jax.esacl_optimizer(optax.sgd(0.1))
+    tx = esacl_jax.esacl_optimizer(optax.sgd(0.1), rho=0.05)
     opt_state = tx.init(params)
-    g = esacl_jax.esacl_gradients(loss_fn, params, rows(batch), opt_state, rho=0.05, gamma=0.5)
+    g = esacl_jax.esacl_gradients(loss_fn, params, rows(batch), opt_state, gamma=0.5)
     clean = jax.grad(lambda p: loss_fn(p, rows(batch))[0].mean())(params)
     point = sdp.perturbed_params(clean, esacl_jax.find_sdp_state(opt_state).masks, params, 0.05)
     sharpness = loss_fn(point, rows(batch))[0] - loss_fn(params, rows(batch))[0]
@@ -153,8 +153,8 @@ def test_rho_0_gamma_1_sparsity_0_is_the_plain_optimizer(optimizer):
     state, plain_state = tx.init(params), optimizer.init(params)
     p, q = esacl_jax.sparse_start(params, state), params
     for _ in range(3):
-        g = esacl_jax.esacl_gradients(loss_fn, p, rows(batch), state, rho=0.0, gamma=1.0)
-        updates, state = tx.update(g.grads, state, p, grad_fn=g.grad_fn)
+        g = esacl_jax.esacl_gradients(loss_fn, p, rows(batch), state, gamma=1.0)
+        updates, state = tx.update(g.ascent_grads, state, p, grad_fn=g.grad_fn)
         p = optax.apply_updates(p, updates)
         grads = jax.grad(lambda w: loss_fn(w, rows(batch))[0].mean())(q)
         plain, plain_state = optimizer.update(grads, plain_state, q)
@@ -196,7 +196,7 @@ def test_on_a_mesh_of_8_cpu_devices_it_matches_one_device():
         def step(params, state, table, batch):
             g = esacl_jax.esacl_gradients(loss_fn, params, rows(batch), state, table=table,
                                           example_index=batch["index"], replay_loss_fn=replay_term)
-            updates, state = tx.update(g.grads, state, params, grad_fn=g.grad_fn)
+            updates, state = tx.update(g.ascent_grads, state, params, grad_fn=g.grad_fn)
             return optax.apply_updates(params, updates), state, g.table
 
         one = step(params, state, table, batch)

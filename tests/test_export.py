@@ -217,7 +217,7 @@ def mlp_apply(params, x):
 def test_mlp_at_90_percent_is_small_and_predicts_the_same(tmp_path, dtype, bound):
     params, weight_masks = split_mnist_mlp(dtype)
     summary = masks.sparsity_summary(weight_masks)
-    assert summary["global_sparsity"] == pytest.approx(0.9)
+    assert summary["prunable_sparsity"] == pytest.approx(0.9)
     nbytes = export.save_sparse(tmp_path / "sparse.npz", params, weight_masks)
     dense_bytes = export.save_dense(tmp_path / "dense.npz", params)
     # f32: 0.1 * 4 + 1/8 bytes per pruned-layer weight, the 100x10 classifier and biases dense

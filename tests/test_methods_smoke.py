@@ -48,4 +48,4 @@ def test_method_runs_and_learns(tmp_path, shared_data_dir, benchmark, method):
         sparsity = result["per_task"][-1].get("sparsity")
         target = config[SPARSE[method]].sparsity
         assert sparsity is not None
-        assert sparsity["global_sparsity"] == pytest.approx(target, abs=1e-3)
+        assert sparsity["prunable_sparsity"] == pytest.approx(target, abs=1e-3)

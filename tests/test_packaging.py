@@ -62,3 +62,11 @@ def test_plain_install_runs_the_readme_example(tmp_path):
     missing = subprocess.run([str(python), "-c", "import flax"], capture_output=True, text=True,
                              cwd=tmp_path, env=env)
     assert missing.returncode != 0  # the library install pulled in no harness dependency
+    # Without the extra, the harness and the flax glue name the install command in one line.
+    for module in ("esacl_jax.harness", "esacl_jax.flax_utils"):
+        run = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True,
+                             text=True, cwd=tmp_path, env=env)
+        assert run.returncode != 0
+        last = run.stderr.strip().splitlines()[-1]
+        assert last.startswith("ModuleNotFoundError: ") and 'pip install "esacl_jax[harness]"' \
+            in last, run.stderr[-2000:]

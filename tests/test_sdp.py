@@ -18,6 +18,7 @@ import pytest
 
 from esacl_jax import masks
 from esacl_jax.sdp import (
+    STATIC_ARGS,
     SDPState,
     find_sdp_state,
     keep_sparse,
@@ -206,7 +207,7 @@ def test_init_exact_per_layer_sparsity(distribution):
         pruned = round(sp[name]["kernel"] * size)
         assert summary["layers"][f"{name}/kernel"]["active"] == size - pruned
     total = 6 * 16 + 16 * 16 + 16 * 12
-    assert abs(summary["global_sparsity"] - 0.8) <= 1.0 / total
+    assert abs(summary["prunable_sparsity"] - 0.8) <= 1.0 / total
     weights = total + 12 * 3 + 16 + 16 + 12 + 3
     assert summary["num_weights"] == weights
     assert summary["sparsity_all_weights"] == pytest.approx(summary["num_pruned"] / weights)
@@ -406,7 +407,7 @@ def test_inject_hyperparams_matches_plain():
     )
     injected = keep_sparse(
         optax.chain(
-            optax.inject_hyperparams(sdp_transform)(
+            optax.inject_hyperparams(sdp_transform, static_args=STATIC_ARGS)(
                 sparsity=0.5, rho=0.05, mask_update_every_steps=2, prune_fraction=0.1
             ),
             optax.sgd(0.1),

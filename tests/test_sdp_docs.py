@@ -25,10 +25,10 @@ def test_doc_has_the_readme_section():
 EXPECTED = {0: "sparsity over all weights 0.87", 1: "sparsity 0.90"}
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_doc_block_runs(index, capsys):
     blocks = _blocks()
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     exec(compile(blocks[index], f"OWN_LOOP.md[{index}]", "exec"), {"__name__": "own_loop"})
     if index in EXPECTED:
         assert EXPECTED[index] in capsys.readouterr().out

@@ -152,7 +152,7 @@ def test_cifar_pipeline_end_to_end_on_cifar_format_files(tmp_path):
     assert result["benchmark"]["name"] == "split_cifar10"
     assert np.all(np.isfinite(np.asarray(result["class_il_matrix"])))
     sparsity = result["per_task"][-1]["sparsity"]
-    assert sparsity["global_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert sparsity["prunable_sparsity"] == pytest.approx(0.9, abs=1e-3)
     # The default set: every kernel but the classifier (16 block convs, the stem, 3 shortcuts).
     assert len(sparsity["layers"]) == 16 + 1 + 3
     assert result["dense_forward_flops_per_example"] > 0

@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
         replay_at="perturbed",  # B, C: replay gradient at w + eps (METHOD.md) or at the clean w
         # masks also update at every task start
         mask_update_every_epochs=ESACL_DEFAULTS["mask_update_every_epochs"],
-        # kept weights rescaled to each unit's dense norm (masks.sparse_init)
+        # kept weights rescaled to each unit's dense norm (masks.masked_start)
         init_rescale=ESACL_DEFAULTS["init_rescale"],
         mask_update_every_steps=0,  # > 0: also every k optimizer steps, inside sdp_transform
         prune_fraction=ESACL_DEFAULTS["prune_fraction"], score=ESACL_DEFAULTS["score"],

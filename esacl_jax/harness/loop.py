@@ -257,7 +257,7 @@ def log_task(logger, summary: dict, class_il_row: np.ndarray, task_il_row: np.nd
         values[f"eval_class_il/task_{j}"] = class_il_row[j]
         values[f"eval_task_il/task_{j}"] = task_il_row[j]
     if "sparsity" in summary:
-        values["sparsity/global"] = summary["sparsity"]["global_sparsity"]
+        values["sparsity/global"] = summary["sparsity"]["prunable_sparsity"]
     logger.scalars(values, task_id)
 
 

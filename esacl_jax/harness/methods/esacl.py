@@ -176,7 +176,7 @@ class EsaCL(ReplayMethod):
             loss_fn, state.params, (batch.x, batch.y), state.opt_state,
             table=state.method_state["example_stats"] if table_c else None,
             example_index=batch.index if table_c else None,
-            rho=e.rho, gamma=e.gamma, ids_score=e.ids_score, unseen=e.ids_unseen,
+            gamma=e.gamma, ids_score=e.ids_score, unseen=e.ids_unseen, check_index=False,
             replay_loss_fn=lambda p: self.replay_loss(p, state.batch_stats, state, replay_key),
             replay_at="clean" if self._replay_at_clean() else "perturbed",
             replay_in_ascent=e.step_variant == "A",
@@ -186,7 +186,7 @@ class EsaCL(ReplayMethod):
             logits = g.aux[0]
         else:  # the buffer stores the clean pass's logits of the whole batch
             logits = g.ascent_aux[0]
-        state = self._apply(state, g.grads, g.descent_grads, g.ascent_aux[1])
+        state = self._apply(state, g.ascent_grads, g.descent_grads, g.ascent_aux[1])
         return self._record(state, batch, ctx, insert_key, logits, g.loss)
 
     def _apply(self, state: TrainState, clean_grads: Any, descent_grads: Any,
