@@ -396,6 +396,29 @@ def test_a_sparse_run_writes_its_model_beside_results_json(tmp_path):
     assert_same_tree(loaded, state.params)
     assert_same_tree(loaded_masks, jax.tree.map(np.asarray, method.sparse_masks(state)))
 
+    # experiments.eval_export: the exported model re-evaluated (it checks the run's own class-IL)
+    # and its bfloat16 re-save, smaller and about as accurate.
+    from experiments import eval_export
+
+    row = eval_export.evaluate_run(tmp_path)
+    assert row["class_il_f32"] == result["metrics"]["class_il"]["average_accuracy"]
+    assert row["bytes"]["bfloat16"] < row["bytes"]["lossless"] == written["bytes"]
+    assert abs(row["class_il_bf16"] - row["class_il_f32"]) < 0.05
+
+
+def test_eval_export_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys):
+    from experiments import eval_export
+
+    (tmp_path / "results.json").write_text("{}")
+    assert eval_export.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing" in err and "sparse_model.npz" in err
+    (tmp_path / "sparse_model.npz").write_bytes(b"not a model")
+    assert eval_export.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert not (tmp_path / "o.json").exists()
+
 
 def test_export_is_skipped_for_dense_methods_and_survives_a_failed_write(tmp_path, capfd):
     params, weight_masks = split_mnist_mlp()
