@@ -321,14 +321,26 @@ def load_sparse(path: str | os.PathLike, like: PyTree | None = None, *,
                 with_masks: bool = False) -> PyTree | tuple[PyTree, PyTree]:
     """The params saved by `save_sparse` or `save_dense`, as numpy arrays (pruned entries 0).
 
-    Without `like`, the tree (dicts, lists, tuples) is rebuilt from the file. With `like` (any
-    pytree with the same leaves in the same order, e.g. the model's freshly initialised params
-    or a flax FrozenDict), the leaves are unflattened into its structure; key paths and shapes
-    must match. `with_masks=True` also returns the stored masks: a bool array per sparse leaf,
-    scalar True elsewhere (the `esacl_jax.masks` convention).
+    Reads format versions 1 and 2. Every leaf comes back in its own dtype (a leaf saved with
+    `values_dtype="bfloat16"` too, its values rounded to bfloat16).
 
-    Raises FileNotFoundError for a missing file and SparseFileError (a ValueError; one line)
-    for a file that is not a complete sparse model file (truncated, corrupt, another format).
+    Args:
+        path: the file.
+        like: None: the tree (dicts, lists, tuples) is rebuilt from the file. Else any pytree
+            with the same leaves in the same order (e.g. the model's freshly initialised params
+            or a flax FrozenDict): the leaves are unflattened into its structure; key paths and
+            shapes must match.
+        with_masks: also return the stored masks: a bool array per sparse leaf, scalar True
+            elsewhere (the `esacl_jax.masks` convention).
+
+    Returns:
+        The params, or (params, masks) with `with_masks=True`.
+
+    Raises:
+        FileNotFoundError: a missing file.
+        SparseFileError: (a ValueError; one line) a file that is not a complete sparse model
+            file (truncated, corrupt, another format or version).
+        ValueError: `like` does not match the file.
     """
     path = pathlib.Path(path)
     if not path.is_file():

@@ -279,7 +279,12 @@ def test_missing_or_corrupt_files_give_a_one_line_error(tmp_path):
             broken[f"flipped{k}.npz"] = bytes(flipped)
     for name, content in broken.items():
         (tmp_path / name).write_bytes(content)
-    for name in [*broken, "array.npy", "other.npz"]:
+    with np.load(good) as data:
+        members = dict(data)
+    meta = json.loads(bytes(members[export.META_KEY]))
+    members[export.META_KEY] = np.frombuffer(json.dumps({**meta, "version": 3}).encode(), np.uint8)
+    np.savez_compressed(tmp_path / "future.npz", **members)  # a version this reader predates
+    for name in [*broken, "array.npy", "other.npz", "future.npz"]:
         with pytest.raises(export.SparseFileError) as info:
             export.load_sparse(tmp_path / name)
         message = str(info.value)
