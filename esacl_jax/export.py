@@ -1,18 +1,22 @@
 """A sparse model that is actually small: save a params pytree with only its active weights.
 
-`save_sparse(path, params, masks)` writes one uncompressed numpy `.npz` file. A sparse leaf (its
-mask is a full bool array, the `esacl_jax.masks` convention; non-prunable leaves carry a scalar
-`True`) is stored as the values of its active weights, in the leaf's dtype, plus a packed bitmask
-(`np.packbits`, one bit per weight); every other leaf is stored as it is. At 90% sparsity a float32
-kernel takes 0.1 * 4 + 1/8 = 0.525 bytes per weight instead of 4. `save_dense` writes the same
-params dense in the same format (the fair size to compare with), and `load_sparse` rebuilds the
-tree, pruned entries exactly zero, without a template (the tree structure and the key paths are
-in the file) or into the structure of `like=`.
+`save_sparse(path, params, masks)` writes one compressed numpy `.npz` file (format version 2: zip
+DEFLATE, as `np.savez_compressed`). A sparse leaf (its mask is a full bool array, the
+`esacl_jax.masks` convention; non-prunable leaves carry a scalar `True`) is stored as the values of
+its active weights, byte-plane shuffled (all first bytes, then all second bytes, ...: the sign and
+exponent bytes of float weights then deflate well), plus a packed bitmask (`np.packbits`, one bit
+per weight); every other leaf is stored as it is. `save_dense` writes the same params dense in the
+same format, uncompressed (`np.savez`) or compressed (`np.savez_compressed`): the fair sizes to
+compare with. `load_sparse` rebuilds the tree, pruned entries exactly zero, without a template
+(the tree structure and the key paths are in the file) or into the structure of `like=`; it also
+reads version-1 files (uncompressed, values not shuffled).
 
-The round trip is lossless, bit for bit: a weight outside the mask that is not all-zero bits
-(which `keep_sparse` and `apply_masks` never leave) is stored as active too. Dtypes numpy cannot
-store natively (bfloat16, float8, int4: the `ml_dtypes` types jax uses) are stored as their raw
-bits (an unsigned integer view) and restored from the dtype name.
+The round trip is lossless, bit for bit, unless `values_dtype="bfloat16"` is asked for: a weight
+outside the mask that is not all-zero bits (which `keep_sparse` and `apply_masks` never leave) is
+stored as active too. Dtypes numpy cannot store natively (bfloat16, float8, int4: the `ml_dtypes`
+types jax uses) are stored as their raw bits (an unsigned integer view) and restored from the
+dtype name. `values_dtype="bfloat16"` (lossy) stores every float32 and float64 leaf rounded to
+bfloat16 and restores it to its own dtype on load.
 
 Writes are atomic (a temporary file in the same directory, renamed over the target): a failed or
 interrupted write leaves the old file, or none, never a half-written one.
@@ -26,7 +30,8 @@ import os
 import pathlib
 import uuid
 import zipfile
-from collections.abc import Mapping
+import zlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -35,8 +40,10 @@ import numpy as np
 PyTree = Any
 
 FORMAT = "esacl_jax.sparse_npz"
-VERSION = 1
+VERSION = 2  # what save_sparse / save_dense write
+READABLE_VERSIONS = (1, 2)  # what load_sparse reads
 META_KEY = "__meta__"
+LOSSY_VALUES_DTYPES = ("bfloat16",)  # values_dtype= choices besides None (lossless)
 
 
 class SparseFileError(ValueError):
@@ -73,6 +80,24 @@ def _compact_is_smaller(x: np.ndarray, active: np.ndarray) -> bool:
     """Values + packed bits take fewer bytes than the dense leaf."""
     itemsize = x.dtype.itemsize
     return int(active.sum()) * itemsize + math.ceil(x.size / 8) < x.size * itemsize
+
+
+def _shuffled(values: np.ndarray) -> np.ndarray:
+    """uint8 (itemsize, n): byte plane j holds byte j of every value (a byte-shuffle filter)."""
+    flat = np.ascontiguousarray(values).reshape(-1)
+    return np.ascontiguousarray(flat.view(np.uint8).reshape(flat.size, flat.dtype.itemsize).T)
+
+
+def _unshuffled(planes: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The inverse of `_shuffled`: the 1-D array of `dtype` whose byte planes are `planes`."""
+    return np.ascontiguousarray(planes.T).view(dtype).reshape(-1)
+
+
+def _storage_dtype(x: np.ndarray, values_dtype: str | None) -> np.dtype:
+    """The dtype a leaf is stored in: its own, or bfloat16 for a float32/64 leaf when asked."""
+    if values_dtype is not None and x.dtype.kind == "f" and x.dtype.itemsize > 2:
+        return _restored_dtype(values_dtype)
+    return x.dtype
 
 
 # ----------------------------------------------------------------------------- tree structure
@@ -123,14 +148,16 @@ def _build(skeleton: Any, leaves: list[Any]) -> Any:
 # ----------------------------------------------------------------------------- writing
 
 
-def _write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> int:
-    """`np.savez` to a temporary file beside `path`, fsync, rename over `path`; its size."""
+def _write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray], compressed: bool) -> int:
+    """`np.savez_compressed` (or `np.savez`) to a temporary file beside `path`, fsync, rename
+    over `path`; its size."""
     path = pathlib.Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as f:  # a plain open: the file gets 0o666 & ~umask
-            np.savez(f, **arrays)
+            writer: Callable[..., None] = np.savez_compressed if compressed else np.savez
+            writer(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -145,7 +172,11 @@ def _write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> int:
     return path.stat().st_size
 
 
-def _save(path: str | os.PathLike, params: PyTree, masks: PyTree | None, dense: bool) -> int:
+def _save(path: str | os.PathLike, params: PyTree, masks: PyTree | None, *, dense: bool,
+          compressed: bool, values_dtype: str | None = None) -> int:
+    if values_dtype is not None and values_dtype not in LOSSY_VALUES_DTYPES:
+        raise ValueError(f"values_dtype must be None (lossless) or one of "
+                         f"{', '.join(LOSSY_VALUES_DTYPES)}, not {values_dtype!r}")
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     if masks is not None:
         try:
@@ -172,37 +203,69 @@ def _save(path: str | os.PathLike, params: PyTree, masks: PyTree | None, dense: 
             elif np.ndim(mask_leaves[i]) > 0:
                 mask = np.broadcast_to(np.asarray(mask_leaves[i], bool), x.shape).reshape(-1)
                 active = mask | _nonzero_bits(x)  # lossless even if params break the mask
-        stored = _stored(x)
+        storage_dtype = _storage_dtype(x, values_dtype)
+        if storage_dtype != x.dtype:
+            entry["stored_dtype"] = storage_dtype.name  # lossy: rounded to it
+        stored = _stored(x.astype(storage_dtype, copy=False))
         if active is None:
             arrays[f"d{i}"] = stored
         else:
-            arrays[f"v{i}"] = stored.reshape(-1)[active]
+            arrays[f"v{i}"] = _shuffled(stored.reshape(-1)[active])
             arrays[f"m{i}"] = np.packbits(active)
             entry["sparse"] = True
         leaves_meta.append(entry)
     meta = {"format": FORMAT, "version": VERSION, "structure": structure, "leaves": leaves_meta}
+    if values_dtype is not None:
+        meta["lossy_values_dtype"] = values_dtype
     arrays[META_KEY] = np.frombuffer(json.dumps(meta, separators=(",", ":")).encode(), np.uint8)
-    return _write_npz(path, arrays)
+    return _write_npz(path, arrays, compressed)
 
 
-def save_sparse(path: str | os.PathLike, params: PyTree, masks: PyTree | None = None) -> int:
-    """Writes `params` compactly to `path` (an uncompressed `.npz`, atomically); its size in bytes.
+def save_sparse(path: str | os.PathLike, params: PyTree, masks: PyTree | None = None, *,
+                values_dtype: str | None = None) -> int:
+    """Writes `params` compactly to `path` (a compressed `.npz`, atomically).
 
     With `masks` (a tree like params; the `esacl_jax.masks` convention), a leaf whose mask is a
-    full bool array is stored as its active values plus a packed bitmask; leaves with a scalar
-    mask are stored dense. Without masks, every leaf of ndim >= 2 whose compact form is smaller
-    (enough exact zeros) is stored compactly. The file is written at exactly `path` (no ".npz"
-    is appended). Raises OSError ("cannot write PATH: CAUSE") when the write fails.
+    full bool array is stored as its active values (byte-plane shuffled) plus a packed bitmask;
+    leaves with a scalar mask are stored dense. Without masks, every leaf of ndim >= 2 whose
+    compact form is smaller (enough exact zeros) is stored compactly. The file is written at
+    exactly `path` (no ".npz" is appended).
+
+    Args:
+        path: the file to write.
+        params: a pytree of arrays (dicts, lists, tuples, flax params).
+        masks: None, or a tree like `params`: a bool array per sparse leaf, scalar True elsewhere.
+        values_dtype: None (the default): lossless, every leaf in its own dtype. "bfloat16":
+            LOSSY, every float32/float64 leaf rounded to bfloat16 in the file (about half the
+            bytes) and cast back to its own dtype by `load_sparse`.
+
+    Returns:
+        The size of the file in bytes.
+
+    Raises:
+        OSError: "cannot write PATH: CAUSE" when the write fails (the old file, if any, stays).
+        ValueError: an unknown `values_dtype`, or masks not shaped like params.
     """
-    return _save(path, params, masks, dense=False)
+    return _save(path, params, masks, dense=False, compressed=True, values_dtype=values_dtype)
 
 
-def save_dense(path: str | os.PathLike, params: PyTree) -> int:
-    """Writes `params` dense in the same format as `save_sparse`; its size in bytes.
+def save_dense(path: str | os.PathLike, params: PyTree, *, compressed: bool = False) -> int:
+    """Writes `params` dense in the format of `save_sparse`: the sizes to compare with.
 
-    The size to compare `save_sparse`'s with: same container, same metadata, every leaf whole.
+    Args:
+        path: the file to write.
+        params: a pytree of arrays.
+        compressed: False: an uncompressed zip (`np.savez` of the dense params). True: zip
+            DEFLATE (`np.savez_compressed` of the dense params, the container `save_sparse`
+            writes): pruned zeros then cost little, so this is the harder size to beat.
+
+    Returns:
+        The size of the file in bytes (`load_sparse` reads it back exactly).
+
+    Raises:
+        OSError: "cannot write PATH: CAUSE" when the write fails.
     """
-    return _save(path, params, None, dense=True)
+    return _save(path, params, None, dense=True, compressed=compressed)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -214,17 +277,26 @@ def _read(path: pathlib.Path) -> tuple[dict, list[np.ndarray], list[np.ndarray]]
         meta = json.loads(bytes(data[META_KEY]).decode("utf-8"))
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
-        if meta.get("version") != VERSION:
-            raise ValueError(f"format version {meta.get('version')!r}, this reader reads "
-                             f"{VERSION}")
+        version = meta.get("version")
+        if type(version) is not int or version not in READABLE_VERSIONS:
+            raise ValueError(f"format version {version!r}, this reader reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}")
         leaves, actives = [], []
         for i, entry in enumerate(meta["leaves"]):
             dtype = _restored_dtype(entry["dtype"])
+            stored_dtype = _restored_dtype(entry.get("stored_dtype", entry["dtype"]))
             shape = tuple(entry["shape"])
             size = math.prod(shape)
-            storage = _stored(np.zeros((), dtype)).dtype
+            storage = _stored(np.zeros((), stored_dtype)).dtype
             if entry.get("sparse"):
                 values = data[f"v{i}"]
+                if version >= 2:  # byte planes (itemsize, n)
+                    if values.dtype != np.uint8 or values.ndim != 2 \
+                            or values.shape[0] != storage.itemsize:
+                        raise ValueError(f"leaf {entry['path']}: values stored as "
+                                         f"{values.dtype}{list(values.shape)}, expected uint8 "
+                                         f"byte planes [{storage.itemsize}, n]")
+                    values = _unshuffled(values, storage)
                 active = np.unpackbits(data[f"m{i}"], count=size).astype(bool)
                 if values.dtype != storage or values.shape != (int(active.sum()),):
                     raise ValueError(f"leaf {entry['path']}: {values.shape[0]} {values.dtype} "
@@ -238,7 +310,9 @@ def _read(path: pathlib.Path) -> tuple[dict, list[np.ndarray], list[np.ndarray]]
                 if x.dtype != storage or x.shape != shape:
                     raise ValueError(f"leaf {entry['path']}: stored {x.dtype}{list(x.shape)}, "
                                      f"expected {storage}{list(shape)}")
-            leaves.append(x.view(dtype) if storage != dtype else x)
+            if storage != stored_dtype:
+                x = x.view(stored_dtype)
+            leaves.append(x.astype(dtype) if stored_dtype != dtype else x)
             actives.append(None if active is None else active.reshape(shape))
     return meta, leaves, actives
 
@@ -247,14 +321,26 @@ def load_sparse(path: str | os.PathLike, like: PyTree | None = None, *,
                 with_masks: bool = False) -> PyTree | tuple[PyTree, PyTree]:
     """The params saved by `save_sparse` or `save_dense`, as numpy arrays (pruned entries 0).
 
-    Without `like`, the tree (dicts, lists, tuples) is rebuilt from the file. With `like` (any
-    pytree with the same leaves in the same order, e.g. the model's freshly initialised params
-    or a flax FrozenDict), the leaves are unflattened into its structure; key paths and shapes
-    must match. `with_masks=True` also returns the stored masks: a bool array per sparse leaf,
-    scalar True elsewhere (the `esacl_jax.masks` convention).
+    Reads format versions 1 and 2. Every leaf comes back in its own dtype (a leaf saved with
+    `values_dtype="bfloat16"` too, its values rounded to bfloat16).
 
-    Raises FileNotFoundError for a missing file and SparseFileError (a ValueError; one line)
-    for a file that is not a complete sparse model file (truncated, corrupt, another format).
+    Args:
+        path: the file.
+        like: None: the tree (dicts, lists, tuples) is rebuilt from the file. Else any pytree
+            with the same leaves in the same order (e.g. the model's freshly initialised params
+            or a flax FrozenDict): the leaves are unflattened into its structure; key paths and
+            shapes must match.
+        with_masks: also return the stored masks: a bool array per sparse leaf, scalar True
+            elsewhere (the `esacl_jax.masks` convention).
+
+    Returns:
+        The params, or (params, masks) with `with_masks=True`.
+
+    Raises:
+        FileNotFoundError: a missing file.
+        SparseFileError: (a ValueError; one line) a file that is not a complete sparse model
+            file (truncated, corrupt, another format or version).
+        ValueError: `like` does not match the file.
     """
     path = pathlib.Path(path)
     if not path.is_file():
@@ -266,8 +352,8 @@ def load_sparse(path: str | os.PathLike, like: PyTree | None = None, *,
             params, mask_tree = _build(meta["structure"], leaves), _build(meta["structure"], masks)
     except SparseFileError as err:
         raise SparseFileError(f"cannot load {path}: {err}") from err
-    except (zipfile.BadZipFile, OSError, EOFError, KeyError, IndexError, ValueError, TypeError,
-            AttributeError) as err:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, KeyError, IndexError, ValueError,
+            TypeError, AttributeError) as err:
         cause = " ".join(str(err).split()) or type(err).__name__
         raise SparseFileError(f"cannot load {path}: not a complete esacl_jax sparse model "
                               f"file ({type(err).__name__}: {cause})") from err
