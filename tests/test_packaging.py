@@ -14,7 +14,7 @@ from tests.conftest import REPO_ROOT
 from tests.test_readme import readme_section_code
 
 HARNESS_ONLY = ("flax", "ml_collections", "tensorflow_datasets", "sklearn", "orbax",
-                "matplotlib", "tensorboardX", "tqdm")  # absl comes with optax itself
+                "matplotlib", "tensorboardX", "tqdm", "pooch")  # absl comes with optax itself
 
 
 def test_library_imports_load_no_harness_dependency():
