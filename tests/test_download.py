@@ -284,3 +284,18 @@ def test_an_unwritable_root_is_one_line(server, mnist_files, tmp_path):
     with pytest.raises(DataError) as exc:
         sources.load_dataset("mnist", data_dir=blocker / "data")
     assert "cannot download MNIST into" in assert_one_line(exc)
+
+
+def test_the_offline_probe_tries_the_proxy_the_environment_names(monkeypatch):
+    """Behind a proxy the hosts themselves may be unreachable: the probe connects to the proxy
+    (unless no_proxy bypasses the host), as requests will."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    assert download._first_hop(url) == ("www.cs.toronto.edu", 443)
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    assert download._first_hop(url) == ("proxy.example", 3128)
+    assert download._first_hop("http://yann.lecun.com/exdb/mnist/x.gz") == ("yann.lecun.com", 80)
+    monkeypatch.setenv("no_proxy", "www.cs.toronto.edu")
+    assert download._first_hop(url) == ("www.cs.toronto.edu", 443)

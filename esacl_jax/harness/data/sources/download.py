@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -163,13 +164,28 @@ def _host_port(url: str) -> tuple[str, int]:
     return parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
 
 
+def _first_hop(url: str) -> tuple[str, int]:
+    """Where a request for `url` first connects: the proxy the environment names for it
+    (`https_proxy`, `http_proxy`, `all_proxy`, unless `no_proxy` bypasses the host), else the
+    host itself. This is what the offline probe tries."""
+    parsed = urllib.parse.urlparse(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parsed.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(parsed.hostname or ""):
+        if "://" not in proxy:
+            proxy = f"http://{proxy}"
+        return _host_port(proxy)
+    return _host_port(url)
+
+
 def reachable(urls: Sequence[str], timeout: float = PROBE_TIMEOUT_S) -> set[tuple[str, int]]:
-    """The (host, port) pairs of `urls` that accept a TCP connection within `timeout` seconds.
+    """The first hops (`_first_hop`: host or proxy, and port) of `urls` that accept a TCP
+    connection within `timeout` seconds.
 
     Every host is probed at once in a daemon thread, so an offline machine whose DNS hangs never
     blocks the caller (or interpreter exit) for longer than `timeout`.
     """
-    targets = sorted({_host_port(url) for url in urls})
+    targets = sorted({_first_hop(url) for url in urls})
     answered: set[tuple[str, int]] = set()
     lock = threading.Lock()
 
@@ -315,7 +331,7 @@ def _download_one(
 
     failures = []
     for url in urls:
-        if _host_port(url) not in answered:
+        if _first_hop(url) not in answered:
             failures.append(f"{url}: no answer within {PROBE_TIMEOUT_S:g} s")
             continue
         folder = pathlib.Path(tempfile.mkdtemp(dir=staging, prefix="try-"))
