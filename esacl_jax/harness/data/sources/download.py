@@ -17,11 +17,12 @@ that the archive reads to its end), and only then renamed into place, all files 
 together. A failed, truncated, corrupt or stalled download therefore leaves no file where a good
 one is expected, and the next run tries again.
 
-Failures: when no host answers within `PROBE_TIMEOUT_S` (offline), `download` returns False and
-notes why, so the caller's usual "not found" line follows within seconds. When a host answers but
-every URL of a file fails (HTTP error, a server that sends nothing for `$ESACL_DATA_TIMEOUT`
-seconds, a connection that breaks half way, a checksum mismatch), it raises a one-line
-`DataError` naming each URL and what went wrong. `ESACL_DATA_DOWNLOAD=0` turns downloads off.
+Failures: when no host answers within `PROBE_TIMEOUT_S` (offline), `download_dataset` returns
+False and notes why, so the caller's usual "not found" line follows within seconds. When a host
+answers but every URL of a file fails (HTTP error, a server that sends nothing for
+`$ESACL_DATA_TIMEOUT` seconds, a connection that breaks half way, a checksum mismatch), it
+raises a one-line `DataError` naming each URL and what went wrong. `ESACL_DATA_DOWNLOAD=0`
+turns downloads off.
 """
 
 from __future__ import annotations
@@ -153,7 +154,15 @@ def mirror_base() -> str | None:
 
 
 def urls_of(dataset: str, remote: Remote) -> list[str]:
-    """The URLs of one file in the order they are tried: the mirror, then the canonical hosts."""
+    """The URLs of one file in the order they are tried: the mirror, then the canonical hosts.
+
+    Args:
+      dataset: a key of `REMOTES` (the mirror's folder name).
+      remote: the file.
+
+    Returns:
+      `$ESACL_DATA_MIRROR/<dataset>/<file>` when the variable is set, then each canonical URL.
+    """
     mirror = mirror_base()
     urls = [f"{mirror}/{dataset}/{remote.filename}"] if mirror else []
     return urls + [host + remote.filename for host in remote.hosts]
@@ -179,11 +188,17 @@ def _first_hop(url: str) -> tuple[str, int]:
 
 
 def reachable(urls: Sequence[str], timeout: float = PROBE_TIMEOUT_S) -> set[tuple[str, int]]:
-    """The first hops (`_first_hop`: host or proxy, and port) of `urls` that accept a TCP
-    connection within `timeout` seconds.
+    """Which first hops of `urls` (host or proxy, `_first_hop`) accept a TCP connection.
 
-    Every host is probed at once in a daemon thread, so an offline machine whose DNS hangs never
+    Every hop is probed at once in a daemon thread, so an offline machine whose DNS hangs never
     blocks the caller (or interpreter exit) for longer than `timeout`.
+
+    Args:
+      urls: the URLs a download may use.
+      timeout: seconds to wait for the answers, all probes together.
+
+    Returns:
+      The (host, port) pairs that answered in time.
     """
     targets = sorted({_first_hop(url) for url in urls})
     answered: set[tuple[str, int]] = set()
