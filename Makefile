@@ -10,7 +10,7 @@ WORKDIR ?= runs/$(EXP)_$(METHOD)
 ARGS ?=
 RUNS ?= runs
 
-.PHONY: install run test lint bench bench-gpu ablation compare report clean
+.PHONY: install run test lint dist bench bench-gpu ablation compare report clean
 
 install: $(STAMP)
 
@@ -37,6 +37,13 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check esacl_jax experiments tests
 
+# The sdist and wheel an index would get, checked as it would check them (tests/test_packaging.py
+# does the same in a temporary folder and installs the wheel in a fresh venv).
+dist: install
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
+
 bench: install
 	$(PY) -m experiments.bench $(ARGS)
 
@@ -54,4 +61,4 @@ report: install
 	$(PY) -m experiments.report --runs=$(RUNS) $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -32,3 +32,9 @@ def shared_data_dir() -> pathlib.Path:
                         "beside the repo")
         pytest.skip("no MNIST copy found (set ESACL_DATA_DIR to a directory holding mnist/)")
     return path
+
+
+# Nothing in `make test` may reach the internet: a dataset missing from a test's local
+# directory must not start a download from the canonical hosts (subprocesses inherit this).
+# The download tests (tests/test_download.py) turn downloads on for a local HTTP server only.
+os.environ["ESACL_DATA_DOWNLOAD"] = "0"

@@ -3,11 +3,13 @@ small files written here in the official formats, corrupt files, missing data, a
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import pathlib
 import pickle
 import shutil
+import socket
 import sys
 import tarfile
 import time
@@ -34,7 +36,7 @@ from esacl_jax.harness.data.benchmarks import (
     stratified_holdout,
     stratified_subset,
 )
-from esacl_jax.harness.data.sources import tfds as tfds_source
+from esacl_jax.harness.data.sources import download as download_source
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_FIRST_TRAIN_LABELS = [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
@@ -48,10 +50,13 @@ def assert_one_line(exc: pytest.ExceptionInfo) -> str:
 
 @pytest.fixture()
 def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
-    """No ESACL_DATA_DIR, an empty tfds dir, and no network: only explicit local data counts."""
+    """No ESACL_DATA_DIR, an empty tfds dir and download cache, downloads off (as everywhere in
+    the tests, conftest.py): only explicit local data counts."""
     monkeypatch.delenv(sources.ENV_VAR, raising=False)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds_empty"))
-    monkeypatch.setattr(tfds_source, "network_available", lambda timeout=3.0: False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache_empty"))
+    monkeypatch.setenv(sources.DOWNLOAD_ENV, "0")
+    monkeypatch.delenv(sources.MIRROR_ENV, raising=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,7 +423,14 @@ def test_corrupt_idx(tmp_path: pathlib.Path, offline: None, damage: str, expecte
 def test_missing_data_names_every_place(
     tmp_path: pathlib.Path, offline: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tfds_source, "tensorflow_available", lambda: True)  # exercise the probe
+    """Offline (every download host refuses or does not answer): one line within seconds."""
+    monkeypatch.setenv(sources.DOWNLOAD_ENV, "1")
+    with socket.socket() as closed:  # a local port nobody listens on: connection refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    for name, remotes in download_source.REMOTES.items():
+        monkeypatch.setitem(download_source.REMOTES, name, tuple(
+            dataclasses.replace(r, hosts=(f"http://127.0.0.1:{port}/",)) for r in remotes))
     empty = tmp_path / "nothing_here"
     empty.mkdir()
     for name in ("split_mnist", "split_cifar10", "split_cifar100", "split_tiny_imagenet"):
@@ -428,7 +440,7 @@ def test_missing_data_names_every_place(
         assert time.perf_counter() - start < 10.0
         message = assert_one_line(exc)
         assert str(empty) in message and "tfds" in message and "ESACL_DATA_DIR" in message
-        assert "Fix:" in message
+        assert "Fix:" in message and "no network" in message
     with pytest.raises(DataError) as exc:
         load_benchmark("split_mnist")  # no data_dir, no env var
     message = assert_one_line(exc)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from esacl_jax.harness.data import DataError, sources
-from esacl_jax.harness.data.sources import tfds as tfds_source
+from esacl_jax.harness.data.sources import download as download_source
 
 tfds = pytest.importorskip("tensorflow_datasets")
 mocking = pytest.importorskip("tensorflow_datasets.testing.mocking")
@@ -61,8 +61,7 @@ def offline(monkeypatch, tmp_path):
     """No local dataset directory, no TFDS_DATA_DIR, and any download attempt fails the test."""
     monkeypatch.delenv(sources.ENV_VAR, raising=False)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds_default"))
-    monkeypatch.setattr(tfds_source, "tensorflow_available", _no_download)
-    monkeypatch.setattr(tfds_source, "network_available", _no_download)
+    monkeypatch.setattr(download_source, "download_dataset", _no_download)
     if hasattr(mocking, "_getitems"):
         monkeypatch.setattr(mocking, "_getitems", _getitems)
 
@@ -96,10 +95,11 @@ def test_tfds_data_reaches_the_benchmark(offline, tfds_dir):
         assert set(np.unique(task.y_train)) <= set(task.classes)
 
 
-def test_unprepared_tfds_data_without_tensorflow_is_a_clear_error(monkeypatch, tmp_path):
+def test_unprepared_tfds_data_is_a_clear_error_and_never_downloaded(monkeypatch, tmp_path):
+    """tfds only reads prepared data: unprepared, the next source (a download, off here) follows
+    and the one-line error names both."""
     monkeypatch.delenv(sources.ENV_VAR, raising=False)
-    monkeypatch.setattr(tfds_source, "tensorflow_available", lambda: False)
-    monkeypatch.setattr(tfds_source, "network_available", _no_download)
+    monkeypatch.setenv(sources.DOWNLOAD_ENV, "0")
     with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
         with pytest.raises(DataError) as err:
             sources.load_dataset("cifar10", data_dir=tmp_path)
@@ -107,4 +107,4 @@ def test_unprepared_tfds_data_without_tensorflow_is_a_clear_error(monkeypatch, t
     assert "\n" not in message
     assert "CIFAR-10 not found" in message
     assert "tfds.data_source('cifar10')" in message and "not prepared" in message
-    assert "TensorFlow not installed" in message
+    assert "download (off: $ESACL_DATA_DOWNLOAD=0)" in message

@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     # data
     c.protocol = ""  # the protocol row (BENCHMARK_PROTOCOLS key) get_config built it from
     c.benchmark = "split_digits"  # the dataset benchmark (esacl_jax.harness.data.BENCHMARKS)
-    c.data_dir = ""  # empty: $ESACL_DATA_DIR, then tensorflow-datasets (see README "Data")
+    c.data_dir = ""  # empty: $ESACL_DATA_DIR, else the download cache (see README "Data")
     c.seed = 0
     c.class_order_seed = -1  # -1: classes go to tasks in label order
     c.num_tasks = 0  # 0: the protocol's number of tasks

@@ -1,10 +1,9 @@
-"""tensorflow-datasets as a source: already-prepared data first, a download only as a last resort.
+"""tensorflow-datasets as a source: a reader of data a user has already prepared with tfds.
 
-`try_tfds` reads prepared data with `tfds.data_source(..., download=False)` (works without
-TensorFlow); only if that fails, TensorFlow is importable and the network answers within
-`NETWORK_PROBE_TIMEOUT_S`, it calls `tfds.load(..., download=True)`. Tiny-ImageNet is not in
-tfds. `try_tfds` looks up `tfds_available`, `tensorflow_available` and `network_available` in
-this module at call time, so tests patch them here.
+`try_tfds` reads prepared data with `tfds.data_source(..., download=False)`, which needs no
+TensorFlow. It never downloads: missing datasets are downloaded by `sources.download` (pooch),
+so TensorFlow is needed for no benchmark. Tiny-ImageNet is not in tfds. `try_tfds` looks up
+`tfds_available` in this module at call time, so tests patch it here.
 """
 
 from __future__ import annotations
@@ -13,9 +12,7 @@ import importlib.util
 import logging
 import os
 import pathlib
-import socket
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,8 +26,6 @@ from esacl_jax.harness.data.sources.common import (
     freeze,
 )
 from esacl_jax.harness.run_logger import quiet_absl
-
-NETWORK_PROBE_TIMEOUT_S = 3.0
 
 TFDS_NAMES = {
     "mnist": "mnist",
@@ -60,32 +55,6 @@ def _installed(module: str) -> bool:
 def tfds_available() -> bool:
     """Whether tensorflow-datasets is installed."""
     return _installed("tensorflow_datasets")
-
-
-def tensorflow_available() -> bool:
-    """Whether TensorFlow is installed (needed by tfds to download and prepare a dataset)."""
-    return _installed("tensorflow")
-
-
-def network_available(timeout: float = NETWORK_PROBE_TIMEOUT_S) -> bool:
-    """Whether the tfds download host answers, probed in a daemon thread with a hard timeout.
-
-    The thread is a daemon so an offline machine whose DNS hangs never blocks the caller (or
-    interpreter exit) for longer than `timeout`.
-    """
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection(("storage.googleapis.com", 443), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, name="esacl-network-probe", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
 
 
 def _records_to_arrays(
@@ -133,8 +102,6 @@ def _tfds_raw(
     return result
 
 
-
-
 def _tfds_data_source(dataset: str, tfds_dir: str | None) -> RawDataset:
     """Already-prepared tfds data (array_record), read without TensorFlow; raises if absent."""
     import tensorflow_datasets as tfds  # slow, optional
@@ -155,25 +122,8 @@ def _tfds_data_source(dataset: str, tfds_dir: str | None) -> RawDataset:
     return _tfds_raw(dataset, load_split, f"{where}, tfds-verified at preparation")
 
 
-def _tfds_download(dataset: str, tfds_dir: str | None) -> RawDataset:
-    """Download and prepare with tfds (needs TensorFlow and the network)."""
-    import tensorflow_datasets as tfds  # slow, optional
-
-    name = TFDS_NAMES[dataset]
-
-    def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-        batch = tfds.as_numpy(
-            tfds.load(name, split=split, data_dir=tfds_dir, download=True, batch_size=-1)
-        )
-        return _check_tfds_arrays(
-            dataset, np.asarray(batch["image"]), np.asarray(batch["label"]), f"tfds:{name}"
-        )
-
-    return _tfds_raw(dataset, load_split, f"tfds:{name} (downloaded, tfds-verified)")
-
-
 def try_tfds(dataset: str, root: pathlib.Path | None, tried: list[str]) -> RawDataset | None:
-    """Source 2: prepared tfds data in `root` or tfds's default dir, then a tfds download.
+    """Source 2: data tfds has prepared in `root` or tfds's default dir (never a download).
 
     Returns None after noting in `tried` why each attempt failed; a DataError (data found but
     malformed) propagates.
@@ -194,17 +144,4 @@ def try_tfds(dataset: str, root: pathlib.Path | None, tried: list[str]) -> RawDa
             raise
         except Exception as exc:  # every tfds failure means "not available"
             tried.append(f"tfds.data_source('{name}') in {shown} ({describe_exception(exc)})")
-    if not tensorflow_available():
-        tried.append("tfds download (skipped: TensorFlow not installed)")
-        return None
-    if not network_available():
-        tried.append("tfds download (skipped: no network)")
-        return None
-    try:
-        return _tfds_download(dataset, None if root is None else str(root))
-    except DataError:
-        raise
-    except Exception as exc:
-        tried.append(f"tfds.load('{name}', download=True) ({describe_exception(exc)})")
-        return None
-
+    return None
