@@ -34,11 +34,11 @@ endif
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
-# The documentation site in docs/_build/html (Sphinx, offline, warnings are errors), then every
+# The documentation site in build/docs/html (Sphinx, offline, warnings are errors), then every
 # doctest of its pages and of the library's docstrings.
 docs: install
-	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
-	$(PY) -m sphinx -W --keep-going -q -b doctest docs docs/_build/doctest
+	$(PY) -m sphinx -W --keep-going -q -b html docs build/docs/html
+	$(PY) -m sphinx -W --keep-going -q -b doctest docs build/docs/doctest
 
 lint: install
 	$(VENV)/bin/ruff check esacl_jax experiments tests

@@ -32,7 +32,7 @@ extensions = [
 ]
 source_suffix = {".md": "markdown"}
 root_doc = "index"
-exclude_patterns = ["_build"]
+exclude_patterns: list[str] = []  # the site is built into build/docs, outside docs/
 # The report folders (paper_table/, speed/, ...) are pages too, reached from RESULTS.md's links
 # (index.md's hidden toctree). They are written by report commands with heading levels of their
 # own (tables under ###, a bare table), so these two warnings are not errors here; every other
