@@ -35,10 +35,11 @@ test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The documentation site in build/docs/html (Sphinx, offline, warnings are errors), then every
-# doctest of its pages and of the library's docstrings.
+# doctest of its pages and of the library's docstrings. -E reads every page afresh (an unchanged
+# page would not repeat its warnings); the doctest builder reuses the pages the first one read.
 docs: install
-	$(PY) -m sphinx -W --keep-going -q -b html docs build/docs/html
-	$(PY) -m sphinx -W --keep-going -q -b doctest docs build/docs/doctest
+	$(PY) -m sphinx -E -W --keep-going -q -b html -d build/docs/doctrees docs build/docs/html
+	$(PY) -m sphinx -W --keep-going -q -b doctest -d build/docs/doctrees docs build/docs/doctest
 
 lint: install
 	$(VENV)/bin/ruff check esacl_jax experiments tests
