@@ -58,8 +58,11 @@ html_static_path: list[str] = []
 
 # Library modules that are not a public namespace of their own.
 _PRIVATE = {"harness"}
-# The harness's public entry points: the package (its __all__) and the config schema.
+# The harness's public entry points: the package (its __all__) and the config schema; and the
+# command lines, documented by their module docstrings (their functions are not an API).
 HARNESS_MODULES = ("esacl_jax.harness", "esacl_jax.harness.config")
+COMMAND_LINES = ("experiments.main", "experiments.compare", "experiments.ablation",
+                 "experiments.report", "experiments.side_by_side")
 
 
 def public_submodules() -> list[str]:
@@ -78,6 +81,10 @@ def _api_reference() -> str:
     blocks.append("## The harness\n")
     for name in HARNESS_MODULES:
         blocks += [f"### `{name}`\n", f"```{{eval-rst}}\n.. automodule:: {name}\n```\n"]
+    blocks.append("## The command lines\n")
+    for name in COMMAND_LINES:
+        blocks += [f"### `python -m {name}`\n",
+                   f"```{{eval-rst}}\n.. automodule:: {name}\n   :no-members:\n```\n"]
     return "\n".join(blocks)
 
 
@@ -161,6 +168,8 @@ def house_docstring(lines: list[str]) -> list[str]:
         if literal_indent is not None:
             if stripped and indent <= literal_indent:
                 literal_indent = None
+                if out and out[-1].strip():
+                    out.append("")  # reST: a literal block ends before a blank line
             else:
                 out.append(line)
                 continue
@@ -257,7 +266,7 @@ def _insert_api(app, docname, source):
 
 def setup(app):
     _TOP.update(_top_level())
-    for name in (*public_submodules(), *HARNESS_MODULES):
+    for name in (*public_submodules(), *HARNESS_MODULES, *COMMAND_LINES):
         importlib.import_module(name)  # an import error fails the build here, in one line
     app.connect("source-read", _insert_api)
     app.connect("autodoc-process-docstring", _to_rest, priority=400)  # before napoleon (500)

@@ -53,8 +53,9 @@ def test_the_api_reference_covers_every_public_module():
                       if not m.name.startswith("_") and m.name != "harness")
     assert modules == expected and "esacl_jax.sdp" in modules
     generated = conf._api_reference()
-    for name in ["esacl_jax", *modules, *conf.HARNESS_MODULES]:
+    for name in ["esacl_jax", *modules, *conf.HARNESS_MODULES, *conf.COMMAND_LINES]:
         assert f".. automodule:: {name}\n" in generated
+    assert "experiments.main" in conf.COMMAND_LINES
     assert "<!-- api-reference -->" in (DOCS / "api.md").read_text(encoding="utf-8")
 
 
@@ -90,6 +91,11 @@ def test_house_docstrings_become_rest():
         ">>> 1 * 2",
         "2",
         "A ``code span over two lines`` ends."]
+    commands = ["Full run:", "  python -m experiments.compare", "Quick run:",
+                "  python -m experiments.compare --seeds=0", "Writes a table."]
+    assert convert(commands) == ["Full run::", "", "  python -m experiments.compare", "",
+                                 "Quick run::", "", "  python -m experiments.compare --seeds=0",
+                                 "", "Writes a table."]
     # Google-style sections are napoleon's: left as they are.
     args = ["Args:", "  params: the `params` tree.", "", "Returns:", "  The masks."]
     assert convert(args) == ["Args:", "  params: the ``params`` tree.", "", "Returns:",
