@@ -10,7 +10,7 @@ WORKDIR ?= runs/$(EXP)_$(METHOD)
 ARGS ?=
 RUNS ?= runs
 
-.PHONY: install run test lint dist bench bench-gpu ablation compare report clean
+.PHONY: install run test lint docs dist bench bench-gpu ablation compare report clean
 
 install: $(STAMP)
 
@@ -18,7 +18,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[harness,test,cluster]"
+	$(PY) -m pip install --quiet -e ".[harness,test,cluster,docs]"
 	touch $(STAMP)
 
 # METHOD on EXP, then BASELINE (empty: none) with the same overrides, then both side by side.
@@ -33,6 +33,13 @@ endif
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The documentation site in build/docs/html (Sphinx, offline, warnings are errors), then every
+# doctest of its pages and of the library's docstrings. -E reads every page afresh (an unchanged
+# page would not repeat its warnings); the doctest builder reuses the pages the first one read.
+docs: install
+	$(PY) -m sphinx -E -W --keep-going -q -b html -d build/docs/doctrees docs build/docs/html
+	$(PY) -m sphinx -W --keep-going -q -b doctest -d build/docs/doctrees docs build/docs/doctest
 
 lint: install
 	$(VENV)/bin/ruff check esacl_jax experiments tests

@@ -39,8 +39,8 @@ Quick smoke run:
 Writes <out>/ablation.md (one table per benchmark and sparsity) and <out>/ablation.csv, each
 headed by the command line, git commit, machine and evaluation split. Runs already done are
 skipped (--force redoes them); the exit status is 1 when any run failed. --launcher=ray runs
-each run as a Ray task, on a local Ray instance or a cluster (--ray_address; README "Sweeps on
-a Ray cluster").
+each run as a Ray task, on a local Ray instance or a cluster (--ray_address;
+docs/sweeps.md).
 """
 
 from __future__ import annotations

@@ -2,12 +2,13 @@
 
     python -m experiments.bench_step [--steps=500] [--repeats=5] [--out=docs/speed/step.md]
 
-Both steps are written with the library alone, as a user's loop would (README "EsaCL in your own
-training loop"): a plain-JAX MLP, `esacl_jax.der_loss` + `er_loss` on two replay minibatches as
-large as the batch from the reservoir buffer (`sample`, `add_reservoir`), plain SGD for DER++ and
-`esacl_optimizer(sgd)` + `esacl_gradients` with the score table for EsaCL. `--steps` steps run
-inside one compiled `lax.scan` (no Python dispatch), timed after compilation; the best of
-`--repeats` is kept. Rows that remove one part of EsaCL's step say where its extra time goes:
+Both steps are written with the library alone, as a user's loop would (docs/OWN_LOOP.md "EsaCL
+in your own training loop"): a plain-JAX MLP, `esacl_jax.der_loss` + `er_loss` on two replay
+minibatches as large as the batch from the reservoir buffer (`sample`, `add_reservoir`), plain
+SGD for DER++ and `esacl_optimizer(sgd)` + `esacl_gradients` with the score table for EsaCL.
+`--steps` steps run inside one compiled `lax.scan` (no Python dispatch), timed after
+compilation; the best of `--repeats` is kept. Rows that remove one part of EsaCL's step say
+where its extra time goes:
 - "no ascent (rho 0)": the step without SAM's clean pass and perturbation;
 - "no score table (gamma 1, no IDS)": variant B with every example kept, no table;
 - "SDP optimizer only": the DER++ step through `esacl_optimizer` (masked SGD, score averages).

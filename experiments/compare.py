@@ -21,7 +21,7 @@ accuracy_matrix_esacl.png (class-IL, EsaCL at sparsity 0.9, seed 0, split_mnist;
 nearest available), each report headed by the command line, git commit, machine and evaluation
 split. --docs_dir copies them there. Runs already done are skipped (--force redoes them); the
 exit status is 1 when any run failed. --launcher=ray runs each run as a Ray task, on a local Ray
-instance or a cluster (--ray_address; README "Sweeps on a Ray cluster").
+instance or a cluster (--ray_address; docs/sweeps.md).
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ HTML_LINK = re.compile(r"""\b(?:src|href)\s*=\s*["']([^"']+)["']""")
 OUTSIDE = re.compile(r"\.\./shared\b|\bshared/design\b")
 # A repository path written as text (`docs/ablation.md`, tests/test_x.py): it must exist too.
 TEXT_PATH = re.compile(r"(?<![\w./-])((?:docs|tests|esacl_jax|experiments|notebooks)/[\w./-]*)")
-# A README section named in prose: README's "Choices" section, README "Data".
-README_SECTION = re.compile(r"README(?:\.md)?(?:'s)? \"([^\"]+)\"")
+# A section named in prose: README's "Choices" section, README "Data", docs/harness.md "Data".
+SECTION_NAMED = re.compile(r"(README(?:\.md)?|docs/[\w/.-]+\.md)(?:'s)? \"([^\"]+)\"")
 
 
 def _prose(text: str) -> str:
@@ -101,10 +101,22 @@ def missing_text_paths(document) -> list[str]:
     problems = [f"{path}: no such file or folder"
                 for path in TEXT_PATH.findall(text)
                 if not (REPO_ROOT / path.rstrip(".")).exists()]
-    headings = {h.replace("-", " ") for h in anchors(REPO_ROOT / "README.md")}
-    for name in README_SECTION.findall(text):
+    return problems + missing_sections(text)
+
+
+def missing_sections(text: str) -> list[str]:
+    """Sections named in `text` (README "Data", docs/harness.md "Several hosts") that their
+    document does not have (a heading starting with the name)."""
+    problems = []
+    for document, name in SECTION_NAMED.findall(text):
+        name = " ".join(name.split())  # a name wrapped over two lines
+        path = REPO_ROOT / ("README.md" if document.startswith("README") else document)
+        if not path.exists():
+            problems.append(f'{document} "{name}": no such file')
+            continue
+        headings = {h.replace("-", " ") for h in anchors(path)}
         if not any(h.startswith(github_slug(name).replace("-", " ")) for h in headings):
-            problems.append(f'README "{name}": README.md has no such section')
+            problems.append(f'{document} "{name}": {path.name} has no such section')
     return problems
 
 
@@ -135,6 +147,17 @@ def test_relative_links_resolve_inside_the_repository(document):
 @pytest.mark.parametrize("document", DOCUMENTS, ids=_name)
 def test_paths_and_sections_named_in_the_text_exist(document):
     assert missing_text_paths(document) == []
+
+
+def test_sections_the_code_names_exist():
+    """A comment or docstring that sends the reader to a section ("see README "Data"",
+    docs/harness.md "Several hosts") names one its document has."""
+    sources = sorted([*(REPO_ROOT / "esacl_jax").rglob("*.py"),
+                      *(REPO_ROOT / "experiments").rglob("*.py")])
+    problems = [f"{_name(source)}: {problem}" for source in sources
+                for problem in missing_sections(source.read_text(encoding="utf-8"))]
+    assert problems == []
+    assert missing_sections('README "No such section"') != []  # the check can fail
 
 
 @pytest.mark.parametrize("document", DOCUMENTS, ids=_name)

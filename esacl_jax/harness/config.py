@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     # data
     c.protocol = ""  # the protocol row (BENCHMARK_PROTOCOLS key) get_config built it from
     c.benchmark = "split_digits"  # the dataset benchmark (esacl_jax.harness.data.BENCHMARKS)
-    c.data_dir = ""  # empty: $ESACL_DATA_DIR, else the download cache (see README "Data")
+    c.data_dir = ""  # empty: $ESACL_DATA_DIR, else the download cache (docs/harness.md)
     c.seed = 0
     c.class_order_seed = -1  # -1: classes go to tasks in label order
     c.num_tasks = 0  # 0: the protocol's number of tasks
@@ -156,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     # devices: 0 = data-parallel over every visible device (batch split along a "data" mesh axis)
     c.num_devices = 0
-    # several hosts (README "Several hosts"): True runs this process as one of several, joined by
+    # several hosts (docs/harness.md): True runs this process as one of several, joined by
     # jax.distributed.initialize before any other JAX call; the devices of all processes form one
     # data-parallel mesh (num_devices must be 0). Unset values below are left to JAX:
     # $JAX_COORDINATOR_ADDRESS, then auto-detection on Cloud TPU, SLURM and Open MPI.

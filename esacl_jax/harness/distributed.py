@@ -5,7 +5,7 @@ them, after which `jax.devices()` lists the devices of all processes and one jit
 the global ("data",) mesh, XLA inserting the cross-process all-reduce (gloo on CPU, NCCL on
 GPU, ICI/DCN on TPU).
 
-The rule the harness keeps across processes (documented in README "Several hosts"):
+The rule the harness keeps across processes (documented in docs/harness.md "Several hosts"):
 
 * Every process loads the whole benchmark from the same files (loading is deterministic), so
   each holds the same task arrays; the device copies `x_dev`/`y_dev` are global arrays
