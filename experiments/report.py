@@ -18,6 +18,7 @@ from absl import app, flags
 
 from esacl_jax.harness import reporting
 from esacl_jax.harness.atomic_io import write_text_atomic
+from esacl_jax.harness.sweep.provenance import portable_command
 
 _RUNS = flags.DEFINE_string("runs", None, "Directory searched (recursively) for results.json.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: RUNS/report).")
@@ -51,6 +52,11 @@ def _provenance(runs: list[dict]) -> str:
                        for r in runs})
     return (f"- results from commit(s): {', '.join(commits)}\n"
             f"- machine(s): {' | '.join(machines)}\n")
+
+
+def _shown(path: pathlib.Path | str) -> str:
+    """A directory as a report names it: as given when relative, RUNS when absolute."""
+    return "RUNS" if pathlib.Path(path).is_absolute() else str(path)
 
 
 def fail(message: str) -> None:
@@ -107,9 +113,9 @@ def main(argv: list[str]) -> None:
 
     print(table, end="")
     if _PAPER.value:
-        command = " ".join(["python -m experiments.report", *sys.argv[1:]])
+        command = portable_command(" ".join(["python -m experiments.report", *sys.argv[1:]]))
         text = (f"# The paper's comparison on our protocols\n\n- command: `{command}`\n"
-                + _provenance(runs) + f"- {len(runs)} runs under {runs_dir}\n\n"
+                + _provenance(runs) + f"- {len(runs)} runs under {_shown(runs_dir)}\n\n"
                 + reporting.paper.paper_markdown(runs, _PAPER_SUBJECT.value))
         write_text_atomic(out / "paper_table.md", text)
         print(text, end="")
@@ -120,9 +126,9 @@ def main(argv: list[str]) -> None:
             known = sorted({r.group for r in paired})
             fail(f"--paired_with={_PAIRED_WITH.value!r} names no run group; groups: "
                  f"{', '.join(known)}")
-        command = " ".join(["python -m experiments.report", *sys.argv[1:]])
+        command = portable_command(" ".join(["python -m experiments.report", *sys.argv[1:]]))
         text = (f"# Differences paired by seed\n\n- command: `{command}`\n- runs: "
-                f"{len(runs)} results.json under {runs_dir} (commits and machines: their "
+                f"{len(runs)} results.json under {_shown(runs_dir)} (commits and machines: their "
                 f"results.json and the sweep's report)\n- mean ± sample std over seeds; the "
                 "last column is the mean per-seed difference ± its standard error\n\n"
                 + reporting.paired_markdown(paired, _PAIRED_WITH.value))

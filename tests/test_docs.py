@@ -268,3 +268,28 @@ def test_method_md_protocol_values_are_the_protocols():
         missing += [f"{protocol}: {field}" for field in sorted(needed - listed.get(protocol,
                                                                                    set()))]
     assert missing == [], "rows missing from METHOD.md's 'Protocol values'"
+
+
+def test_no_development_machine_paths_in_readme_or_docs():
+    """README and everything under docs/ name directories by placeholders (DATA, OUT, RUNS,
+    ...) or paths relative to a run root, never a development machine's absolute paths."""
+    pattern = re.compile(r"(?<![\w.:/])/(?:work|tmp|root|home|Users|mnt|scratch)/")
+    offenders = []
+    texts = [REPO_ROOT / "README.md", *(p for p in (REPO_ROOT / "docs").rglob("*")
+                                        if p.suffix in (".md", ".csv", ".txt", ".log", ".json")
+                                        and p.is_file())]
+    for path in texts:
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()[:100]}")
+    assert offenders == [], "\n".join(offenders[:20])
+
+
+def test_portable_command_replaces_absolute_paths_by_placeholders():
+    from esacl_jax.harness.sweep.provenance import portable_command
+
+    command = ("python -m experiments.compare --data_dir=/work/shared/data --out=/tmp/x "
+               "--runs=/home/u/runs --seeds=0,1 --docs_dir=docs --cache=/srv/c")
+    assert portable_command(command) == (
+        "python -m experiments.compare --data_dir=DATA --out=OUT --runs=RUNS --seeds=0,1 "
+        "--docs_dir=docs --cache=CACHE")

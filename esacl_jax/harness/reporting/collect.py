@@ -56,7 +56,9 @@ def load_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
     """Every readable results.json under `root` (recursive, symlinked directories followed),
     sorted by path.
 
-    Each dict gets a ``"path"`` key (the file's path as a string). Files that cannot be read,
+    Each dict gets a ``"path"`` key (the file's path as a string) and a ``"relative_path"`` key
+    (the same path relative to `root`, POSIX style: what tables write, so that a committed table
+    names its runs without a machine's absolute paths). Files that cannot be read,
     are not JSON, or lack the keys of a results.json are skipped with a logged warning: one bad
     file never hides the others.
     """
@@ -75,6 +77,7 @@ def load_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
             log.warning("skipping %s: not a results.json (no 'method'/'metrics')", path)
             continue
         result["path"] = str(path)
+        result["relative_path"] = path.relative_to(root).as_posix()
         runs.append(result)
     return runs
 

@@ -111,7 +111,8 @@ def aggregate(runs: Sequence[dict]) -> list[Row]:
         rows.append(Row(benchmark=bench, method=method_of(members[0]), label=label,
                         sparsity=sparsity, buffer=buffer, num_seeds=len(members),
                         seeds=tuple(seeds), commits=tuple(commits),
-                        paths=tuple(str(r.get("path", "")) for r in members), **stats))
+                        paths=tuple(str(r.get("relative_path", r.get("path", "")))
+                                    for r in members), **stats))
     return sorted(rows, key=_row_order)
 
 

@@ -47,6 +47,32 @@ def nodes_summary(results: Sequence[dict]) -> str:
     return ", ".join(parts)
 
 
+# Placeholders for absolute paths in a recorded command line: a report names the flag's role,
+# never the machine it ran on (a user fills in their own directories).
+_PATH_PLACEHOLDERS = {"data_dir": "DATA", "out": "OUT", "runs": "RUNS", "docs_dir": "DOCS",
+                      "workdir": "WORKDIR"}
+
+
+def portable_command(command: str) -> str:
+    """`command` with every absolute path given to a `--flag=PATH` replaced by a placeholder
+    (`--data_dir=DATA`, `--out=OUT`, `--runs=RUNS`, ...; another flag's by its upper-cased name).
+
+    Args:
+      command: a command line as recorded (space-separated tokens).
+
+    Returns:
+      The same command with no absolute path in it.
+    """
+    tokens = []
+    for token in command.split(" "):
+        flag, eq, value = token.partition("=")
+        if eq and flag.startswith("--") and os.path.isabs(value):
+            name = flag.lstrip("-")
+            token = f"{flag}={_PATH_PLACEHOLDERS.get(name, name.upper())}"
+        tokens.append(token)
+    return " ".join(tokens)
+
+
 def provenance(command: str, evaluation: str, results: Sequence[dict] = (),
                jobs: int = 1, launcher: str = "local") -> dict[str, str]:
     """What produced a report: command, commit, machine, evaluation split, how the runs were
@@ -59,7 +85,7 @@ def provenance(command: str, evaluation: str, results: Sequence[dict] = (),
     devices = jax.devices()
     kinds = sorted({str(d.device_kind) for d in devices})
     info = {
-        "command": command,
+        "command": portable_command(command),
         "git commit": git_commit(),
         "machine": (f"{platform.platform()}; {os.cpu_count()} CPU cores; JAX {jax.__version__} "
                     f"backend {jax.default_backend()}, {len(devices)} device(s): "
