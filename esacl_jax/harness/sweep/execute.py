@@ -23,46 +23,16 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import pathlib
-import socket
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TextIO
 
 from esacl_jax.harness.sweep.plan import Outcome, Run, SweepResult, build_config, one_line
 from esacl_jax.harness.sweep.reuse import check_existing
+from esacl_jax.harness.sweep.run_one import execute
 
 LAUNCHERS = ("local", "ray")
-
-
-def execute(run: Run, data_dir: str | None = None, node: Mapping | None = None) -> Outcome:
-    """Builds the run's config and trains it; any exception becomes a "failed" outcome.
-
-    A finished run's results.json gets a ``"node"`` record saying where it ran: `node` (the Ray
-    launcher's: host, ip, Ray node id, attempts) or, by default, ``{"launcher": "local",
-    "hostname": ...}``.
-    """
-    import jax
-
-    from esacl_jax.harness.atomic_io import write_json_atomic
-    from esacl_jax.harness.loop import train_and_evaluate
-
-    start = time.perf_counter()
-    node = {"launcher": "local", "hostname": socket.gethostname()} if node is None \
-        else dict(node)
-    try:
-        config = build_config(run, data_dir)
-        result = train_and_evaluate(config, run.workdir, progress=False)
-        result["node"] = node
-        write_json_atomic(run.results_path, result)
-        return Outcome.from_metrics(
-            run, "done", result["metrics"],
-            float(result.get("wall_time_s", time.perf_counter() - start)), node)
-    except Exception as err:  # noqa: BLE001 - one bad run must not stop the sweep
-        return Outcome(run, "failed", wall_time_s=time.perf_counter() - start,
-                       error=one_line(err))
-    finally:
-        jax.clear_caches()  # compiled functions of this run's shapes are not needed again
 
 
 def _init_worker() -> None:
