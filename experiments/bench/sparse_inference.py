@@ -19,7 +19,7 @@ Every row's outputs are checked against the dense forward's. Timings: the median
 round so that a change of machine load hits every row alike. Prints a markdown table, ms per
 batch and the ratio to dense.
 
-    python -m experiments.bench_sparse_inference --repeats=200
+    python -m experiments.bench.sparse_inference --repeats=200
 """
 
 from __future__ import annotations

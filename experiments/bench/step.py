@@ -1,6 +1,6 @@
 """Step cost of the library's EsaCL against a DER++ step of the same model and batch.
 
-    python -m experiments.bench_step [--steps=500] [--repeats=5] [--out=docs/speed/step.md]
+    python -m experiments.bench.step [--steps=500] [--repeats=5] [--out=docs/speed/step.md]
 
 Both steps are written with the library alone, as a user's loop would (README "EsaCL in your own
 training loop"): a plain-JAX MLP, `esacl_jax.der_loss` + `er_loss` on two replay minibatches as
