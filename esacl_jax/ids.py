@@ -1,7 +1,7 @@
 """Intelligent data selection (IDS) and the per-example statistics table.
 
 Two pieces, both pure and jit-friendly with static shapes:
-- `select_top`: keep the ceil(gamma * B) examples of a batch with the highest scores (e.g. the
+- `select_examples`: keep the ceil(gamma * B) examples of a batch with the highest scores (e.g. the
   per-example sharpness l_i(w + eps) - l_i(w)), via `jax.lax.top_k` with a static k.
 - `ExampleStats`: fixed-size device arrays indexed by an example's position in the current task's
   training set, filled by the passes the training step makes anyway (loss, sharpness, argmax
@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from esacl_jax import _deprecation
+
 SCORE_FIELDS = ("loss", "sharpness", "estimated_sharpness")
 UNSEEN_POLICIES = ("mean", "first")
 
@@ -40,10 +42,17 @@ def num_selected(batch_size: int, gamma: float) -> int:
     return min(batch_size, max(1, math.ceil(gamma * batch_size - 1e-9)))
 
 
-def select_top(scores: jax.Array, gamma: float) -> tuple[jax.Array, jax.Array]:
-    """Indices (int32[k]) and selection mask (bool[B]) of the k = ceil(gamma * B) highest scores.
+def select_examples(scores: jax.Array, gamma: float) -> tuple[jax.Array, jax.Array]:
+    """IDS's choice: the k = ceil(gamma * B) examples of a batch with the highest scores.
 
-    `gamma` must be a static Python float (it fixes the output shape). Ties go to the lower index.
+    Ties go to the lower index. (Called `select_top` before; that name is a deprecated alias.)
+
+    Args:
+      scores: float[B], one score per example of the batch.
+      gamma: the fraction kept, a static Python float in (0, 1] (it fixes the output shape).
+
+    Returns:
+      `(indices, selected)`: int32[k] positions in the batch and the bool[B] selection mask.
     """
     batch = scores.shape[0]
     k = num_selected(batch, gamma)
@@ -292,3 +301,8 @@ def table_positions(stats: ExampleStats, idx: jax.Array, *, check: bool = True) 
                     lambda c, m: _warn_outside(capacity, c, m), c, m),
                 lambda c, m: None, count, largest)
     return jnp.where(idx < 0, capacity, idx)
+
+
+__getattr__ = _deprecation.forwarding_getattr(__name__, {
+    "select_top": ("esacl_jax.ids:select_examples", ""),
+})

@@ -13,11 +13,15 @@ Conventions (shared with `sdp.py` and `sharpness.py`):
   is traced; both give the same masks (ties go to the lower index).
 - Explicitly sharded leaves (sharding in types) are gathered for the per-layer ranking and the
   results get the leaf's sharding back.
-- Which leaves are prunable (`resolve_prunable`): by default every kernel but the logits layer,
-  found from shapes and order (`structural_prunable`; the default of `sdp_transform`, of the
-  functions here that take `prunable=` and of the harness); `"sparcl"`: SparCL's convention,
-  the first layer (input layer or embedding) dense as well (`structural_prunable(params,
-  dense_first=True)`); `"name"`: by layer names (`name_prunable`); or a filter / bool tree.
+- Which leaves are prunable (`resolve_prunable`), one vocabulary for the library and the
+  harness (`PRUNABLE_SETS`, distinct names for distinct sets):
+  `"all_but_output"` (default, also None): every kernel but the logits layer, found from shapes
+  and order (`structural_prunable`); `"all_but_input_and_output"`: the first layer (input layer
+  or embedding) dense as well (`structural_prunable(params, dense_first=True)`);
+  `"by_layer_name"`: by layer names (`name_prunable`: SparCL's set, on the ResNet-18 its 16
+  block convolutions, so also the 1x1 shortcuts dense); or a filter / bool tree. The old
+  spellings ("structural", "sparcl", "name") still resolve, with a DeprecationWarning
+  (`OLD_PRUNABLE_NAMES`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
+
+from esacl_jax import _deprecation
+from esacl_jax._defaults import ESACL_DEFAULTS
 
 PyTree = Any
 KeyPath = tuple[Any, ...]
@@ -91,20 +98,6 @@ def name_prunable(path: KeyPath, leaf: Any) -> bool:
     return not any(part in name for name in lowered for part in EXCLUDED_NAME_PARTS)
 
 
-# Kept for earlier callers, who passed it as a per-leaf filter: `name_prunable`. The default
-# prunable SET of the library and the harness is `structural_prunable` (every kernel but the
-# logits layer).
-
-
-def __getattr__(name: str) -> Any:
-    if name == "default_prunable":  # deprecated: it was never the default prunable set
-        warnings.warn("masks.default_prunable is deprecated (it is the name-based set, not the "
-                      "default): use masks.name_prunable, or prunable=None for the default "
-                      "structural set", DeprecationWarning, stacklevel=2)
-        return name_prunable
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _natural_key(path: KeyPath) -> tuple:
     """Sort key of a path with numbers compared as numbers ("Dense_2" before "Dense_10")."""
     return tuple(
@@ -130,7 +123,7 @@ def _in_dims(shape: tuple[int, ...]) -> set[int]:
 
 
 def structural_prunable(params: PyTree, *, dense_first: bool = False) -> PyTree:
-    """The default prunable set, from shapes and order only (no names): a tree of Python bools.
+    """The default prunable set ("all_but_output"), from shapes and order only (no names).
 
     Candidates are the floating leaves with ndim >= 2 (dense, conv, attention and embedding
     kernels; biases, norms and scalars never). Every candidate is prunable except:
@@ -138,7 +131,7 @@ def structural_prunable(params: PyTree, *, dense_first: bool = False) -> PyTree:
       other candidate (it is none of their input dimensions, nor, for a conv kernel, a divisor
       of a dense kernel's input: a flatten); a multi-head model (task-IL heads on a trunk) so
       keeps every head dense;
-    - with `dense_first=True` (SparCL's convention, `prunable="sparcl"`), also the input layer
+    - with `dense_first=True` (`prunable="all_but_input_and_output"`), also the input layer
       or embedding: among the candidates whose input dimensions are produced by no other
       candidate (none is another's last axis), the first in natural path order.
     When no candidate qualifies for a role, the last (first) candidate in natural path order
@@ -178,22 +171,58 @@ def structural_prunable(params: PyTree, *, dense_first: bool = False) -> PyTree:
     return treedef.unflatten(flags)
 
 
-PRUNABLE_SETS = ("structural", "sparcl", "name")
+# The prunable sets by name (`prunable="..."`), shared by the library and the harness
+# (`config.prunable`): every kernel but the output layers; the input layer dense as well; SparCL's
+# set by layer names (on the ResNet-18 the last two differ: the 1x1 shortcuts).
+PRUNABLE_SETS = ("all_but_output", "all_but_input_and_output", "by_layer_name")
+# Old spellings, resolved with a DeprecationWarning: the library's three and the harness's
+# `prune_scope` values ("sparcl" meant different sets in the two, so neither keeps the name).
+OLD_PRUNABLE_NAMES = {"structural": "all_but_output", "sparcl": "all_but_input_and_output",
+                      "name": "by_layer_name"}
+
+
+def prunable_set_name(prunable: str) -> str:
+    """The `PRUNABLE_SETS` name of a set's name, old spellings included (with a warning).
+
+    Args:
+      prunable: a name of `PRUNABLE_SETS` or of `OLD_PRUNABLE_NAMES`.
+
+    Returns:
+      The name in `PRUNABLE_SETS`.
+
+    Raises:
+      ValueError: an unknown name (one line listing the known ones).
+    """
+    if prunable in PRUNABLE_SETS:
+        return prunable
+    if prunable in OLD_PRUNABLE_NAMES:
+        new = OLD_PRUNABLE_NAMES[prunable]
+        _deprecation.warn(f'prunable="{prunable}"', f'write prunable="{new}" (the same set)')
+        return new
+    raise ValueError(f"prunable must be one of {PRUNABLE_SETS}, a filter or a bool tree: "
+                     f"{prunable!r}")
 
 
 def resolve_prunable(prunable: Any, params: PyTree) -> PyTree:
-    """The bool tree of a `prunable=` argument: None or "structural" (default) -> every kernel
-    but the logits layer (`structural_prunable`); "sparcl" -> the first layer dense as well
-    (`structural_prunable(params, dense_first=True)`); "name" -> `name_prunable`; a
-    `(path, leaf) -> bool` filter; or a bool tree as it is."""
-    if prunable is None or (isinstance(prunable, str) and prunable == "structural"):
-        return structural_prunable(params)
+    """The bool tree of a `prunable=` argument.
+
+    Args:
+      prunable: None or "all_but_output" (default: every kernel but the logits layer,
+        `structural_prunable`); "all_but_input_and_output" (the first layer dense as well,
+        `structural_prunable(params, dense_first=True)`); "by_layer_name" (`name_prunable`);
+        a `(path, leaf) -> bool` filter; or a bool tree (returned as it is).
+      params: the params the set is of.
+
+    Returns:
+      A tree of Python bools like `params` (or `prunable` itself when it is a bool tree).
+    """
     if isinstance(prunable, str):
-        if prunable == "sparcl":
-            return structural_prunable(params, dense_first=True)
-        if prunable != "name":
-            raise ValueError(f"prunable must be one of {PRUNABLE_SETS}, a filter or a bool tree: "
-                             f"{prunable!r}")
+        prunable = prunable_set_name(prunable)
+    if prunable is None or prunable == "all_but_output":
+        return structural_prunable(params)
+    if prunable == "all_but_input_and_output":
+        return structural_prunable(params, dense_first=True)
+    if prunable == "by_layer_name":
         prunable = name_prunable
     _, flags, treedef = _flat_with_prunable(params, prunable)
     return treedef.unflatten(flags)
@@ -350,8 +379,8 @@ def _top_k_mask(flat: jax.Array, k: int, take: Any = None) -> jax.Array:
     return jnp.zeros(flat.shape, bool).at[idx].set(chosen)
 
 
-def _keep_top_flat(flat: jax.Array, num_keep: Any) -> jax.Array:
-    """`keep_top` on a 1-D array: `lax.top_k` for a static count, a rank otherwise."""
+def _top_mask_flat(flat: jax.Array, num_keep: Any) -> jax.Array:
+    """`top_mask` on a 1-D array: `lax.top_k` for a static count, a rank otherwise."""
     flat = jnp.where(jnp.isnan(flat), -jnp.inf, flat)
     static = concrete_int(num_keep)
     if static is not None:
@@ -361,7 +390,7 @@ def _keep_top_flat(flat: jax.Array, num_keep: Any) -> jax.Array:
     return rank < jnp.clip(jnp.asarray(num_keep, jnp.int32), 0, flat.size)
 
 
-def keep_top(scores: jax.Array, num_keep: Any) -> jax.Array:
+def top_mask(scores: jax.Array, num_keep: Any) -> jax.Array:
     """Boolean mask (shape of `scores`) with exactly `num_keep` True at the highest scores.
 
     Ties are broken by flat index (lower index kept first); NaN scores rank lowest. `num_keep` may
@@ -369,7 +398,7 @@ def keep_top(scores: jax.Array, num_keep: Any) -> jax.Array:
     argsort (and a scatter), so no static k is needed; a concrete `num_keep` uses `lax.top_k`
     (same result, faster). `num_keep` is clipped to [0, scores.size].
     """
-    return _unflatten(_keep_top_flat(_flatten(scores), num_keep), scores)
+    return _unflatten(_top_mask_flat(_flatten(scores), num_keep), scores)
 
 
 def _num_pruned(sparsity: Any, size: int) -> Any:
@@ -397,7 +426,7 @@ def magnitude_masks(
             continue
         size = math.prod(np.shape(w))
         magnitude = jnp.abs(jnp.asarray(w, jnp.float32))
-        out.append(keep_top(magnitude, size - _num_pruned(s, size)))
+        out.append(top_mask(magnitude, size - _num_pruned(s, size)))
     return treedef.unflatten(out)
 
 
@@ -406,7 +435,8 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     return jax.tree.map(lambda w, m: jnp.where(m, w, jnp.zeros((), w.dtype)), params, masks)
 
 
-def masked_start(params: PyTree, masks: PyTree, *, rescale: bool = True) -> PyTree:
+def masked_start(params: PyTree, masks: PyTree, *,
+                 rescale: bool = ESACL_DEFAULTS["init_rescale"]) -> PyTree:
     """Masked initial params; with `rescale`, each unit keeps its dense incoming norm.
 
     `esacl_jax.sparse_start(params, opt_state)` calls it with the transform's masks: the one
@@ -436,7 +466,8 @@ def masked_start(params: PyTree, masks: PyTree, *, rescale: bool = True) -> PyTr
     return jax.tree.map(one, params, masks)
 
 
-def sparse_init(params: PyTree, masks: PyTree, *, rescale: bool = True) -> PyTree:
+def sparse_init(params: PyTree, masks: PyTree, *,
+                rescale: bool = ESACL_DEFAULTS["init_rescale"]) -> PyTree:
     """Deprecated: `esacl_jax.sparse_start(params, opt_state)` (or `masks.masked_start`)."""
     warnings.warn("esacl_jax.sparse_init is deprecated: start sparse with "
                   "esacl_jax.sparse_start(params, opt_state) (or masks.masked_start(params, "
@@ -452,7 +483,7 @@ def sdp_scores(
     grad_ema: PyTree,
     *,
     kind: str = "magnitude_gradient",
-    score_lambda: Any = 0.5,
+    score_lambda: Any = ESACL_DEFAULTS["score_lambda"],
     curvature: PyTree | None = None,
     normalize: bool = True,
 ) -> PyTree:
@@ -510,7 +541,7 @@ def prune_and_regrow(
     scores: PyTree,
     regrow_scores: PyTree,
     *,
-    fraction: Any = 0.01,
+    fraction: Any = ESACL_DEFAULTS["prune_fraction"],
     key: jax.Array,
     regrow: str = "gradient",
     prunable: PrunableFn | PyTree | None = None,
@@ -565,8 +596,8 @@ def prune_and_regrow(
             kept = m & ~lowest
             grown = _top_k_mask(jnp.where(m, -jnp.inf, r), k, n)
         else:
-            kept = _keep_top_flat(jnp.where(m, s, -jnp.inf), active - n)
-            grown = _keep_top_flat(jnp.where(m, -jnp.inf, r), n)
+            kept = _top_mask_flat(jnp.where(m, s, -jnp.inf), active - n)
+            grown = _top_mask_flat(jnp.where(m, -jnp.inf, r), n)
         new_masks.append(_unflatten(kept | grown, like))
         regrown.append(_unflatten(grown, like))
     return treedef.unflatten(new_masks), treedef.unflatten(regrown)
@@ -662,3 +693,12 @@ def warn_if_mostly_dense(params: PyTree, flags: PyTree, sparsity: Any) -> bool:
         "s" if s is None else f"{s:g}",
         f"s * {prunable / total:.3f}" if s is None else f"{s * prunable / total:.3f}")
     return True
+
+
+__getattr__ = _deprecation.forwarding_getattr(__name__, {
+    # it was never the default prunable set: the name-based one
+    "default_prunable": ("esacl_jax.masks:name_prunable",
+                         'use masks.name_prunable (prunable="by_layer_name"), or prunable=None '
+                         "for the default set"),
+    "keep_top": ("esacl_jax.masks:top_mask", ""),
+})

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from esacl_jax import _deprecation
+
 
 def _as_matrix(acc_matrix: Any) -> np.ndarray:
     a = np.asarray(acc_matrix, dtype=np.float64)
@@ -72,8 +74,20 @@ def forward_transfer(acc_matrix: Any, baseline: Any = None) -> float:
     return float(np.mean([a[j - 1, j] - b[j] for j in range(1, t)]))
 
 
-def summarize(acc_matrix: Any, baseline: Any = None) -> dict[str, Any]:
-    """All metrics of one accuracy matrix, as plain Python floats (JSON-ready)."""
+def summarize_matrix(acc_matrix: Any, baseline: Any = None) -> dict[str, Any]:
+    """All metrics of one accuracy matrix, as plain Python floats (JSON-ready).
+
+    (Called `summarize` before; that name is a deprecated alias.)
+
+    Args:
+      acc_matrix: the T x T accuracy matrix ``A[i][j]``.
+      baseline: per-task accuracies of a randomly initialised model for forward transfer
+        (None: zeros).
+
+    Returns:
+      ``{"average_accuracy", "learning_accuracy", "backward_transfer", "forgetting",
+      "forward_transfer", "final_accuracies", "num_tasks"}``.
+    """
     a = _as_matrix(acc_matrix)
     return {
         "average_accuracy": average_accuracy(a),
@@ -87,9 +101,21 @@ def summarize(acc_matrix: Any, baseline: Any = None) -> dict[str, Any]:
 
 
 def summarize_run(class_il: Any, task_il: Any | None = None) -> dict[str, Any]:
-    """Metrics of a run's class-IL and task-IL matrices: ``{"class_il": ..., "task_il": ...}``
-    (``task_il`` is None when not given, e.g. domain-IL runs)."""
+    """Metrics of a run's two accuracy matrices (`summarize_matrix` of each).
+
+    Args:
+      class_il: the class-IL accuracy matrix.
+      task_il: the task-IL accuracy matrix, or None (e.g. domain-IL runs).
+
+    Returns:
+      ``{"class_il": ..., "task_il": ...}`` (``task_il`` None when not given).
+    """
     return {
-        "class_il": summarize(class_il),
-        "task_il": None if task_il is None else summarize(task_il),
+        "class_il": summarize_matrix(class_il),
+        "task_il": None if task_il is None else summarize_matrix(task_il),
     }
+
+
+__getattr__ = _deprecation.forwarding_getattr(__name__, {
+    "summarize": ("esacl_jax.metrics:summarize_matrix", ""),
+})

@@ -14,7 +14,7 @@ import difflib
 
 import ml_collections
 
-from esacl_jax.esacl import DEFAULTS as ESACL_DEFAULTS
+from esacl_jax import ESACL_DEFAULTS
 
 # Fields that do not change what a run computes (where the data live, progress output, logging,
 # whether the state is checkpointed, whether file checksums are verified). A stored run or a
@@ -73,7 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
         # (docs/hidden_layer_sparsity/ablation.md): step variant C, rho 0.01, gamma 0.25 and the
         # norm-preserving sparse init (the reference step is B with rho 0.05, gamma 0.5 and plain
         # magnitude-pruned init).
-        # The values below that esacl_jax.esacl.DEFAULTS also names come from it (one source
+        # The values below that esacl_jax.ESACL_DEFAULTS also names come from it (one source
         # for the library and the harness; tests/test_esacl_lib.py checks every shared key).
         sparsity=ESACL_DEFAULTS["sparsity"], distribution=ESACL_DEFAULTS["distribution"],
         rho=ESACL_DEFAULTS["rho"], gamma=ESACL_DEFAULTS["gamma"],

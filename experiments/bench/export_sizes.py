@@ -2,7 +2,7 @@
 np.savez_compressed (docs/SPARSE_EXPORT.md's table).
 
 MLPs with Gaussian weights (std 1/sqrt(fan-in), `sparse_inference.init_mlp`), every kernel
-but the classifier's pruned to 90% by magnitude (`esacl_jax.magnitude_masks`), the classifier
+but the classifier's pruned to 90% by magnitude (`esacl_jax.masks.magnitude_masks`), the classifier
 and the biases dense. Per model and dtype: `save_sparse` (lossless), `save_sparse(...,
 values_dtype="bfloat16")` (lossy; float32 models only), `save_dense` and `save_dense(...,
 compressed=True)`, in bytes, and the ratios. Prints a markdown table.

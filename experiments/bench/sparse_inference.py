@@ -1,7 +1,7 @@
 """Inference time of a 90%-sparse MLP: dense matmuls against sparse ones, on the host's CPU.
 
 MLPs 784-400-400-10 and 784-1000-1000-10, every kernel but the classifier's pruned to
-`--sparsity` by magnitude (`esacl_jax.magnitude_masks`), the classifier and the biases dense.
+`--sparsity` by magnitude (`esacl_jax.masks.magnitude_masks`), the classifier and the biases dense.
 The weights go through `esacl_jax.export.save_sparse` / `load_sparse` first (the model a user
 would ship). Forward passes, all jitted except scipy's:
   dense        x @ W + b with the zero-filled kernels (what the harness evaluates)

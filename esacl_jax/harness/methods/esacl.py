@@ -228,7 +228,7 @@ class EsaCL(ReplayMethod):
                 if jnp.ndim(mask) == 0:  # not prunable
                     return mask
                 keep = mask.size - jnp.round(target * mask.size).astype(jnp.int32)
-                return masks.keep_top(jnp.where(mask, score, -jnp.inf), keep) & mask
+                return masks.top_mask(jnp.where(mask, score, -jnp.inf), keep) & mask
 
             new_masks = jax.tree.map(layer, sdp_state.masks, scores)
             params = masks.apply_masks(state.params, new_masks)
