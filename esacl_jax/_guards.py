@@ -138,13 +138,13 @@ def check_options(
     if perturbation == "per_device" and batch_axis_name is None:
         raise ValueError('perturbation="per_device" needs batch_axis_name= (the axis of '
                          "jax.shard_map or pmap the devices' gradients are reduced over)")
-    s = masks_lib.concrete_float(sparsity)
+    s = masks_lib.concrete(sparsity)
     if s is not None and not 0.0 <= s <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {s}")
-    r = masks_lib.concrete_float(rho)
+    r = masks_lib.concrete(rho)
     if r is not None and r < 0.0:
         raise ValueError(f"rho must be >= 0, got {r}")
-    e = masks_lib.concrete_int(every)
+    e = masks_lib.concrete(every, int)
     if e is not None and e < 0:
         raise ValueError(f"mask_update_every_steps must be >= 0, got {e}")
 

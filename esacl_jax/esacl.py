@@ -97,7 +97,14 @@ class EsaCLGradients(NamedTuple):
         return self.ascent_grads
 
     def grad_fn(self, _params: PyTree) -> PyTree:
-        """`tx.update`'s `grad_fn`: the descent gradient, already taken at w + eps."""
+        """`tx.update`'s `grad_fn`: the descent gradient, already taken at w + eps.
+
+        Args:
+          _params: the point `tx.update` asks about (ignored: the gradient is already taken there).
+
+        Returns:
+          `descent_grads`.
+        """
         return self.descent_grads
 
 
@@ -185,7 +192,7 @@ def _shared_options(opt_state: Any, rho: Any, perturbation_dtype: Any) -> tuple[
     """rho and perturbation_dtype from the transform's state; a value passed must agree."""
     state_rho = sdp.sam_radius(opt_state)
     if rho is not None:
-        given, own = masks.concrete_float(rho), masks.concrete_float(state_rho)
+        given, own = masks.concrete(rho), masks.concrete(state_rho)
         if given is None or own is None or given != own:
             raise ValueError(
                 f"esacl_gradients(rho={rho!r}) differs from the optimizer's rho "

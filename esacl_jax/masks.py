@@ -26,6 +26,7 @@ Conventions (shared with `sdp.py` and `sharpness.py`):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -72,6 +73,12 @@ def path_names(path: KeyPath) -> tuple[str, ...]:
 
     A trailing `.value` attribute (how a `flax.nnx.Variable` appears in a key path) is dropped, so
     an nnx `State` of `Param`s and its pure-array version give the same names.
+
+    Args:
+      path: a key path (`jax.tree_util.tree_flatten_with_path`).
+
+    Returns:
+      The names of its entries, a tuple of strings.
     """
     names = [_key_name(k) for k in path]
     if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
@@ -80,7 +87,14 @@ def path_names(path: KeyPath) -> tuple[str, ...]:
 
 
 def path_string(path: KeyPath) -> str:
-    """`"/".join(path_names(path))`: the layer name used in summaries."""
+    """`"/".join(path_names(path))`: the layer name used in summaries.
+
+    Args:
+      path: a key path.
+
+    Returns:
+      The names joined by "/".
+    """
     return "/".join(path_names(path))
 
 
@@ -90,6 +104,13 @@ def name_prunable(path: KeyPath, leaf: Any) -> bool:
     Excluded: any path component whose name contains "stem", "classifier", "shortcut", "head" or
     "embed" (first layer, classifier, ResNet 1x1 projections, heads, embeddings). For the CIFAR
     ResNet-18 this leaves exactly the 16 3x3 convolutions of the residual blocks.
+
+    Args:
+      path: the leaf's key path.
+      leaf: the leaf (an array or a shape struct).
+
+    Returns:
+      Whether the leaf is in the name-based set (`prunable="by_layer_name"`).
     """
     names = path_names(path)
     if not names or names[-1] != "kernel" or len(np.shape(leaf)) < 2:
@@ -139,6 +160,13 @@ def structural_prunable(params: PyTree, *, dense_first: bool = False) -> PyTree:
     nothing is prunable. Check the result with `sparsity_summary(masks, params=params)` or
     `prunable_tree(params)`, and pass a filter or bool tree (`prunable=`) when it is not what
     you want (e.g. `name_prunable`, the name-based set).
+
+    Args:
+      params: the params (arrays or shape structs).
+      dense_first: keep the input layer dense too (`prunable="all_but_input_and_output"`).
+
+    Returns:
+      A tree of Python bools like `params`.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     cands = [
@@ -250,7 +278,15 @@ def _flat_with_prunable(
 
 def prunable_tree(params: PyTree, prunable: PrunableFn | PyTree | str | None = None) -> PyTree:
     """A tree of Python bools (static) saying which leaves of `params` are pruned (`prunable=`
-    as in `resolve_prunable`; default: every kernel but the logits layer)."""
+    as in `resolve_prunable`; default: every kernel but the logits layer).
+
+    Args:
+      params: the params.
+      prunable: a `prunable=` argument (`resolve_prunable`'s forms).
+
+    Returns:
+      A tree of Python bools like `params`.
+    """
     _, flags, treedef = _flat_with_prunable(params, prunable)
     return treedef.unflatten(flags)
 
@@ -269,12 +305,24 @@ def _mask_flags(masks: PyTree, prunable: PrunableFn | PyTree | None) -> tuple[li
 # ----------------------------------------------------------------------------- sparsity levels
 
 
-def concrete_float(x: Any) -> float | None:
-    """`float(x)` when `x` is a concrete number, `None` when it is traced."""
+def concrete(x: Any, cast: Callable[[Any], Any] = float) -> Any:
+    """`cast(x)` when `x` is a concrete number, None when it is traced (a static value lets
+    the functions here choose `lax.top_k` and skip work at trace time).
+
+    Args:
+      x: a number or an array.
+      cast: `float` or `int`.
+
+    Returns:
+      The Python number, or None when `x` is traced.
+    """
     try:
-        return float(x)
+        return cast(x)
     except (TypeError, jax.errors.ConcretizationTypeError):
         return None
+
+
+_concrete_int = functools.partial(concrete, cast=int)
 
 
 def _erk_sparsities(shapes: list[tuple[int, ...]], sparsity: Any, xp: Any) -> list[Any]:
@@ -315,11 +363,20 @@ def layer_sparsities(
     `distribution="uniform"` gives every prunable layer `sparsity`; `"erk"` distributes the same
     global number of pruned weights by Erdos-Renyi-Kernel. A traced `sparsity` (abstract init,
     `inject_hyperparams` under `jit`) gives traced scalars instead of Python floats.
+
+    Args:
+      params: the params (arrays or shape structs).
+      sparsity: the target sparsity (per layer for "uniform", global for "erk").
+      distribution: "uniform" or "erk".
+      prunable: a `prunable=` argument (`resolve_prunable`'s forms).
+
+    Returns:
+      A tree like `params` of per-leaf sparsities.
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     flat, flags, treedef = _flat_with_prunable(params, prunable)
-    static = concrete_float(sparsity)
+    static = concrete(sparsity)
     shapes = [tuple(np.shape(x)) for (_, x), f in zip(flat, flags, strict=True) if f]
     if distribution == "uniform" or not shapes:
         values = [static if static is not None else sparsity] * len(shapes)
@@ -361,14 +418,6 @@ def _unflatten(flat: jax.Array, like: jax.Array) -> jax.Array:
     return jax.lax.reshape(flat, jnp.shape(like), out_sharding=sharding)
 
 
-def concrete_int(x: Any) -> int | None:
-    """`int(x)` when `x` is a concrete number, `None` when it is traced."""
-    try:
-        return int(x)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        return None
-
-
 def _top_k_mask(flat: jax.Array, k: int, take: Any = None) -> jax.Array:
     """Mask of the first `take` (default all k) of `lax.top_k(flat, k)` (static k; ties go to
     the lower index). Cheaper than a full sort when k is small (the 1% of a mask update)."""
@@ -382,7 +431,7 @@ def _top_k_mask(flat: jax.Array, k: int, take: Any = None) -> jax.Array:
 def _top_mask_flat(flat: jax.Array, num_keep: Any) -> jax.Array:
     """`top_mask` on a 1-D array: `lax.top_k` for a static count, a rank otherwise."""
     flat = jnp.where(jnp.isnan(flat), -jnp.inf, flat)
-    static = concrete_int(num_keep)
+    static = _concrete_int(num_keep)
     if static is not None:
         return _top_k_mask(flat, min(max(static, 0), flat.size))
     order = jnp.argsort(flat, descending=True, stable=True)
@@ -397,13 +446,20 @@ def top_mask(scores: jax.Array, num_keep: Any) -> jax.Array:
     be a traced integer: the selection is then `rank < num_keep` with the rank from one stable
     argsort (and a scatter), so no static k is needed; a concrete `num_keep` uses `lax.top_k`
     (same result, faster). `num_keep` is clipped to [0, scores.size].
+
+    Args:
+      scores: an array of scores.
+      num_keep: how many to keep (a Python int or a traced integer).
+
+    Returns:
+      A bool array of the shape of `scores`.
     """
     return _unflatten(_top_mask_flat(_flatten(scores), num_keep), scores)
 
 
 def _num_pruned(sparsity: Any, size: int) -> Any:
     """round(sparsity * size): a Python int when static, an int32 scalar when traced."""
-    static = concrete_float(sparsity)
+    static = concrete(sparsity)
     if static is not None:
         return int(round(static * size))
     return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
@@ -416,6 +472,14 @@ def magnitude_masks(
 
     Non-prunable leaves get a scalar `True`. `sparsities` is a tree like params (e.g. from
     `layer_sparsities`); its entries may be traced.
+
+    Args:
+      params: the params.
+      sparsities: a tree like `params` of per-leaf sparsities.
+      prunable: a `prunable=` argument (`resolve_prunable`'s forms).
+
+    Returns:
+      The mask tree (bool arrays on prunable leaves, scalar True elsewhere).
     """
     flat, flags, treedef = _flat_with_prunable(params, prunable)
     sparse_leaves = treedef.flatten_up_to(sparsities)
@@ -431,7 +495,15 @@ def magnitude_masks(
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
-    """Zero the pruned weights: `where(mask, w, 0)`, dtype preserved (exact zeros, even for NaN)."""
+    """Zero the pruned weights: `where(mask, w, 0)`, dtype preserved (exact zeros, even for NaN).
+
+    Args:
+      params: the params.
+      masks: a mask tree like `params`.
+
+    Returns:
+      The params with every pruned weight exactly 0.
+    """
     return jax.tree.map(lambda w, m: jnp.where(m, w, jnp.zeros((), w.dtype)), params, masks)
 
 
@@ -449,6 +521,14 @@ def masked_start(params: PyTree, masks: PyTree, *,
     dense network's signal scale, the sparsity-aware initialisation argument of Evci et al.
     (AAAI 2022) adapted to magnitude masks. Non-prunable leaves (scalar masks) are untouched; a
     unit with no kept weight stays zero. Dtypes are preserved.
+
+    Args:
+      params: the dense initial params.
+      masks: their mask tree.
+      rescale: rescale each unit's kept weights to its dense incoming norm.
+
+    Returns:
+      The sparse initial params.
     """
 
     def one(w: jax.Array, m: jax.Array) -> jax.Array:
@@ -468,7 +548,16 @@ def masked_start(params: PyTree, masks: PyTree, *,
 
 def sparse_init(params: PyTree, masks: PyTree, *,
                 rescale: bool = ESACL_DEFAULTS["init_rescale"]) -> PyTree:
-    """Deprecated: `esacl_jax.sparse_start(params, opt_state)` (or `masks.masked_start`)."""
+    """Deprecated: `esacl_jax.sparse_start(params, opt_state)` (or `masks.masked_start`).
+
+    Args:
+      params: the dense initial params.
+      masks: their mask tree.
+      rescale: as `masked_start`'s.
+
+    Returns:
+      `masked_start(params, masks, rescale=rescale)`.
+    """
     warnings.warn("esacl_jax.sparse_init is deprecated: start sparse with "
                   "esacl_jax.sparse_start(params, opt_state) (or masks.masked_start(params, "
                   "masks))", DeprecationWarning, stacklevel=2)
@@ -499,6 +588,17 @@ def sdp_scores(
     for the loss rescaled so that mean|G| = 1); a layer with G == 0 gets c = c' = 0. Without it,
     c = c' = 1 (the raw formulas, which change with the loss's scale).
     Leaves whose `grad_ema` is a scalar placeholder get the placeholder shape back (not scored).
+
+    Args:
+      params: the params.
+      grad_ema: G, a tree like params (scalar placeholders on non-prunable leaves).
+      kind: "magnitude_gradient" or "taylor".
+      score_lambda: lambda of the magnitude_gradient score.
+      curvature: h, needed by "taylor".
+      normalize: make the scores independent of the loss's scale.
+
+    Returns:
+      A float32 tree of scores like `params`.
     """
     if kind not in SCORE_KINDS:
         raise ValueError(f"score must be one of {SCORE_KINDS}, got {kind!r}")
@@ -555,6 +655,18 @@ def prune_and_regrow(
     gradient) or uniformly at random (`"random"`, using `key`). The active count is unchanged.
     `regrown` is a bool tree (scalar False on non-prunable leaves) marking the regrown weights.
     `prunable=None` treats every leaf with a non-scalar mask as prunable.
+
+    Args:
+      masks: the current mask tree.
+      scores: pruning scores (higher = keep), a tree like the masks.
+      regrow_scores: regrowth scores (e.g. G), a tree like the masks.
+      fraction: fraction of each layer pruned and regrown.
+      key: PRNG key for `regrow="random"`.
+      regrow: "gradient" or "random".
+      prunable: restrict the update to this set (None: every array mask).
+
+    Returns:
+      `(new_masks, regrown)`.
     """
     if regrow not in REGROW_KINDS:
         raise ValueError(f"regrow must be one of {REGROW_KINDS}, got {regrow!r}")
@@ -562,7 +674,7 @@ def prune_and_regrow(
     score_leaves = treedef.flatten_up_to(scores)
     regrow_leaves = treedef.flatten_up_to(regrow_scores)
     keys = jax.random.split(key, len(leaves))
-    static_fraction = concrete_float(fraction)
+    static_fraction = concrete(fraction)
     if static_fraction is not None and not 0.0 <= static_fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {static_fraction}")
     new_masks, regrown = [], []
@@ -678,8 +790,17 @@ def sparsity_summary(masks: PyTree, prunable: PrunableFn | PyTree | None = None,
 
 def warn_if_mostly_dense(params: PyTree, flags: PyTree, sparsity: Any) -> bool:
     """Log one warning line when the prunable set leaves more than half of all weights dense
-    (so "sparsity s" would be far from s over the whole network). Returns whether it warned."""
-    s = concrete_float(sparsity)
+    (so "sparsity s" would be far from s over the whole network). Returns whether it warned.
+
+    Args:
+      params: the params.
+      flags: their prunable tree of bools.
+      sparsity: the target sparsity (a concrete 0 never warns).
+
+    Returns:
+      Whether it warned.
+    """
+    s = concrete(sparsity)
     leaves = jax.tree.leaves(params)
     sizes = [math.prod(np.shape(x)) for x in leaves]
     total = sum(sizes)
@@ -701,4 +822,6 @@ __getattr__ = _deprecation.forwarding_getattr(__name__, {
                          'use masks.name_prunable (prunable="by_layer_name"), or prunable=None '
                          "for the default set"),
     "keep_top": ("esacl_jax.masks:top_mask", ""),
+    "concrete_float": ("esacl_jax.masks:concrete", ""),
+    "concrete_int": ("esacl_jax.masks:_concrete_int", "use masks.concrete(x, int)"),
 })

@@ -32,46 +32,76 @@ def _as_matrix(acc_matrix: Any) -> np.ndarray:
     return a
 
 
-def average_accuracy(acc_matrix: Any) -> float:
-    """Mean accuracy over all tasks after training the last one: mean_j A[T-1][j]."""
+def _over_earlier_tasks(acc_matrix: Any, term: Any) -> float:
+    """mean_{j<T-1} term(A, j), and 0 when T = 1 (no earlier task)."""
     a = _as_matrix(acc_matrix)
-    return float(np.mean(a[-1]))
+    if a.shape[0] == 1:
+        return 0.0
+    return float(np.mean([term(a, j) for j in range(a.shape[0] - 1)]))
+
+
+def average_accuracy(acc_matrix: Any) -> float:
+    """Mean accuracy over all tasks after training the last one: mean_j A[T-1][j].
+
+    Args:
+      acc_matrix: the T x T accuracy matrix.
+
+    Returns:
+      ACC, a float: the mean of the last row.
+    """
+    return float(np.mean(_as_matrix(acc_matrix)[-1]))
 
 
 def learning_accuracy(acc_matrix: Any) -> float:
-    """Mean accuracy on each task right after learning it: mean_j A[j][j]."""
-    a = _as_matrix(acc_matrix)
-    return float(np.mean(np.diag(a)))
+    """Mean accuracy on each task right after learning it: mean_j A[j][j].
+
+    Args:
+      acc_matrix: the T x T accuracy matrix (only its diagonal is read).
+
+    Returns:
+      LA as a float.
+    """
+    return float(np.mean(np.diag(_as_matrix(acc_matrix))))
 
 
 def backward_transfer(acc_matrix: Any) -> float:
-    """mean_{j<T-1} (A[T-1][j] - A[j][j]); negative means forgetting. 0 when T = 1."""
-    a = _as_matrix(acc_matrix)
-    t = a.shape[0]
-    if t == 1:
-        return 0.0
-    return float(np.mean(a[-1, : t - 1] - np.diag(a)[: t - 1]))
+    """mean_{j<T-1} (A[T-1][j] - A[j][j]); negative means forgetting. 0 when T = 1.
+
+    Args:
+      acc_matrix: the T x T accuracy matrix.
+
+    Returns:
+      BWT, a float.
+    """
+    return _over_earlier_tasks(acc_matrix, lambda a, j: a[-1, j] - a[j, j])
 
 
 def forgetting(acc_matrix: Any) -> float:
-    """mean_{j<T-1} (max_{j<=i<=T-2} A[i][j] - A[T-1][j]). 0 when T = 1."""
-    a = _as_matrix(acc_matrix)
-    t = a.shape[0]
-    if t == 1:
-        return 0.0
-    drops = [np.max(a[j : t - 1, j]) - a[t - 1, j] for j in range(t - 1)]
-    return float(np.mean(drops))
+    """mean_{j<T-1} (max_{j<=i<=T-2} A[i][j] - A[T-1][j]). 0 when T = 1.
+
+    Args:
+      acc_matrix: the T x T accuracy matrix.
+
+    Returns:
+      FGT, a float.
+    """
+    return _over_earlier_tasks(acc_matrix, lambda a, j: np.max(a[j:-1, j]) - a[-1, j])
 
 
 def forward_transfer(acc_matrix: Any, baseline: Any = None) -> float:
     """mean_{j>=1} (A[j-1][j] - b_j), b = ``baseline`` (per-task accuracies of a randomly
-    initialised model; zeros when None). 0 when T = 1."""
-    a = _as_matrix(acc_matrix)
-    t = a.shape[0]
-    if t == 1:
-        return 0.0
-    b = np.zeros(t) if baseline is None else np.asarray(baseline, dtype=np.float64)
-    return float(np.mean([a[j - 1, j] - b[j] for j in range(1, t)]))
+    initialised model; zeros when None). 0 when T = 1.
+
+    Args:
+      acc_matrix: the T x T accuracy matrix.
+      baseline: per-task accuracies of a randomly initialised model (None: zeros).
+
+    Returns:
+      FWT, a float.
+    """
+    b = 0.0 if baseline is None else np.asarray(baseline, dtype=np.float64)
+    return _over_earlier_tasks(acc_matrix,
+                               lambda a, j: a[j, j + 1] - (b if np.ndim(b) == 0 else b[j + 1]))
 
 
 def summarize_matrix(acc_matrix: Any, baseline: Any = None) -> dict[str, Any]:

@@ -43,9 +43,15 @@ else raises at trace time with one sentence naming the fix:
   `keep_sparse` inside them is rejected.
 - flax's `TrainState.apply_gradients` cannot pass `grad_fn`: use
   `esacl_jax.flax_utils.SDPTrainState`.
-- `batch_axis_name` (under `jax.shard_map` / `pmap`): the descent gradient is all-reduced; the
-  perturbation uses the all-reduced gradient (`perturbation="global"`, default) or each device's
-  own (`"per_device"`, m-sharpness). Under plain `jit` of sharded arrays the gradient is global.
+- `batch_axis_name` (under `jax.shard_map` / `pmap`): `grad_fn` returns this device's gradient
+  of its local loss (the transform hands it the point marked varying over the axis, so that
+  shard_map's autodiff does not sum it over devices) and the transform averages it
+  (`lax.pmean`), so every device applies the same update. The perturbation uses the averaged
+  incoming gradient (`perturbation="global"`, default: the SAM of the whole batch; a gradient
+  already reduced by shard_map is fine) or each device's own (`"per_device"`, m-sharpness with
+  m = the per-device batch; that gradient must be computed at
+  `jax.lax.pcast(params, axis, to="varying")`, a reduced one raises). Under plain `jit` of
+  sharded arrays the gradient is global.
 
 Notes:
 - `grad_fn` takes the (perturbed) params only, unlike `optax.contrib.sam`'s `grad_fn(params, i)`.
@@ -55,9 +61,10 @@ Notes:
 - `optax.inject_hyperparams(sdp_transform, static_args=esacl_jax.STATIC_ARGS)` (the same for
   `esacl_optimizer`): rho, score_lambda, ema_decay, prune_fraction and mask_update_every_steps
   are mutable hyperparameters; sparsity, seed and prunable are used only at init, so leaving
-  them out of `static_args` raises. Numeric arguments become arrays in the params' dtype: pass
-  `hyperparam_dtype=jnp.float32` for bf16 params. A rho schedule goes to the transform itself
-  (`rho=schedule`), so that `esacl_gradients` evaluates the same one.
+  them out of `static_args` raises (a custom `prunable` filter or a dtype object as
+  `perturbation_dtype` needs to be named there too). Numeric arguments become arrays in the
+  params' dtype: pass `hyperparam_dtype=jnp.float32` for bf16 params. A rho schedule goes to
+  the transform itself (`rho=schedule`), so that `esacl_gradients` evaluates the same one.
 - `grad_fn` must return the gradient in the params' structure (one line says so otherwise).
 """
 
@@ -157,7 +164,7 @@ def static_zero(rho: Any) -> bool:
     Returns:
       True for a concrete 0, False for any other value or a traced one.
     """
-    return masks_lib.concrete_float(rho) == 0.0
+    return masks_lib.concrete(rho) == 0.0
 
 
 # ----------------------------------------------------------------------------- mask updates
@@ -283,63 +290,44 @@ def sdp_transform(
     """Sharpness-aware directional pruning: masked SAM gradient + SDP mask updates.
 
     Args:
-      sparsity: fraction of pruned weights in each prunable layer (global target for "erk");
-        only used at init (so under `optax.inject_hyperparams` it must be among the static
-        arguments, `static_args=esacl_jax.STATIC_ARGS`, as `seed` and `prunable`; else it
-        raises). With no prunable leaf, a sparsity > 0 raises.
-      rho: SAM radius (default: EsaCL's published one, `esacl_jax.ESACL_DEFAULTS`): a Python
-        float, or a schedule `count -> rho` (a function of the transform's step count, like an
-        optax learning-rate schedule; `sam_radius(opt_state)` gives the value the next update
-        uses, so `esacl_gradients` perturbs with the same one). A static 0 evaluates `grad_fn`
-        at w itself (no perturbation). Under `optax.inject_hyperparams` it is a mutable
-        hyperparameter.
+      sparsity: fraction of pruned weights in each prunable layer (global target for "erk"),
+        used only at init (static under `optax.inject_hyperparams`: `STATIC_ARGS`). With no
+        prunable leaf, a sparsity > 0 raises.
+      rho: SAM radius, a Python float or a schedule `count -> rho` of the transform's step
+        count (`sam_radius(opt_state)` gives the next update's, which `esacl_gradients`
+        perturbs with). A static 0 evaluates `grad_fn` at w itself. Mutable under
+        `optax.inject_hyperparams`.
       distribution: "uniform" or "erk" per-layer sparsities.
-      prunable: which leaves are pruned, one of `masks.PRUNABLE_SETS`: None or
-        "all_but_output" (default: every kernel, ndim >= 2, except the logits layer, found from
-        shapes and order: `masks.structural_prunable`), "all_but_input_and_output" (the first
-        layer dense as well), "by_layer_name" (`masks.name_prunable`: SparCL's set by layer
-        names), or a filter `(path, leaf) -> bool` or a bool tree.
-        A set that leaves more than half of all weights dense logs one warning line. (A custom
-        filter under inject_hyperparams needs `static_args=("prunable",)`.)
-      score: "magnitude_gradient" (|w| + lambda |G| c) or "taylor" (|w G| c + 0.5 h w^2 c^2;
-        also keeps the curvature EMA h, one more float32 copy of the prunable weights); c
-        normalises G per layer so the ranking does not depend on the loss's scale
-        (`masks.sdp_scores`).
+      prunable: which leaves are pruned: a name of `masks.PRUNABLE_SETS` (None is
+        "all_but_output": every kernel but the logits layer, found from shapes and order),
+        a filter `(path, leaf) -> bool` or a bool tree. A set that leaves more than half of
+        all weights dense logs one warning line.
+      score: "magnitude_gradient" or "taylor" (keeps the curvature EMA h too; `masks.sdp_scores`).
       score_lambda: lambda of the magnitude_gradient score.
       ema_decay: decay of the G (and h) EMAs.
       prune_fraction: fraction of each layer pruned and regrown per mask update.
       regrow: "gradient" (largest |G| among inactive weights) or "random".
-      mask_update_every_steps: 0 (default): masks change only through `mask_update` /
-        `refresh_masks` called by the training loop. k > 0: inside `update`, at steps with
-        count > 0 and count % k == 0, under `lax.cond`: steps that do not update masks do not
-        compute candidate masks (under `vmap` with a batched count, cond becomes a select).
-      seed: seed of the PRNG key used by random regrowth.
+      mask_update_every_steps: 0: masks change only through `refresh_masks` / `mask_update`
+        called by the loop; k > 0: also inside `update` at counts > 0 divisible by k (under
+        `lax.cond`, so other steps compute no candidate masks).
+      seed: seed of the PRNG key used by random regrowth (init only).
       check_projection: raise at trace time when not run inside `keep_sparse`.
-      require_grad_fn: raise when `update` gets no `grad_fn` and rho is not a static 0. False:
-        without `grad_fn` the incoming updates are the descent gradient (no SAM inside; pass a
-        sharpness-aware gradient you computed yourself).
+      require_grad_fn: False: without `grad_fn` the incoming updates are the descent gradient
+        (no SAM inside); True: that raises unless rho is a static 0.
       batch_axis_name: the mapped axis name (or names) under `jax.shard_map` / `pmap`, as in
-        `optax.contrib.sam`: `grad_fn` returns this device's gradient of its local loss (as
-        under pmap; the transform hands it the point marked varying over the axis, so that
-        shard_map's autodiff does not sum it over devices) and the transform averages it
-        (`lax.pmean`), so every device applies the same update.
-      perturbation: with `batch_axis_name`, "global" (default): eps from the averaged incoming
-        gradient (the SAM of the whole batch; an incoming gradient already reduced by shard_map
-        is fine); "per_device": eps from each device's own incoming gradient (m-sharpness with
-        m = the per-device batch), which must then be computed at
-        `jax.lax.pcast(params, axis, to="varying")` (a reduced one raises).
-      perturbation_dtype: dtype of w + eps handed to `grad_fn` for low-precision (bf16, f16)
-        params (default "float32": in bf16, w + eps == w on most coordinates); None keeps the
-        params' dtype. 32-bit params are unaffected. (A string, so that inject_hyperparams
-        keeps it static; a dtype object there needs `static_args=("perturbation_dtype",)`.)
+        `optax.contrib.sam`: `grad_fn` returns this device's gradient and the transform
+        averages it (module docstring, "batch_axis_name").
+      perturbation: with `batch_axis_name`, "global" (eps from the averaged incoming gradient)
+        or "per_device" (each device's own: m-sharpness; module docstring).
+      perturbation_dtype: dtype of w + eps handed to `grad_fn` for low-precision params
+        ("float32": in bf16, w + eps == w on most coordinates); None: the params' dtype.
 
     Returns:
       A `GradientTransformationExtraArgs`. `update(updates, state, params, *, grad_fn=None)`:
-      `updates` is the clean gradient g at `params`, used only for the ascent direction eps;
-      `grad_fn(params) -> grads` is the descent gradient (it may use other data than g, e.g.
-      IDS-selected examples plus replay), evaluated once at the perturbed point w + eps (at w
-      itself when rho is a static 0). The output is the masked descent gradient in the params'
-      dtypes. See the module docstring for how it composes with other optax wrappers.
+      `updates` is the clean gradient g at `params` (only the ascent direction eps);
+      `grad_fn(params) -> grads` is the descent gradient (it may use other data, e.g.
+      IDS-selected examples plus replay), evaluated once at w + eps. The output is the masked
+      descent gradient in the params' dtypes.
     """
     opts = _Options(**locals())  # every argument, as given
     _guards.check_options(sparsity, rho, distribution, score, regrow, mask_update_every_steps,
@@ -349,14 +337,9 @@ def sdp_transform(
     def init_fn(params: PyTree) -> SDPState:
         return _init_state(params, opts)
 
-    def update_fn(
-        updates: PyTree,
-        state: SDPState,
-        params: PyTree | None = None,
-        *,
-        grad_fn: Callable[[PyTree], PyTree] | None = None,
-        **extra_args: Any,
-    ) -> tuple[PyTree, SDPState]:
+    def update_fn(updates: PyTree, state: SDPState, params: PyTree | None = None, *,
+                  grad_fn: Callable[[PyTree], PyTree] | None = None,
+                  **extra_args: Any) -> tuple[PyTree, SDPState]:
         call = _guards.check_transform_update(updates, params, extra_args, check_projection)
         rho_now = rho(state.count) if callable(rho) else rho
         g_sam = _sharpness_aware_gradient(updates, state, params, grad_fn, call, rho_now, opts)
@@ -372,7 +355,7 @@ def _init_state(params: PyTree, opts: _Options) -> SDPState:
     flat, flags, treedef = masks_lib._flat_with_prunable(
         params, masks_lib.resolve_prunable(opts.prunable, params)
     )
-    static_sparsity = masks_lib.concrete_float(opts.sparsity)
+    static_sparsity = masks_lib.concrete(opts.sparsity)
     if not any(flags) and static_sparsity is not None and static_sparsity > 0:
         raise ValueError(
             f"sdp_transform(sparsity={static_sparsity}) found no prunable leaf in the params: "
@@ -479,7 +462,7 @@ def _scheduled_mask_update(state: SDPState, count: jax.Array, params: PyTree,
                            opts: _Options) -> SDPState:
     """`mask_update` under `lax.cond` at the steps `mask_update_every_steps` names (count > 0
     and count % k == 0); the state as it is when k is a static 0."""
-    every = masks_lib.concrete_int(opts.mask_update_every_steps)
+    every = masks_lib.concrete(opts.mask_update_every_steps, int)
     if every == 0:
         return state
     if every is not None:
@@ -562,6 +545,13 @@ def accumulate_grad_fn(
     mbs)`; the update then perturbs along the accumulated gradient and evaluates the descent
     gradient of all micro-batches at that one point (exactly SAM on the full batch when the
     loss is a mean over equal micro-batches). Sums in float32; results in grad_fn's dtypes.
+
+    Args:
+      grad_fn: `(params, microbatch) -> grads`.
+      microbatches: a tree of arrays with the micro-batches on the leading axis.
+
+    Returns:
+      `params -> grads`, the mean gradient over the micro-batches.
     """
 
     def fn(params: PyTree) -> PyTree:
@@ -596,13 +586,30 @@ def perturbed_params(grads: PyTree, masks: PyTree, params: PyTree, rho: Any, *,
     than the gradient, e.g. per-example losses) and hands it over as ``grad_fn=lambda _: g``:
     computed with this function, its point is the transform's to the bit, low-precision
     params included (`perturbation_dtype` as in `sdp_transform`).
+
+    Args:
+      grads: the ascent direction g (a tree like the params).
+      masks: the `SDPState`'s masks.
+      params: w.
+      rho: the radius (`sam_radius(opt_state)`).
+      perturbation_dtype: as `sdp_transform`'s.
+
+    Returns:
+      w + eps, a tree like `params`.
     """
     eps = sam_perturbation(grads, _active(masks), rho, dtype=perturbation_dtype)
     return add_perturbation(params, eps, dtype=perturbation_dtype)
 
 
 def find_sdp_state(opt_state: Any) -> SDPState:
-    """The single `SDPState` inside an optimizer state (through chain, inject_hyperparams, ...)."""
+    """The single `SDPState` inside an optimizer state (through chain, inject_hyperparams, ...).
+
+    Args:
+      opt_state: an optimizer state.
+
+    Returns:
+      Its `SDPState` (ValueError when there is none or more than one).
+    """
     found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_sdp) if _is_sdp(x)]
     if len(found) != 1:
         raise ValueError(
@@ -651,7 +658,15 @@ def sam_radius(opt_state: Any) -> Any:
 
 
 def replace_sdp_state(opt_state: Any, new_state: SDPState) -> Any:
-    """`opt_state` with its single `SDPState` replaced by `new_state` (structure unchanged)."""
+    """`opt_state` with its single `SDPState` replaced by `new_state` (structure unchanged).
+
+    Args:
+      opt_state: an optimizer state holding one `SDPState`.
+      new_state: the state to put in its place.
+
+    Returns:
+      The optimizer state with `new_state` in it.
+    """
     find_sdp_state(opt_state)
     return jax.tree.map(lambda x: new_state if _is_sdp(x) else x, opt_state, is_leaf=_is_sdp)
 
@@ -714,6 +729,12 @@ def keep_sparse(tx: optax.GradientTransformation) -> optax.GradientTransformatio
     At trace time it also checks the chain: `sdp_transform` must see the incoming gradient
     unchanged (nothing before it), and no leaf's final update may be the transform's output or
     the raw gradient (no optimizer after it); each mistake raises one sentence naming the fix.
+
+    Args:
+      tx: a chain holding one `sdp_transform`, first.
+
+    Returns:
+      A `GradientTransformationExtraArgs` whose `update` takes `grad_fn=` (passed through).
     """
     inner = optax.with_extra_args_support(tx)
 

@@ -176,15 +176,7 @@ def run_all(runs: Sequence[Run], jobs: int = 1, data_dir: str | None = None,
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
 
-    outcomes: dict[int, Outcome] = {}
-    todo = []
-    for i, run in enumerate(runs):
-        if not force and run.results_path.exists():
-            outcomes[i] = check_existing(run, data_dir)
-            if outcomes[i].status == "failed" and stream:
-                print(f"FAILED {run.name}: {outcomes[i].error}", file=stream, flush=True)
-        else:
-            todo.append(i)
+    outcomes, todo = _stored_outcomes(runs, data_dir, force, stream)
     check_data((runs[i] for i in todo), data_dir)
     skipped = sum(o.status == "skipped" for o in outcomes.values())
     note = f"; skipping {skipped} with results.json (--force redoes them)" if skipped else ""
@@ -214,12 +206,33 @@ def run_all(runs: Sequence[Run], jobs: int = 1, data_dir: str | None = None,
     result = SweepResult(tuple(outcomes[i] for i in range(len(runs))),
                          time.perf_counter() - start)
     if stream:
-        print(f"sweep: {result.count('done')} ran, {result.count('skipped')} skipped, "
-              f"{len(result.failed)} failed in {format_duration(result.wall_time_s)}",
-              file=stream, flush=True)
-        for outcome in result.failed:
-            print(f"  failed: {outcome.run.name}: {outcome.error}", file=stream, flush=True)
+        _print_summary(result, stream)
     return result
+
+
+def _stored_outcomes(runs: Sequence[Run], data_dir: str | None, force: bool,
+                     stream: TextIO | None) -> tuple[dict[int, Outcome], list[int]]:
+    """The outcomes of the runs whose results.json exists (skipped, or failed when it was made
+    with another config) and the indices of the runs still to do."""
+    outcomes: dict[int, Outcome] = {}
+    todo = []
+    for i, run in enumerate(runs):
+        if not force and run.results_path.exists():
+            outcomes[i] = check_existing(run, data_dir)
+            if outcomes[i].status == "failed" and stream:
+                print(f"FAILED {run.name}: {outcomes[i].error}", file=stream, flush=True)
+        else:
+            todo.append(i)
+    return outcomes, todo
+
+
+def _print_summary(result: SweepResult, stream: TextIO) -> None:
+    """The sweep's last lines: counts, time, and each failed run on a line of its own."""
+    print(f"sweep: {result.count('done')} ran, {result.count('skipped')} skipped, "
+          f"{len(result.failed)} failed in {format_duration(result.wall_time_s)}",
+          file=stream, flush=True)
+    for outcome in result.failed:
+        print(f"  failed: {outcome.run.name}: {outcome.error}", file=stream, flush=True)
 
 
 def _run_local(todo: Sequence[tuple[int, Run]], workers: int, isolate: bool,
