@@ -68,6 +68,18 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
+def is_prunable_mask(mask: Any) -> bool:
+    """The one "is this leaf prunable?" rule of a mask tree (module docstring, conventions).
+
+    Args:
+      mask: one leaf of a mask tree.
+
+    Returns:
+      True for a bool array (a prunable leaf), False for the scalar placeholder.
+    """
+    return jnp.ndim(mask) > 0
+
+
 def path_names(path: KeyPath) -> tuple[str, ...]:
     """Names of the entries of a key path, e.g. `("params", "Dense_0", "kernel")`.
 
@@ -295,7 +307,7 @@ def _mask_flags(masks: PyTree, prunable: PrunableFn | PyTree | None) -> tuple[li
     """Flattened masks and prunable flags; with `prunable=None` a leaf is prunable iff its mask
     is not the scalar placeholder (the convention of `magnitude_masks`)."""
     leaves, treedef = jax.tree.flatten(masks)
-    flags = [jnp.ndim(m) > 0 for m in leaves]
+    flags = [is_prunable_mask(m) for m in leaves]
     if prunable is not None:
         _, extra, _ = _flat_with_prunable(masks, prunable)
         flags = [a and b for a, b in zip(flags, extra, strict=True)]
@@ -533,7 +545,7 @@ def masked_start(params: PyTree, masks: PyTree, *,
 
     def one(w: jax.Array, m: jax.Array) -> jax.Array:
         kept = jnp.where(m, w, jnp.zeros((), w.dtype))
-        if not rescale or jnp.ndim(m) == 0 or jnp.ndim(w) < 2:
+        if not rescale or not is_prunable_mask(m) or jnp.ndim(w) < 2:
             return kept
         axes = tuple(range(jnp.ndim(w) - 1))
         w32, kept32 = jnp.asarray(w, jnp.float32), jnp.asarray(kept, jnp.float32)

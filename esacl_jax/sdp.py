@@ -151,7 +151,7 @@ jax.tree_util.register_dataclass(
 
 def _is_placeholder(state_leaf: jax.Array, mask_leaf: jax.Array) -> bool:
     """A scalar state entry standing in for a non-scalar (prunable) leaf."""
-    return jnp.ndim(state_leaf) == 0 and jnp.ndim(mask_leaf) > 0
+    return jnp.ndim(state_leaf) == 0 and masks_lib.is_prunable_mask(mask_leaf)
 
 
 def static_zero(rho: Any) -> bool:
@@ -680,14 +680,15 @@ def _project(u: jax.Array, p: jax.Array, old: jax.Array, new: jax.Array) -> jax.
 def _active(masks: PyTree) -> PyTree:
     """The masks with each scalar placeholder (a non-prunable leaf, always True) replaced by a
     Python True, so that the where()s on those leaves fold away at trace time."""
-    return jax.tree.map(lambda m: True if jnp.ndim(m) == 0 else m, masks)
+    return jax.tree.map(lambda m: m if masks_lib.is_prunable_mask(m) else True, masks)
 
 
 def _full_masks(masks: PyTree, params: PyTree) -> PyTree:
     """`_active` masks with the structure of the full params: MaskedNode (leaves of other
     groups of an optax.multi_transform) becomes True as well."""
     return jax.tree.map(
-        lambda _, m: True if _guards.is_masked_node(m) or jnp.ndim(m) == 0 else m, params, masks
+        lambda _, m: True if _guards.is_masked_node(m) or not masks_lib.is_prunable_mask(m)
+        else m, params, masks
     )
 
 

@@ -74,9 +74,7 @@ _INF_BITS = 0x7F800000  # bit pattern of +inf in float32: the largest finite-or-
 # ----------------------------------------------------------------------------- pure pieces
 
 
-def _is_sparse_leaf(mask: Any) -> bool:
-    """The masks convention: prunable leaves carry a full bool array, the others a scalar."""
-    return jnp.ndim(mask) > 0
+_is_sparse_leaf = masks_lib.is_prunable_mask  # the masks convention's one rule
 
 
 def _kth_largest(keys: jax.Array, k: int) -> jax.Array:
