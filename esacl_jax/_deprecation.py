@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -15,7 +16,21 @@ def warn(old: str, advice: str) -> None:
       old: the deprecated spelling, as a user wrote it (e.g. "esacl_jax.keep_top").
       advice: what to write instead (e.g. "use esacl_jax.masks.top_mask").
     """
-    warnings.warn(f"{old} is deprecated: {advice}", DeprecationWarning, stacklevel=3)
+    warnings.warn(f"{old} is deprecated: {advice}", DeprecationWarning,
+                  stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The `stacklevel` (for a `warnings.warn` in `warn`) of the first frame outside the
+    library: the user's line, whichever library function the deprecated spelling went through
+    (the harness counts as a user)."""
+    frame, level = sys._getframe(2), 2  # warn's caller
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not module.startswith("esacl_jax.") or module.startswith("esacl_jax.harness"):
+            break
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def forwarding_getattr(module: str, moved: Mapping[str, tuple[str, str]]

@@ -370,7 +370,8 @@ def test_public_face_renames_warn_and_forward():
                                      ("name", "by_layer_name")])
 def test_old_prunable_spellings_warn_and_select_the_same_set(old, new):
     params = init_params()
-    with pytest.warns(DeprecationWarning, match=f'prunable="{new}"'):
+    with pytest.warns(DeprecationWarning, match=f'prunable="{new}"') as record:
         assert masks.prunable_tree(params, old) == masks.prunable_tree(params, new)
+    assert record[0].filename == __file__  # the warning points at the caller's line
     with pytest.raises(ValueError, match="all_but_output"):
         masks.prunable_tree(params, "all")
