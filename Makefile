@@ -10,7 +10,7 @@ WORKDIR ?= runs/$(EXP)_$(METHOD)
 ARGS ?=
 RUNS ?= runs
 
-.PHONY: install run test lint docs dist bench bench-gpu ablation compare report clean
+.PHONY: install run test lint docs dist bench bench-gpu bench-step bench-sdp ablation compare report clean
 
 install: $(STAMP)
 
@@ -51,12 +51,21 @@ dist: install
 	$(PY) -m build --outdir dist .
 	$(VENV)/bin/twine check --strict dist/*
 
+# The measurement scripts live in experiments/bench/ (its __init__ lists them all).
+# Whole-run wall time and peak RSS per method.
 bench: install
-	$(PY) -m experiments.bench $(ARGS)
+	$(PY) -m experiments.bench.runs $(ARGS)
 
 # ResNet-18 and MLP throughput and peak device memory per method (for a GPU/TPU machine).
 bench-gpu: install
-	$(PY) -m experiments.bench_gpu $(ARGS)
+	$(PY) -m experiments.bench.gpu $(ARGS)
+
+# The library's EsaCL step against a DER++ step; sdp_transform against SGD and optax's SAM.
+bench-step: install
+	$(PY) -m experiments.bench.step $(ARGS)
+
+bench-sdp: install
+	$(PY) -m experiments.bench.sdp $(ARGS)
 
 ablation: install
 	$(PY) -m experiments.ablation $(ARGS)

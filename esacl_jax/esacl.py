@@ -42,6 +42,7 @@ global) and runs inside `jax.shard_map` (reduce `g.descent_grads` yourself, or g
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -50,17 +51,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from esacl_jax import ids, masks, sdp
+from esacl_jax import _deprecation, _guards, ids, masks, sdp
+from esacl_jax._defaults import ESACL_DEFAULTS, SDP_OPTION_DEFAULTS
 from esacl_jax.masks import PrunableFn, PyTree
 
-# The published defaults, shared with the harness (`esacl_jax.harness.config`, section
-# `esacl`; a test checks they agree): step variant C (`table=` given), rho 0.01, gamma 0.25,
-# ranking unscored examples at the mean score, the norm-preserving sparse start.
-DEFAULTS: dict[str, Any] = dict(
-    sparsity=0.9, rho=0.01, gamma=0.25, ids_score="sharpness", ids_unseen="mean",
-    distribution="uniform", score="magnitude_gradient", score_lambda=0.5, ema_decay=0.9,
-    prune_fraction=0.01, regrow="gradient", init_rescale=True, mask_update_every_epochs=5,
-)
+__all__ = ["ESACL_DEFAULTS", "EsaCLGradients", "esacl_gradients", "esacl_optimizer",
+           "sparse_start"]
 
 IDS_SCORES = ("sharpness", "perturbed_loss", "clean_loss", "random")
 REPLAY_AT = ("perturbed", "clean")
@@ -101,27 +97,34 @@ class EsaCLGradients(NamedTuple):
         return self.ascent_grads
 
     def grad_fn(self, _params: PyTree) -> PyTree:
-        """`tx.update`'s `grad_fn`: the descent gradient, already taken at w + eps."""
+        """`tx.update`'s `grad_fn`: the descent gradient, already taken at w + eps.
+
+        Args:
+          _params: the point `tx.update` asks about (ignored: the gradient is already taken there).
+
+        Returns:
+          `descent_grads`.
+        """
         return self.descent_grads
 
 
 def esacl_optimizer(
     optimizer: optax.GradientTransformation,
     *,
-    sparsity: float = DEFAULTS["sparsity"],
-    rho: Any = DEFAULTS["rho"],
+    sparsity: float = ESACL_DEFAULTS["sparsity"],
+    rho: Any = ESACL_DEFAULTS["rho"],
     prunable: PrunableFn | PyTree | str | None = None,
-    distribution: str = DEFAULTS["distribution"],
-    score: str = DEFAULTS["score"],
-    score_lambda: Any = DEFAULTS["score_lambda"],
-    ema_decay: Any = DEFAULTS["ema_decay"],
-    prune_fraction: Any = DEFAULTS["prune_fraction"],
-    regrow: str = DEFAULTS["regrow"],
-    mask_update_every_steps: Any = 0,
-    seed: int = 0,
+    distribution: str = ESACL_DEFAULTS["distribution"],
+    score: str = ESACL_DEFAULTS["score"],
+    score_lambda: Any = ESACL_DEFAULTS["score_lambda"],
+    ema_decay: Any = ESACL_DEFAULTS["ema_decay"],
+    prune_fraction: Any = ESACL_DEFAULTS["prune_fraction"],
+    regrow: str = ESACL_DEFAULTS["regrow"],
+    mask_update_every_steps: Any = SDP_OPTION_DEFAULTS["mask_update_every_steps"],
+    seed: int = SDP_OPTION_DEFAULTS["seed"],
     batch_axis_name: Any = None,
-    perturbation: str = "global",
-    perturbation_dtype: Any = "float32",
+    perturbation: str = SDP_OPTION_DEFAULTS["perturbation"],
+    perturbation_dtype: Any = SDP_OPTION_DEFAULTS["perturbation_dtype"],
 ) -> optax.GradientTransformationExtraArgs:
     """`keep_sparse(chain(sdp_transform(...), optimizer))` with EsaCL's defaults.
 
@@ -136,8 +139,9 @@ def esacl_optimizer(
       sparsity: fraction of each prunable layer pruned (init only).
       rho: SAM radius: a Python float or a schedule `count -> rho`; `esacl_gradients` reads
         it from the optimizer state (`sdp.sam_radius`).
-      prunable: None or "structural" (every kernel but the output layers), "sparcl" (the
-        first layer dense too), "name", a `(path, leaf) -> bool` filter or a bool tree.
+      prunable: None or "all_but_output" (every kernel but the output layers),
+        "all_but_input_and_output" (the first layer dense too), "by_layer_name"
+        (`masks.PRUNABLE_SETS`), a `(path, leaf) -> bool` filter or a bool tree.
       distribution: "uniform" or "erk" per-layer sparsities.
       score: "magnitude_gradient" or "taylor" (mask-update score).
       score_lambda: lambda of the magnitude_gradient score.
@@ -153,9 +157,7 @@ def esacl_optimizer(
     Returns:
       An `optax.GradientTransformationExtraArgs`; its `update` takes `grad_fn=`.
     """
-    if isinstance(optimizer, optax.MultiSteps) or isinstance(
-            getattr(getattr(optimizer, "update", None), "__self__", None), optax.MultiSteps):
-        raise ValueError(sdp._MULTISTEPS_INSIDE)
+    _guards.check_not_multisteps(optimizer)
     front = sdp.sdp_transform(
         sparsity, rho, prunable=prunable, distribution=distribution, score=score,
         score_lambda=score_lambda, ema_decay=ema_decay, prune_fraction=prune_fraction,
@@ -166,7 +168,7 @@ def esacl_optimizer(
 
 
 def sparse_start(params: PyTree, opt_state: Any, *,
-                 rescale: bool = DEFAULTS["init_rescale"]) -> PyTree:
+                 rescale: bool = ESACL_DEFAULTS["init_rescale"]) -> PyTree:
     """The exactly sparse initial params of the transform's masks: the one way to start sparse.
 
     Args:
@@ -186,15 +188,11 @@ def _gather(batch: Any, positions: jax.Array) -> Any:
     return jax.tree.map(lambda a: a[positions], batch)
 
 
-def _is_zero(rho: Any) -> bool:
-    return isinstance(rho, (int, float)) and rho == 0.0
-
-
 def _shared_options(opt_state: Any, rho: Any, perturbation_dtype: Any) -> tuple[Any, Any]:
     """rho and perturbation_dtype from the transform's state; a value passed must agree."""
     state_rho = sdp.sam_radius(opt_state)
     if rho is not None:
-        given, own = masks.concrete_float(rho), masks.concrete_float(state_rho)
+        given, own = masks.concrete(rho), masks.concrete(state_rho)
         if given is None or own is None or given != own:
             raise ValueError(
                 f"esacl_gradients(rho={rho!r}) differs from the optimizer's rho "
@@ -208,6 +206,66 @@ def _shared_options(opt_state: Any, rho: Any, perturbation_dtype: Any) -> tuple[
     return state_rho, state_dtype
 
 
+def _check_arguments(ids_score: str, replay_at: str, key: Any, table: Any,
+                     example_index: Any) -> None:
+    """One line for each argument combination `esacl_gradients` cannot honour."""
+    if ids_score not in IDS_SCORES:
+        raise ValueError(f"ids_score must be one of {IDS_SCORES}, got {ids_score!r}")
+    if replay_at not in REPLAY_AT:
+        raise ValueError(f"replay_at must be one of {REPLAY_AT}, got {replay_at!r}")
+    if ids_score == "random" and key is None:
+        raise ValueError('ids_score="random" needs key=')
+    if table is not None and example_index is None:
+        raise ValueError("a score table needs example_index= (each example's position in the "
+                         "task's training set)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Passes:
+    """The passes of one step over the current examples (and the replay term), at w or w + eps."""
+
+    loss_fn: LossFn
+    params: PyTree
+    masks: PyTree
+    rho: Any
+    perturbation_dtype: Any
+    replay: Callable[[PyTree], jax.Array] | None
+    replay_at_clean: bool  # the replay gradient taken at w instead of w + eps
+
+    @property
+    def no_sam(self) -> bool:
+        return sdp.static_zero(self.rho)
+
+    def perturb(self, grads: PyTree) -> PyTree:
+        """w + eps along `grads` on the active weights (w itself when rho is a static 0)."""
+        if self.no_sam:
+            return self.params
+        return sdp.perturbed_params(grads, self.masks, self.params, self.rho,
+                                    perturbation_dtype=self.perturbation_dtype)
+
+    def objective(self, rows: Any, with_replay: bool) -> Callable[[PyTree], tuple[jax.Array, Any]]:
+        """params -> (mean loss over `rows` [+ replay], (per-example losses, aux))."""
+        def fn(p):
+            per_example, aux = self.loss_fn(p, rows)
+            total = per_example.mean()
+            if with_replay:
+                total = total + self.replay(p)
+            return total, (per_example, aux)
+
+        return fn
+
+    def descent(self, point: PyTree, rows: Any) -> tuple[jax.Array, jax.Array, Any, PyTree]:
+        """(loss, per-example losses, aux, gradient) of the descent objective at `point`, the
+        replay term's gradient taken there or, with `replay_at_clean`, at w."""
+        with_replay = self.replay is not None and not self.replay_at_clean
+        (loss, (per_example, aux)), grads = jax.value_and_grad(
+            self.objective(rows, with_replay), has_aux=True)(point)
+        if self.replay_at_clean:
+            value, replay_grads = jax.value_and_grad(self.replay)(self.params)
+            loss, grads = loss + value, jax.tree.map(jnp.add, grads, replay_grads)
+        return loss, per_example, aux, grads
+
+
 def esacl_gradients(
     loss_fn: LossFn,
     params: PyTree,
@@ -217,11 +275,11 @@ def esacl_gradients(
     table: ids.ExampleStats | None = None,
     example_index: jax.Array | None = None,
     rho: Any = None,
-    gamma: float = DEFAULTS["gamma"],
-    ids_score: str = DEFAULTS["ids_score"],
-    unseen: str = DEFAULTS["ids_unseen"],
+    gamma: float = ESACL_DEFAULTS["gamma"],
+    ids_score: str = ESACL_DEFAULTS["ids_score"],
+    unseen: str = ESACL_DEFAULTS["ids_unseen"],
     replay_loss_fn: Callable[[PyTree], jax.Array] | None = None,
-    replay_at: str = "perturbed",
+    replay_at: str = REPLAY_AT[0],
     replay_in_ascent: bool = False,
     correct_fn: Callable[[Any], jax.Array] | None = None,
     key: jax.Array | None = None,
@@ -267,103 +325,92 @@ def esacl_gradients(
     Returns:
       An `EsaCLGradients`; pass `g.ascent_grads` and `grad_fn=g.grad_fn` to `tx.update`.
     """
-    if ids_score not in IDS_SCORES:
-        raise ValueError(f"ids_score must be one of {IDS_SCORES}, got {ids_score!r}")
-    if replay_at not in REPLAY_AT:
-        raise ValueError(f"replay_at must be one of {REPLAY_AT}, got {replay_at!r}")
-    if ids_score == "random" and key is None:
-        raise ValueError('ids_score="random" needs key=')
-    if table is not None and example_index is None:
-        raise ValueError("a score table needs example_index= (each example's position in the "
-                         "task's training set)")
+    _check_arguments(ids_score, replay_at, key, table, example_index)
     rho, perturbation_dtype = _shared_options(opt_state, rho, perturbation_dtype)
-    no_sam = _is_zero(rho)
-    replay = replay_loss_fn
-    replay_at_clean = replay is not None and replay_at == "clean" and not no_sam
-    sdp_masks = sdp.find_sdp_state(opt_state).masks
+    passes = _Passes(
+        loss_fn, params, sdp.find_sdp_state(opt_state).masks, rho, perturbation_dtype,
+        replay_loss_fn,
+        replay_at_clean=(replay_loss_fn is not None and replay_at == "clean"
+                         and not sdp.static_zero(rho)))
+    ascent_replay = replay_in_ascent and replay_loss_fn is not None
+    if table is not None:
+        return _table_step(passes, batch, table, example_index, gamma=gamma,
+                           ids_score=ids_score, unseen=unseen, ascent_replay=ascent_replay,
+                           correct_fn=correct_fn, key=key, check_index=check_index)
+    return _batch_step(passes, batch, gamma=gamma, ids_score=ids_score,
+                       ascent_replay=ascent_replay and not passes.no_sam, key=key)
 
-    def perturb(grads: PyTree) -> PyTree:
-        if no_sam:
-            return params
-        return sdp.perturbed_params(grads, sdp_masks, params, rho,
-                                    perturbation_dtype=perturbation_dtype)
 
-    def objective(rows: Any, with_replay: bool) -> Callable[[PyTree], tuple[jax.Array, Any]]:
-        """params -> (mean loss over `rows` [+ replay], (per-example losses, aux))."""
-        def fn(p):
-            per_example, aux = loss_fn(p, rows)
-            total = per_example.mean()
-            if with_replay:
-                total = total + replay(p)
-            return total, (per_example, aux)
+def _table_step(passes: _Passes, batch: Any, table: ids.ExampleStats, example_index: jax.Array,
+                *, gamma: float, ids_score: str, unseen: str, ascent_replay: bool,
+                correct_fn: Callable[[Any], jax.Array] | None, key: jax.Array | None,
+                check_index: bool) -> EsaCLGradients:
+    """Variant C: the ascent on the table's top-gamma examples, the descent on the whole batch,
+    and one table update (one scatter per field) with what the passes measured."""
+    example_index = ids.table_positions(table, example_index, check=check_index)
+    recorded = ids.gather_scores(table, example_index)  # the batch's (loss, sharpness)
+    if ids_score == "random":
+        table_score = jax.random.uniform(key, jnp.shape(example_index))
+    else:
+        kind = "estimated_sharpness" if ids_score == "sharpness" else "loss"
+        table_score = ids.table_scores(table, example_index, kind, unseen=unseen,
+                                       recorded=recorded)
+    selected, _ = ids.select_examples(table_score, gamma)
 
-        return fn
+    clean = passes.objective(_gather(batch, selected), ascent_replay)
+    (_, (clean_selected, ascent_aux)), grads = jax.value_and_grad(
+        clean, has_aux=True)(passes.params)
+    loss, per_example, aux, descent_grads = passes.descent(passes.perturb(grads), batch)
+    # The batch's losses at w + eps and correctness, the sharpness measured on the selected.
+    sharpness = recorded[1].at[selected].set(per_example[selected] - clean_selected)
+    table = ids.update_example_stats(
+        table, example_index, loss=per_example, sharpness=sharpness,
+        correct=None if correct_fn is None else correct_fn(aux), recorded=recorded)
+    return EsaCLGradients(grads, descent_grads, loss, per_example, aux, ascent_aux,
+                          selected, table)
 
-    def descent(point: PyTree, rows: Any, with_replay: bool):
-        (loss, (per_example, aux)), grads = jax.value_and_grad(
-            objective(rows, with_replay), has_aux=True)(point)
-        return loss, per_example, aux, grads
 
-    def add_clean_replay(loss: jax.Array, grads: PyTree) -> tuple[jax.Array, PyTree]:
-        value, replay_grads = jax.value_and_grad(replay)(params)
-        return loss + value, jax.tree.map(jnp.add, grads, replay_grads)
-
-    if table is not None:  # variant C: ascent on the table's top-gamma examples
-        example_index = ids.table_positions(table, example_index, check=check_index)
-        recorded = ids.gather_scores(table, example_index)  # the batch's (loss, sharpness)
-        if ids_score == "random":
-            table_score = jax.random.uniform(key, jnp.shape(example_index))
-        else:
-            kind = "estimated_sharpness" if ids_score == "sharpness" else "loss"
-            table_score = ids.table_scores(table, example_index, kind, unseen=unseen,
-                                           recorded=recorded)
-        selected, _ = ids.select_top(table_score, gamma)
-
-        clean = objective(_gather(batch, selected), replay_in_ascent and replay is not None)
-        (_, (clean_selected, ascent_aux)), grads = jax.value_and_grad(
-            clean, has_aux=True)(params)
-        loss, per_example, aux, descent_grads = descent(
-            perturb(grads), batch, replay is not None and not replay_at_clean)
-        if replay_at_clean:
-            loss, descent_grads = add_clean_replay(loss, descent_grads)
-        # One table update (one scatter per field): the batch's losses at w + eps and
-        # correctness, and the sharpness measured on the selected examples.
-        sharpness = recorded[1].at[selected].set(per_example[selected] - clean_selected)
-        table = ids.update_example_stats(
-            table, example_index, loss=per_example, sharpness=sharpness,
-            correct=None if correct_fn is None else correct_fn(aux), recorded=recorded)
-        return EsaCLGradients(grads, descent_grads, loss, per_example, aux, ascent_aux,
-                              selected, table)
-
-    # Variants A/B: a clean pass on the whole batch, IDS on the batch's own scores.
-    clean = objective(batch, replay_in_ascent and replay is not None and not no_sam)
-
-    if no_sam:  # eps = 0: the clean gradient is never used, only the forward pass
-        _, (clean_per_example, ascent_aux) = clean(params)
-        grads = jax.tree.map(jnp.zeros_like, params)
+def _batch_step(passes: _Passes, batch: Any, *, gamma: float, ids_score: str,
+                ascent_replay: bool, key: jax.Array | None) -> EsaCLGradients:
+    """Variants A/B: a clean pass on the whole batch, IDS on the batch's own scores, the
+    descent on the selected examples."""
+    clean = passes.objective(batch, ascent_replay)
+    if passes.no_sam:  # eps = 0: the clean gradient is never used, only the forward pass
+        _, (clean_per_example, ascent_aux) = clean(passes.params)
+        grads = jax.tree.map(jnp.zeros_like, passes.params)
     else:
         (_, (clean_per_example, ascent_aux)), grads = jax.value_and_grad(
-            clean, has_aux=True)(params)
-    point = perturb(grads)
+            clean, has_aux=True)(passes.params)
+    point = passes.perturb(grads)
+    selected, rows = _batch_selection(passes, batch, point, clean_per_example, gamma=gamma,
+                                      ids_score=ids_score, key=key)
+    loss, per_example, aux, descent_grads = passes.descent(point, rows)
+    return EsaCLGradients(grads, descent_grads, loss, per_example, aux, ascent_aux, selected,
+                          jnp.zeros((), jnp.float32))
+
+
+def _batch_selection(passes: _Passes, batch: Any, point: PyTree, clean_per_example: jax.Array,
+                     *, gamma: float, ids_score: str, key: jax.Array | None
+                     ) -> tuple[jax.Array, Any]:
+    """The positions IDS keeps and their rows, ranked by the batch's own scores (one more
+    forward pass at w + eps for the sharpness and the perturbed loss)."""
     batch_size = clean_per_example.shape[0]
     if gamma >= 1.0:
-        selected, rows = jnp.arange(batch_size, dtype=jnp.int32), batch
+        return jnp.arange(batch_size, dtype=jnp.int32), batch
+    if ids_score == "clean_loss":
+        scores = clean_per_example
+    elif ids_score == "random" or passes.no_sam:  # rho = 0: every sharpness is 0
+        if key is None:
+            raise ValueError("rho=0 ranks a random subset: esacl_gradients needs key=")
+        scores = jax.random.uniform(key, clean_per_example.shape)
     else:
-        if ids_score == "clean_loss":
-            scores = clean_per_example
-        elif ids_score == "random" or no_sam:  # rho = 0: every sharpness is 0
-            if key is None:
-                raise ValueError("rho=0 ranks a random subset: esacl_gradients needs key=")
-            scores = jax.random.uniform(key, clean_per_example.shape)
-        else:
-            scores, _ = loss_fn(point, batch)
-            if ids_score == "sharpness":
-                scores = scores - clean_per_example
-        selected, _ = ids.select_top(jax.lax.stop_gradient(scores), gamma)
-        rows = _gather(batch, selected)
-    loss, per_example, aux, descent_grads = descent(
-        point, rows, replay is not None and not replay_at_clean)
-    if replay_at_clean:
-        loss, descent_grads = add_clean_replay(loss, descent_grads)
-    return EsaCLGradients(grads, descent_grads, loss, per_example, aux, ascent_aux, selected,
-                          table if table is not None else jnp.zeros((), jnp.float32))
+        scores, _ = passes.loss_fn(point, batch)
+        if ids_score == "sharpness":
+            scores = scores - clean_per_example
+    selected, _ = ids.select_examples(jax.lax.stop_gradient(scores), gamma)
+    return selected, _gather(batch, selected)
+
+
+__getattr__ = _deprecation.forwarding_getattr(__name__, {
+    "DEFAULTS": ("esacl_jax._defaults:ESACL_DEFAULTS", "use esacl_jax.ESACL_DEFAULTS"),
+})

@@ -37,6 +37,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from esacl_jax import masks as masks_lib
+
 PyTree = Any
 
 FORMAT = "esacl_jax.sparse_npz"
@@ -200,7 +202,7 @@ def _save(path: str | os.PathLike, params: PyTree, masks: PyTree | None, *, dens
                 if x.ndim >= 2:
                     nonzero = _nonzero_bits(x)
                     active = nonzero if _compact_is_smaller(x, nonzero) else None
-            elif np.ndim(mask_leaves[i]) > 0:
+            elif masks_lib.is_prunable_mask(mask_leaves[i]):
                 mask = np.broadcast_to(np.asarray(mask_leaves[i], bool), x.shape).reshape(-1)
                 active = mask | _nonzero_bits(x)  # lossless even if params break the mask
         storage_dtype = _storage_dtype(x, values_dtype)

@@ -38,7 +38,18 @@ class SDPTrainState(train_state.TrainState):
     def create(cls, *, apply_fn: Any, params: Any, tx: Any, sparse_start: bool = True,
                **kwargs: Any) -> SDPTrainState:
         """As `TrainState.create`; with `sparse_start` the initially pruned weights are zeroed
-        (`masks.apply_masks` with the transform's initial masks)."""
+        (`masks.apply_masks` with the transform's initial masks).
+
+        Args:
+          apply_fn: the model's apply function.
+          params: the dense initial params.
+          tx: a `keep_sparse(chain(sdp_transform, ...))` transform.
+          sparse_start: zero the initially pruned weights.
+          **kwargs: other `TrainState` fields.
+
+        Returns:
+          The `SDPTrainState`.
+        """
         state = super().create(apply_fn=apply_fn, params=params, tx=tx, **kwargs)
         if sparse_start:
             state = state.replace(params=masks_lib.masked_start(state.params, state.masks,
@@ -53,13 +64,29 @@ class SDPTrainState(train_state.TrainState):
     def apply_gradients(self, *, grads: Any, grad_fn: Callable[[Any], Any] | None = None,
                         **kwargs: Any) -> SDPTrainState:
         """One step: `tx.update(grads, opt_state, params, grad_fn=grad_fn)`, then
-        `optax.apply_updates`; `step` + 1 and `kwargs` replaced, as flax's."""
+        `optax.apply_updates`; `step` + 1 and `kwargs` replaced, as flax's.
+
+        Args:
+          grads: the clean gradient at `params`.
+          grad_fn: the descent gradient function (`sdp_transform`'s).
+          **kwargs: fields to replace.
+
+        Returns:
+          The next `SDPTrainState`.
+        """
         extra = {} if grad_fn is None else {"grad_fn": grad_fn}
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params, **extra)
         params = optax.apply_updates(self.params, updates)
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **kwargs)
 
     def refresh_masks(self, **kwargs: Any) -> SDPTrainState:
-        """`esacl_jax.refresh_masks` on this state (the transform's own options by default)."""
+        """`esacl_jax.refresh_masks` on this state (the transform's own options by default).
+
+        Args:
+          **kwargs: `sdp.mask_update`'s options for this call.
+
+        Returns:
+          The state with new masks and the newly pruned weights zeroed.
+        """
         opt_state, params = sdp.refresh_masks(self.opt_state, self.params, **kwargs)
         return self.replace(opt_state=opt_state, params=params)

@@ -1,7 +1,7 @@
 """Intelligent data selection (IDS) and the per-example statistics table.
 
 Two pieces, both pure and jit-friendly with static shapes:
-- `select_top`: keep the ceil(gamma * B) examples of a batch with the highest scores (e.g. the
+- `select_examples`: keep the ceil(gamma * B) examples of a batch with the highest scores (e.g. the
   per-example sharpness l_i(w + eps) - l_i(w)), via `jax.lax.top_k` with a static k.
 - `ExampleStats`: fixed-size device arrays indexed by an example's position in the current task's
   training set, filled by the passes the training step makes anyway (loss, sharpness, argmax
@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from esacl_jax import _deprecation
+
 SCORE_FIELDS = ("loss", "sharpness", "estimated_sharpness")
 UNSEEN_POLICIES = ("mean", "first")
 
@@ -32,6 +34,13 @@ def num_selected(batch_size: int, gamma: float) -> int:
     """ceil(gamma * batch_size) as a static Python int, in [1, batch_size].
 
     A 1e-9 slack absorbs float error (0.3 * 10 = 3.0000000000000004 must give 3, not 4).
+
+    Args:
+      batch_size: B, the batch's size (>= 1).
+      gamma: the fraction kept, in (0, 1].
+
+    Returns:
+      k = ceil(gamma * B), a Python int.
     """
     if not 0.0 < gamma <= 1.0:
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")
@@ -40,10 +49,17 @@ def num_selected(batch_size: int, gamma: float) -> int:
     return min(batch_size, max(1, math.ceil(gamma * batch_size - 1e-9)))
 
 
-def select_top(scores: jax.Array, gamma: float) -> tuple[jax.Array, jax.Array]:
-    """Indices (int32[k]) and selection mask (bool[B]) of the k = ceil(gamma * B) highest scores.
+def select_examples(scores: jax.Array, gamma: float) -> tuple[jax.Array, jax.Array]:
+    """IDS's choice: the k = ceil(gamma * B) examples of a batch with the highest scores.
 
-    `gamma` must be a static Python float (it fixes the output shape). Ties go to the lower index.
+    Ties go to the lower index. (Called `select_top` before; that name is a deprecated alias.)
+
+    Args:
+      scores: float[B], one score per example of the batch.
+      gamma: the fraction kept, a static Python float in (0, 1] (it fixes the output shape).
+
+    Returns:
+      `(indices, selected)`: int32[k] positions in the batch and the bool[B] selection mask.
     """
     batch = scores.shape[0]
     k = num_selected(batch, gamma)
@@ -95,7 +111,14 @@ def _contributions(loss: jax.Array, sharpness: jax.Array) -> jax.Array:
 
 
 def init_example_stats(capacity: int) -> ExampleStats:
-    """An empty table for up to `capacity` examples (e.g. the largest task's training set)."""
+    """An empty table for up to `capacity` examples (e.g. the largest task's training set).
+
+    Args:
+      capacity: the number of positions (the largest task's training-set size).
+
+    Returns:
+      An `ExampleStats` with nothing recorded.
+    """
     return ExampleStats(
         loss=jnp.full((capacity,), jnp.nan, jnp.float32),
         sharpness=jnp.full((capacity,), jnp.nan, jnp.float32),
@@ -107,7 +130,14 @@ def init_example_stats(capacity: int) -> ExampleStats:
 
 
 def reset_example_stats(stats: ExampleStats) -> ExampleStats:
-    """The empty table of the same capacity (call at a task boundary); sharding preserved."""
+    """The empty table of the same capacity (call at a task boundary); sharding preserved.
+
+    Args:
+      stats: a table.
+
+    Returns:
+      An empty `ExampleStats` of the same capacity.
+    """
     return ExampleStats(
         loss=jnp.full_like(stats.loss, jnp.nan),
         sharpness=jnp.full_like(stats.sharpness, jnp.nan),
@@ -133,6 +163,17 @@ def update_example_stats(
     loss and sharpness entries (distinct indices are what keeps it exact). A forgetting event is
     counted when an example recorded as correct is now incorrect (so never on a first sighting).
     `recorded`: `gather_scores(stats, idx)` when the caller has it already (one gather less).
+
+    Args:
+      stats: the table.
+      idx: int[B] positions (>= capacity: padding, ignored).
+      loss: float[B] losses to record, or None.
+      sharpness: float[B] sharpness values to record (NaN: none measured), or None.
+      correct: bool[B] argmax correctness to record (counts forgetting events), or None.
+      recorded: `gather_scores(stats, idx)`, when the caller has it.
+
+    Returns:
+      The updated `ExampleStats`.
     """
     idx = jnp.asarray(idx, jnp.int32)
     new = stats
@@ -170,7 +211,15 @@ def update_example_stats(
 
 
 def gather_scores(stats: ExampleStats, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The recorded (loss, sharpness) at `idx`; NaN where unrecorded and for padding indices."""
+    """The recorded (loss, sharpness) at `idx`; NaN where unrecorded and for padding indices.
+
+    Args:
+      stats: the table.
+      idx: int[B] positions.
+
+    Returns:
+      `(loss, sharpness)`, two float32[B] arrays.
+    """
     get = lambda table: table.at[idx].get(mode="fill", fill_value=jnp.nan)  # noqa: E731
     return get(stats.loss), get(stats.sharpness)
 
@@ -192,6 +241,12 @@ def estimated_sharpness(stats: ExampleStats) -> jax.Array:
     estimated from the example's recorded loss by the ratio of measured sharpness to loss over
     the examples where both are known (per-example sharpness grows with the loss), so that every
     example the training passes touched has a score to rank by.
+
+    Args:
+      stats: the table.
+
+    Returns:
+      float32[N], one sharpness per position.
     """
     return _estimate(stats.loss, stats.sharpness, _sharpness_per_loss(stats))
 
@@ -222,6 +277,16 @@ def table_scores(stats: ExampleStats, idx: jax.Array, kind: str = "loss",
     score than average is chosen before an unscored one (ranking from the first recorded pass).
     Costs O(batch): the table-wide quantities come from `stats.totals`. `recorded`:
     `gather_scores(stats, idx)` when the caller has it already.
+
+    Args:
+      stats: the table.
+      idx: int[B] positions of the batch's examples.
+      kind: the score: "loss", "sharpness" or "estimated_sharpness".
+      unseen: where examples with no score rank: "first" or "mean".
+      recorded: `gather_scores(stats, idx)`, when the caller has it.
+
+    Returns:
+      float32[B] scores, higher ranked first.
     """
     if kind not in SCORE_FIELDS:
         raise ValueError(f"kind must be one of {SCORE_FIELDS}, got {kind!r}")
@@ -292,3 +357,8 @@ def table_positions(stats: ExampleStats, idx: jax.Array, *, check: bool = True) 
                     lambda c, m: _warn_outside(capacity, c, m), c, m),
                 lambda c, m: None, count, largest)
     return jnp.where(idx < 0, capacity, idx)
+
+
+__getattr__ = _deprecation.forwarding_getattr(__name__, {
+    "select_top": ("esacl_jax.ids:select_examples", ""),
+})

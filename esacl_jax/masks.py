@@ -13,15 +13,20 @@ Conventions (shared with `sdp.py` and `sharpness.py`):
   is traced; both give the same masks (ties go to the lower index).
 - Explicitly sharded leaves (sharding in types) are gathered for the per-layer ranking and the
   results get the leaf's sharding back.
-- Which leaves are prunable (`resolve_prunable`): by default every kernel but the logits layer,
-  found from shapes and order (`structural_prunable`; the default of `sdp_transform`, of the
-  functions here that take `prunable=` and of the harness); `"sparcl"`: SparCL's convention,
-  the first layer (input layer or embedding) dense as well (`structural_prunable(params,
-  dense_first=True)`); `"name"`: by layer names (`name_prunable`); or a filter / bool tree.
+- Which leaves are prunable (`resolve_prunable`), one vocabulary for the library and the
+  harness (`PRUNABLE_SETS`, distinct names for distinct sets):
+  `"all_but_output"` (default, also None): every kernel but the logits layer, found from shapes
+  and order (`structural_prunable`); `"all_but_input_and_output"`: the first layer (input layer
+  or embedding) dense as well (`structural_prunable(params, dense_first=True)`);
+  `"by_layer_name"`: by layer names (`name_prunable`: SparCL's set, on the ResNet-18 its 16
+  block convolutions, so also the 1x1 shortcuts dense); or a filter / bool tree. The old
+  spellings ("structural", "sparcl", "name") still resolve, with a DeprecationWarning
+  (`OLD_PRUNABLE_NAMES`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -33,6 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
+
+from esacl_jax import _deprecation
+from esacl_jax._defaults import ESACL_DEFAULTS
 
 PyTree = Any
 KeyPath = tuple[Any, ...]
@@ -60,11 +68,29 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
+def is_prunable_mask(mask: Any) -> bool:
+    """The one "is this leaf prunable?" rule of a mask tree (module docstring, conventions).
+
+    Args:
+      mask: one leaf of a mask tree.
+
+    Returns:
+      True for a bool array (a prunable leaf), False for the scalar placeholder.
+    """
+    return jnp.ndim(mask) > 0
+
+
 def path_names(path: KeyPath) -> tuple[str, ...]:
     """Names of the entries of a key path, e.g. `("params", "Dense_0", "kernel")`.
 
     A trailing `.value` attribute (how a `flax.nnx.Variable` appears in a key path) is dropped, so
     an nnx `State` of `Param`s and its pure-array version give the same names.
+
+    Args:
+      path: a key path (`jax.tree_util.tree_flatten_with_path`).
+
+    Returns:
+      The names of its entries, a tuple of strings.
     """
     names = [_key_name(k) for k in path]
     if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
@@ -73,7 +99,14 @@ def path_names(path: KeyPath) -> tuple[str, ...]:
 
 
 def path_string(path: KeyPath) -> str:
-    """`"/".join(path_names(path))`: the layer name used in summaries."""
+    """`"/".join(path_names(path))`: the layer name used in summaries.
+
+    Args:
+      path: a key path.
+
+    Returns:
+      The names joined by "/".
+    """
     return "/".join(path_names(path))
 
 
@@ -83,26 +116,19 @@ def name_prunable(path: KeyPath, leaf: Any) -> bool:
     Excluded: any path component whose name contains "stem", "classifier", "shortcut", "head" or
     "embed" (first layer, classifier, ResNet 1x1 projections, heads, embeddings). For the CIFAR
     ResNet-18 this leaves exactly the 16 3x3 convolutions of the residual blocks.
+
+    Args:
+      path: the leaf's key path.
+      leaf: the leaf (an array or a shape struct).
+
+    Returns:
+      Whether the leaf is in the name-based set (`prunable="by_layer_name"`).
     """
     names = path_names(path)
     if not names or names[-1] != "kernel" or len(np.shape(leaf)) < 2:
         return False
     lowered = [n.lower() for n in names]
     return not any(part in name for name in lowered for part in EXCLUDED_NAME_PARTS)
-
-
-# Kept for earlier callers, who passed it as a per-leaf filter: `name_prunable`. The default
-# prunable SET of the library and the harness is `structural_prunable` (every kernel but the
-# logits layer).
-
-
-def __getattr__(name: str) -> Any:
-    if name == "default_prunable":  # deprecated: it was never the default prunable set
-        warnings.warn("masks.default_prunable is deprecated (it is the name-based set, not the "
-                      "default): use masks.name_prunable, or prunable=None for the default "
-                      "structural set", DeprecationWarning, stacklevel=2)
-        return name_prunable
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _natural_key(path: KeyPath) -> tuple:
@@ -130,7 +156,7 @@ def _in_dims(shape: tuple[int, ...]) -> set[int]:
 
 
 def structural_prunable(params: PyTree, *, dense_first: bool = False) -> PyTree:
-    """The default prunable set, from shapes and order only (no names): a tree of Python bools.
+    """The default prunable set ("all_but_output"), from shapes and order only (no names).
 
     Candidates are the floating leaves with ndim >= 2 (dense, conv, attention and embedding
     kernels; biases, norms and scalars never). Every candidate is prunable except:
@@ -138,7 +164,7 @@ def structural_prunable(params: PyTree, *, dense_first: bool = False) -> PyTree:
       other candidate (it is none of their input dimensions, nor, for a conv kernel, a divisor
       of a dense kernel's input: a flatten); a multi-head model (task-IL heads on a trunk) so
       keeps every head dense;
-    - with `dense_first=True` (SparCL's convention, `prunable="sparcl"`), also the input layer
+    - with `dense_first=True` (`prunable="all_but_input_and_output"`), also the input layer
       or embedding: among the candidates whose input dimensions are produced by no other
       candidate (none is another's last axis), the first in natural path order.
     When no candidate qualifies for a role, the last (first) candidate in natural path order
@@ -146,6 +172,13 @@ def structural_prunable(params: PyTree, *, dense_first: bool = False) -> PyTree:
     nothing is prunable. Check the result with `sparsity_summary(masks, params=params)` or
     `prunable_tree(params)`, and pass a filter or bool tree (`prunable=`) when it is not what
     you want (e.g. `name_prunable`, the name-based set).
+
+    Args:
+      params: the params (arrays or shape structs).
+      dense_first: keep the input layer dense too (`prunable="all_but_input_and_output"`).
+
+    Returns:
+      A tree of Python bools like `params`.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     cands = [
@@ -178,22 +211,58 @@ def structural_prunable(params: PyTree, *, dense_first: bool = False) -> PyTree:
     return treedef.unflatten(flags)
 
 
-PRUNABLE_SETS = ("structural", "sparcl", "name")
+# The prunable sets by name (`prunable="..."`), shared by the library and the harness
+# (`config.prunable`): every kernel but the output layers; the input layer dense as well; SparCL's
+# set by layer names (on the ResNet-18 the last two differ: the 1x1 shortcuts).
+PRUNABLE_SETS = ("all_but_output", "all_but_input_and_output", "by_layer_name")
+# Old spellings, resolved with a DeprecationWarning: the library's three and the harness's
+# `prune_scope` values ("sparcl" meant different sets in the two, so neither keeps the name).
+OLD_PRUNABLE_NAMES = {"structural": "all_but_output", "sparcl": "all_but_input_and_output",
+                      "name": "by_layer_name"}
+
+
+def prunable_set_name(prunable: str) -> str:
+    """The `PRUNABLE_SETS` name of a set's name, old spellings included (with a warning).
+
+    Args:
+      prunable: a name of `PRUNABLE_SETS` or of `OLD_PRUNABLE_NAMES`.
+
+    Returns:
+      The name in `PRUNABLE_SETS`.
+
+    Raises:
+      ValueError: an unknown name (one line listing the known ones).
+    """
+    if prunable in PRUNABLE_SETS:
+        return prunable
+    if prunable in OLD_PRUNABLE_NAMES:
+        new = OLD_PRUNABLE_NAMES[prunable]
+        _deprecation.warn(f'prunable="{prunable}"', f'write prunable="{new}" (the same set)')
+        return new
+    raise ValueError(f"prunable must be one of {PRUNABLE_SETS}, a filter or a bool tree: "
+                     f"{prunable!r}")
 
 
 def resolve_prunable(prunable: Any, params: PyTree) -> PyTree:
-    """The bool tree of a `prunable=` argument: None or "structural" (default) -> every kernel
-    but the logits layer (`structural_prunable`); "sparcl" -> the first layer dense as well
-    (`structural_prunable(params, dense_first=True)`); "name" -> `name_prunable`; a
-    `(path, leaf) -> bool` filter; or a bool tree as it is."""
-    if prunable is None or (isinstance(prunable, str) and prunable == "structural"):
-        return structural_prunable(params)
+    """The bool tree of a `prunable=` argument.
+
+    Args:
+      prunable: None or "all_but_output" (default: every kernel but the logits layer,
+        `structural_prunable`); "all_but_input_and_output" (the first layer dense as well,
+        `structural_prunable(params, dense_first=True)`); "by_layer_name" (`name_prunable`);
+        a `(path, leaf) -> bool` filter; or a bool tree (returned as it is).
+      params: the params the set is of.
+
+    Returns:
+      A tree of Python bools like `params` (or `prunable` itself when it is a bool tree).
+    """
     if isinstance(prunable, str):
-        if prunable == "sparcl":
-            return structural_prunable(params, dense_first=True)
-        if prunable != "name":
-            raise ValueError(f"prunable must be one of {PRUNABLE_SETS}, a filter or a bool tree: "
-                             f"{prunable!r}")
+        prunable = prunable_set_name(prunable)
+    if prunable is None or prunable == "all_but_output":
+        return structural_prunable(params)
+    if prunable == "all_but_input_and_output":
+        return structural_prunable(params, dense_first=True)
+    if prunable == "by_layer_name":
         prunable = name_prunable
     _, flags, treedef = _flat_with_prunable(params, prunable)
     return treedef.unflatten(flags)
@@ -221,7 +290,15 @@ def _flat_with_prunable(
 
 def prunable_tree(params: PyTree, prunable: PrunableFn | PyTree | str | None = None) -> PyTree:
     """A tree of Python bools (static) saying which leaves of `params` are pruned (`prunable=`
-    as in `resolve_prunable`; default: every kernel but the logits layer)."""
+    as in `resolve_prunable`; default: every kernel but the logits layer).
+
+    Args:
+      params: the params.
+      prunable: a `prunable=` argument (`resolve_prunable`'s forms).
+
+    Returns:
+      A tree of Python bools like `params`.
+    """
     _, flags, treedef = _flat_with_prunable(params, prunable)
     return treedef.unflatten(flags)
 
@@ -230,7 +307,7 @@ def _mask_flags(masks: PyTree, prunable: PrunableFn | PyTree | None) -> tuple[li
     """Flattened masks and prunable flags; with `prunable=None` a leaf is prunable iff its mask
     is not the scalar placeholder (the convention of `magnitude_masks`)."""
     leaves, treedef = jax.tree.flatten(masks)
-    flags = [jnp.ndim(m) > 0 for m in leaves]
+    flags = [is_prunable_mask(m) for m in leaves]
     if prunable is not None:
         _, extra, _ = _flat_with_prunable(masks, prunable)
         flags = [a and b for a, b in zip(flags, extra, strict=True)]
@@ -240,12 +317,24 @@ def _mask_flags(masks: PyTree, prunable: PrunableFn | PyTree | None) -> tuple[li
 # ----------------------------------------------------------------------------- sparsity levels
 
 
-def concrete_float(x: Any) -> float | None:
-    """`float(x)` when `x` is a concrete number, `None` when it is traced."""
+def concrete(x: Any, cast: Callable[[Any], Any] = float) -> Any:
+    """`cast(x)` when `x` is a concrete number, None when it is traced (a static value lets
+    the functions here choose `lax.top_k` and skip work at trace time).
+
+    Args:
+      x: a number or an array.
+      cast: `float` or `int`.
+
+    Returns:
+      The Python number, or None when `x` is traced.
+    """
     try:
-        return float(x)
+        return cast(x)
     except (TypeError, jax.errors.ConcretizationTypeError):
         return None
+
+
+_concrete_int = functools.partial(concrete, cast=int)
 
 
 def _erk_sparsities(shapes: list[tuple[int, ...]], sparsity: Any, xp: Any) -> list[Any]:
@@ -286,11 +375,20 @@ def layer_sparsities(
     `distribution="uniform"` gives every prunable layer `sparsity`; `"erk"` distributes the same
     global number of pruned weights by Erdos-Renyi-Kernel. A traced `sparsity` (abstract init,
     `inject_hyperparams` under `jit`) gives traced scalars instead of Python floats.
+
+    Args:
+      params: the params (arrays or shape structs).
+      sparsity: the target sparsity (per layer for "uniform", global for "erk").
+      distribution: "uniform" or "erk".
+      prunable: a `prunable=` argument (`resolve_prunable`'s forms).
+
+    Returns:
+      A tree like `params` of per-leaf sparsities.
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     flat, flags, treedef = _flat_with_prunable(params, prunable)
-    static = concrete_float(sparsity)
+    static = concrete(sparsity)
     shapes = [tuple(np.shape(x)) for (_, x), f in zip(flat, flags, strict=True) if f]
     if distribution == "uniform" or not shapes:
         values = [static if static is not None else sparsity] * len(shapes)
@@ -332,14 +430,6 @@ def _unflatten(flat: jax.Array, like: jax.Array) -> jax.Array:
     return jax.lax.reshape(flat, jnp.shape(like), out_sharding=sharding)
 
 
-def concrete_int(x: Any) -> int | None:
-    """`int(x)` when `x` is a concrete number, `None` when it is traced."""
-    try:
-        return int(x)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        return None
-
-
 def _top_k_mask(flat: jax.Array, k: int, take: Any = None) -> jax.Array:
     """Mask of the first `take` (default all k) of `lax.top_k(flat, k)` (static k; ties go to
     the lower index). Cheaper than a full sort when k is small (the 1% of a mask update)."""
@@ -350,10 +440,10 @@ def _top_k_mask(flat: jax.Array, k: int, take: Any = None) -> jax.Array:
     return jnp.zeros(flat.shape, bool).at[idx].set(chosen)
 
 
-def _keep_top_flat(flat: jax.Array, num_keep: Any) -> jax.Array:
-    """`keep_top` on a 1-D array: `lax.top_k` for a static count, a rank otherwise."""
+def _top_mask_flat(flat: jax.Array, num_keep: Any) -> jax.Array:
+    """`top_mask` on a 1-D array: `lax.top_k` for a static count, a rank otherwise."""
     flat = jnp.where(jnp.isnan(flat), -jnp.inf, flat)
-    static = concrete_int(num_keep)
+    static = _concrete_int(num_keep)
     if static is not None:
         return _top_k_mask(flat, min(max(static, 0), flat.size))
     order = jnp.argsort(flat, descending=True, stable=True)
@@ -361,20 +451,27 @@ def _keep_top_flat(flat: jax.Array, num_keep: Any) -> jax.Array:
     return rank < jnp.clip(jnp.asarray(num_keep, jnp.int32), 0, flat.size)
 
 
-def keep_top(scores: jax.Array, num_keep: Any) -> jax.Array:
+def top_mask(scores: jax.Array, num_keep: Any) -> jax.Array:
     """Boolean mask (shape of `scores`) with exactly `num_keep` True at the highest scores.
 
     Ties are broken by flat index (lower index kept first); NaN scores rank lowest. `num_keep` may
     be a traced integer: the selection is then `rank < num_keep` with the rank from one stable
     argsort (and a scatter), so no static k is needed; a concrete `num_keep` uses `lax.top_k`
     (same result, faster). `num_keep` is clipped to [0, scores.size].
+
+    Args:
+      scores: an array of scores.
+      num_keep: how many to keep (a Python int or a traced integer).
+
+    Returns:
+      A bool array of the shape of `scores`.
     """
-    return _unflatten(_keep_top_flat(_flatten(scores), num_keep), scores)
+    return _unflatten(_top_mask_flat(_flatten(scores), num_keep), scores)
 
 
 def _num_pruned(sparsity: Any, size: int) -> Any:
     """round(sparsity * size): a Python int when static, an int32 scalar when traced."""
-    static = concrete_float(sparsity)
+    static = concrete(sparsity)
     if static is not None:
         return int(round(static * size))
     return jnp.round(jnp.asarray(sparsity, jnp.float32) * size).astype(jnp.int32)
@@ -387,6 +484,14 @@ def magnitude_masks(
 
     Non-prunable leaves get a scalar `True`. `sparsities` is a tree like params (e.g. from
     `layer_sparsities`); its entries may be traced.
+
+    Args:
+      params: the params.
+      sparsities: a tree like `params` of per-leaf sparsities.
+      prunable: a `prunable=` argument (`resolve_prunable`'s forms).
+
+    Returns:
+      The mask tree (bool arrays on prunable leaves, scalar True elsewhere).
     """
     flat, flags, treedef = _flat_with_prunable(params, prunable)
     sparse_leaves = treedef.flatten_up_to(sparsities)
@@ -397,16 +502,25 @@ def magnitude_masks(
             continue
         size = math.prod(np.shape(w))
         magnitude = jnp.abs(jnp.asarray(w, jnp.float32))
-        out.append(keep_top(magnitude, size - _num_pruned(s, size)))
+        out.append(top_mask(magnitude, size - _num_pruned(s, size)))
     return treedef.unflatten(out)
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
-    """Zero the pruned weights: `where(mask, w, 0)`, dtype preserved (exact zeros, even for NaN)."""
+    """Zero the pruned weights: `where(mask, w, 0)`, dtype preserved (exact zeros, even for NaN).
+
+    Args:
+      params: the params.
+      masks: a mask tree like `params`.
+
+    Returns:
+      The params with every pruned weight exactly 0.
+    """
     return jax.tree.map(lambda w, m: jnp.where(m, w, jnp.zeros((), w.dtype)), params, masks)
 
 
-def masked_start(params: PyTree, masks: PyTree, *, rescale: bool = True) -> PyTree:
+def masked_start(params: PyTree, masks: PyTree, *,
+                 rescale: bool = ESACL_DEFAULTS["init_rescale"]) -> PyTree:
     """Masked initial params; with `rescale`, each unit keeps its dense incoming norm.
 
     `esacl_jax.sparse_start(params, opt_state)` calls it with the transform's masks: the one
@@ -419,11 +533,19 @@ def masked_start(params: PyTree, masks: PyTree, *, rescale: bool = True) -> PyTr
     dense network's signal scale, the sparsity-aware initialisation argument of Evci et al.
     (AAAI 2022) adapted to magnitude masks. Non-prunable leaves (scalar masks) are untouched; a
     unit with no kept weight stays zero. Dtypes are preserved.
+
+    Args:
+      params: the dense initial params.
+      masks: their mask tree.
+      rescale: rescale each unit's kept weights to its dense incoming norm.
+
+    Returns:
+      The sparse initial params.
     """
 
     def one(w: jax.Array, m: jax.Array) -> jax.Array:
         kept = jnp.where(m, w, jnp.zeros((), w.dtype))
-        if not rescale or jnp.ndim(m) == 0 or jnp.ndim(w) < 2:
+        if not rescale or not is_prunable_mask(m) or jnp.ndim(w) < 2:
             return kept
         axes = tuple(range(jnp.ndim(w) - 1))
         w32, kept32 = jnp.asarray(w, jnp.float32), jnp.asarray(kept, jnp.float32)
@@ -436,8 +558,18 @@ def masked_start(params: PyTree, masks: PyTree, *, rescale: bool = True) -> PyTr
     return jax.tree.map(one, params, masks)
 
 
-def sparse_init(params: PyTree, masks: PyTree, *, rescale: bool = True) -> PyTree:
-    """Deprecated: `esacl_jax.sparse_start(params, opt_state)` (or `masks.masked_start`)."""
+def sparse_init(params: PyTree, masks: PyTree, *,
+                rescale: bool = ESACL_DEFAULTS["init_rescale"]) -> PyTree:
+    """Deprecated: `esacl_jax.sparse_start(params, opt_state)` (or `masks.masked_start`).
+
+    Args:
+      params: the dense initial params.
+      masks: their mask tree.
+      rescale: as `masked_start`'s.
+
+    Returns:
+      `masked_start(params, masks, rescale=rescale)`.
+    """
     warnings.warn("esacl_jax.sparse_init is deprecated: start sparse with "
                   "esacl_jax.sparse_start(params, opt_state) (or masks.masked_start(params, "
                   "masks))", DeprecationWarning, stacklevel=2)
@@ -452,7 +584,7 @@ def sdp_scores(
     grad_ema: PyTree,
     *,
     kind: str = "magnitude_gradient",
-    score_lambda: Any = 0.5,
+    score_lambda: Any = ESACL_DEFAULTS["score_lambda"],
     curvature: PyTree | None = None,
     normalize: bool = True,
 ) -> PyTree:
@@ -468,6 +600,17 @@ def sdp_scores(
     for the loss rescaled so that mean|G| = 1); a layer with G == 0 gets c = c' = 0. Without it,
     c = c' = 1 (the raw formulas, which change with the loss's scale).
     Leaves whose `grad_ema` is a scalar placeholder get the placeholder shape back (not scored).
+
+    Args:
+      params: the params.
+      grad_ema: G, a tree like params (scalar placeholders on non-prunable leaves).
+      kind: "magnitude_gradient" or "taylor".
+      score_lambda: lambda of the magnitude_gradient score.
+      curvature: h, needed by "taylor".
+      normalize: make the scores independent of the loss's scale.
+
+    Returns:
+      A float32 tree of scores like `params`.
     """
     if kind not in SCORE_KINDS:
         raise ValueError(f"score must be one of {SCORE_KINDS}, got {kind!r}")
@@ -510,7 +653,7 @@ def prune_and_regrow(
     scores: PyTree,
     regrow_scores: PyTree,
     *,
-    fraction: Any = 0.01,
+    fraction: Any = ESACL_DEFAULTS["prune_fraction"],
     key: jax.Array,
     regrow: str = "gradient",
     prunable: PrunableFn | PyTree | None = None,
@@ -524,6 +667,18 @@ def prune_and_regrow(
     gradient) or uniformly at random (`"random"`, using `key`). The active count is unchanged.
     `regrown` is a bool tree (scalar False on non-prunable leaves) marking the regrown weights.
     `prunable=None` treats every leaf with a non-scalar mask as prunable.
+
+    Args:
+      masks: the current mask tree.
+      scores: pruning scores (higher = keep), a tree like the masks.
+      regrow_scores: regrowth scores (e.g. G), a tree like the masks.
+      fraction: fraction of each layer pruned and regrown.
+      key: PRNG key for `regrow="random"`.
+      regrow: "gradient" or "random".
+      prunable: restrict the update to this set (None: every array mask).
+
+    Returns:
+      `(new_masks, regrown)`.
     """
     if regrow not in REGROW_KINDS:
         raise ValueError(f"regrow must be one of {REGROW_KINDS}, got {regrow!r}")
@@ -531,7 +686,7 @@ def prune_and_regrow(
     score_leaves = treedef.flatten_up_to(scores)
     regrow_leaves = treedef.flatten_up_to(regrow_scores)
     keys = jax.random.split(key, len(leaves))
-    static_fraction = concrete_float(fraction)
+    static_fraction = concrete(fraction)
     if static_fraction is not None and not 0.0 <= static_fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {static_fraction}")
     new_masks, regrown = [], []
@@ -565,8 +720,8 @@ def prune_and_regrow(
             kept = m & ~lowest
             grown = _top_k_mask(jnp.where(m, -jnp.inf, r), k, n)
         else:
-            kept = _keep_top_flat(jnp.where(m, s, -jnp.inf), active - n)
-            grown = _keep_top_flat(jnp.where(m, -jnp.inf, r), n)
+            kept = _top_mask_flat(jnp.where(m, s, -jnp.inf), active - n)
+            grown = _top_mask_flat(jnp.where(m, -jnp.inf, r), n)
         new_masks.append(_unflatten(kept | grown, like))
         regrown.append(_unflatten(grown, like))
     return treedef.unflatten(new_masks), treedef.unflatten(regrown)
@@ -647,8 +802,17 @@ def sparsity_summary(masks: PyTree, prunable: PrunableFn | PyTree | None = None,
 
 def warn_if_mostly_dense(params: PyTree, flags: PyTree, sparsity: Any) -> bool:
     """Log one warning line when the prunable set leaves more than half of all weights dense
-    (so "sparsity s" would be far from s over the whole network). Returns whether it warned."""
-    s = concrete_float(sparsity)
+    (so "sparsity s" would be far from s over the whole network). Returns whether it warned.
+
+    Args:
+      params: the params.
+      flags: their prunable tree of bools.
+      sparsity: the target sparsity (a concrete 0 never warns).
+
+    Returns:
+      Whether it warned.
+    """
+    s = concrete(sparsity)
     leaves = jax.tree.leaves(params)
     sizes = [math.prod(np.shape(x)) for x in leaves]
     total = sum(sizes)
@@ -662,3 +826,14 @@ def warn_if_mostly_dense(params: PyTree, flags: PyTree, sparsity: Any) -> bool:
         "s" if s is None else f"{s:g}",
         f"s * {prunable / total:.3f}" if s is None else f"{s * prunable / total:.3f}")
     return True
+
+
+__getattr__ = _deprecation.forwarding_getattr(__name__, {
+    # it was never the default prunable set: the name-based one
+    "default_prunable": ("esacl_jax.masks:name_prunable",
+                         'use masks.name_prunable (prunable="by_layer_name"), or prunable=None '
+                         "for the default set"),
+    "keep_top": ("esacl_jax.masks:top_mask", ""),
+    "concrete_float": ("esacl_jax.masks:concrete", ""),
+    "concrete_int": ("esacl_jax.masks:_concrete_int", "use masks.concrete(x, int)"),
+})

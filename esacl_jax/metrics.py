@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from esacl_jax import _deprecation
+
 
 def _as_matrix(acc_matrix: Any) -> np.ndarray:
     a = np.asarray(acc_matrix, dtype=np.float64)
@@ -30,50 +32,92 @@ def _as_matrix(acc_matrix: Any) -> np.ndarray:
     return a
 
 
-def average_accuracy(acc_matrix: Any) -> float:
-    """Mean accuracy over all tasks after training the last one: mean_j A[T-1][j]."""
+def _over_earlier_tasks(acc_matrix: Any, term: Any) -> float:
+    """mean_{j<T-1} term(A, j), and 0 when T = 1 (no earlier task)."""
     a = _as_matrix(acc_matrix)
-    return float(np.mean(a[-1]))
+    if a.shape[0] == 1:
+        return 0.0
+    return float(np.mean([term(a, j) for j in range(a.shape[0] - 1)]))
+
+
+def average_accuracy(acc_matrix: Any) -> float:
+    """Mean accuracy over all tasks after training the last one: mean_j A[T-1][j].
+
+    Args:
+      acc_matrix: the T x T accuracy matrix.
+
+    Returns:
+      ACC, a float: the mean of the last row.
+    """
+    return float(np.mean(_as_matrix(acc_matrix)[-1]))
 
 
 def learning_accuracy(acc_matrix: Any) -> float:
-    """Mean accuracy on each task right after learning it: mean_j A[j][j]."""
-    a = _as_matrix(acc_matrix)
-    return float(np.mean(np.diag(a)))
+    """Mean accuracy on each task right after learning it: mean_j A[j][j].
+
+    Args:
+      acc_matrix: the T x T accuracy matrix (only its diagonal is read).
+
+    Returns:
+      LA as a float.
+    """
+    return float(np.mean(np.diag(_as_matrix(acc_matrix))))
 
 
 def backward_transfer(acc_matrix: Any) -> float:
-    """mean_{j<T-1} (A[T-1][j] - A[j][j]); negative means forgetting. 0 when T = 1."""
-    a = _as_matrix(acc_matrix)
-    t = a.shape[0]
-    if t == 1:
-        return 0.0
-    return float(np.mean(a[-1, : t - 1] - np.diag(a)[: t - 1]))
+    """mean_{j<T-1} (A[T-1][j] - A[j][j]); negative means forgetting. 0 when T = 1.
+
+    Args:
+      acc_matrix: the T x T accuracy matrix.
+
+    Returns:
+      BWT, a float.
+    """
+    return _over_earlier_tasks(acc_matrix, lambda a, j: a[-1, j] - a[j, j])
 
 
 def forgetting(acc_matrix: Any) -> float:
-    """mean_{j<T-1} (max_{j<=i<=T-2} A[i][j] - A[T-1][j]). 0 when T = 1."""
-    a = _as_matrix(acc_matrix)
-    t = a.shape[0]
-    if t == 1:
-        return 0.0
-    drops = [np.max(a[j : t - 1, j]) - a[t - 1, j] for j in range(t - 1)]
-    return float(np.mean(drops))
+    """mean_{j<T-1} (max_{j<=i<=T-2} A[i][j] - A[T-1][j]). 0 when T = 1.
+
+    Args:
+      acc_matrix: the T x T accuracy matrix.
+
+    Returns:
+      FGT, a float.
+    """
+    return _over_earlier_tasks(acc_matrix, lambda a, j: np.max(a[j:-1, j]) - a[-1, j])
 
 
 def forward_transfer(acc_matrix: Any, baseline: Any = None) -> float:
     """mean_{j>=1} (A[j-1][j] - b_j), b = ``baseline`` (per-task accuracies of a randomly
-    initialised model; zeros when None). 0 when T = 1."""
-    a = _as_matrix(acc_matrix)
-    t = a.shape[0]
-    if t == 1:
-        return 0.0
-    b = np.zeros(t) if baseline is None else np.asarray(baseline, dtype=np.float64)
-    return float(np.mean([a[j - 1, j] - b[j] for j in range(1, t)]))
+    initialised model; zeros when None). 0 when T = 1.
+
+    Args:
+      acc_matrix: the T x T accuracy matrix.
+      baseline: per-task accuracies of a randomly initialised model (None: zeros).
+
+    Returns:
+      FWT, a float.
+    """
+    b = 0.0 if baseline is None else np.asarray(baseline, dtype=np.float64)
+    return _over_earlier_tasks(acc_matrix,
+                               lambda a, j: a[j, j + 1] - (b if np.ndim(b) == 0 else b[j + 1]))
 
 
-def summarize(acc_matrix: Any, baseline: Any = None) -> dict[str, Any]:
-    """All metrics of one accuracy matrix, as plain Python floats (JSON-ready)."""
+def summarize_matrix(acc_matrix: Any, baseline: Any = None) -> dict[str, Any]:
+    """All metrics of one accuracy matrix, as plain Python floats (JSON-ready).
+
+    (Called `summarize` before; that name is a deprecated alias.)
+
+    Args:
+      acc_matrix: the T x T accuracy matrix ``A[i][j]``.
+      baseline: per-task accuracies of a randomly initialised model for forward transfer
+        (None: zeros).
+
+    Returns:
+      ``{"average_accuracy", "learning_accuracy", "backward_transfer", "forgetting",
+      "forward_transfer", "final_accuracies", "num_tasks"}``.
+    """
     a = _as_matrix(acc_matrix)
     return {
         "average_accuracy": average_accuracy(a),
@@ -87,9 +131,21 @@ def summarize(acc_matrix: Any, baseline: Any = None) -> dict[str, Any]:
 
 
 def summarize_run(class_il: Any, task_il: Any | None = None) -> dict[str, Any]:
-    """Metrics of a run's class-IL and task-IL matrices: ``{"class_il": ..., "task_il": ...}``
-    (``task_il`` is None when not given, e.g. domain-IL runs)."""
+    """Metrics of a run's two accuracy matrices (`summarize_matrix` of each).
+
+    Args:
+      class_il: the class-IL accuracy matrix.
+      task_il: the task-IL accuracy matrix, or None (e.g. domain-IL runs).
+
+    Returns:
+      ``{"class_il": ..., "task_il": ...}`` (``task_il`` None when not given).
+    """
     return {
-        "class_il": summarize(class_il),
-        "task_il": None if task_il is None else summarize(task_il),
+        "class_il": summarize_matrix(class_il),
+        "task_il": None if task_il is None else summarize_matrix(task_il),
     }
+
+
+__getattr__ = _deprecation.forwarding_getattr(__name__, {
+    "summarize": ("esacl_jax.metrics:summarize_matrix", ""),
+})

@@ -40,7 +40,17 @@ def init_buffer(
     input_dtype: Any,
     num_classes: int,
 ) -> ReplayBuffer:
-    """An empty buffer of ``capacity`` slots (0 allowed) for inputs of one example's shape."""
+    """An empty buffer of ``capacity`` slots (0 allowed) for inputs of one example's shape.
+
+    Args:
+      capacity: the number of slots (0: a buffer that stores nothing).
+      input_shape: one example's input shape.
+      input_dtype: the stored inputs' dtype (e.g. uint8 images).
+      num_classes: the width of the stored logits.
+
+    Returns:
+      An empty `ReplayBuffer`.
+    """
     if capacity < 0:
         raise ValueError(f"capacity must be >= 0, got {capacity}")
     return ReplayBuffer(
@@ -53,12 +63,26 @@ def init_buffer(
 
 
 def capacity(buffer: ReplayBuffer) -> int:
-    """Number of slots (static)."""
+    """Number of slots (static).
+
+    Args:
+      buffer: a buffer.
+
+    Returns:
+      The number of slots, a Python int.
+    """
     return int(buffer.y.shape[0])
 
 
 def num_filled(buffer: ReplayBuffer) -> jax.Array:
-    """Number of filled slots: min(num_seen, capacity), int32 scalar."""
+    """Number of filled slots: min(num_seen, capacity), int32 scalar.
+
+    Args:
+      buffer: a buffer.
+
+    Returns:
+      An int32 scalar.
+    """
     return jnp.minimum(buffer.num_seen, capacity(buffer)).astype(jnp.int32)
 
 
@@ -66,6 +90,14 @@ def reservoir_draws(key: jax.Array, num_seen: jax.Array, batch_size: int) -> jax
     """The random draws of one `add_reservoir` call: j_i uniform in [0, num_seen + i] (int32).
 
     Exposed so tests can feed the same draws to a sequential reference implementation.
+
+    Args:
+      key: the PRNG key of the call.
+      num_seen: examples offered before this batch.
+      batch_size: B.
+
+    Returns:
+      int32[B] draws.
     """
     maxval = num_seen + 1 + jnp.arange(batch_size, dtype=jnp.int32)
     return jax.random.randint(key, (batch_size,), 0, maxval, dtype=jnp.int32)
@@ -73,7 +105,17 @@ def reservoir_draws(key: jax.Array, num_seen: jax.Array, batch_size: int) -> jax
 
 def reservoir_slots(key: jax.Array, num_seen: jax.Array, batch_size: int, cap: int) -> jax.Array:
     """Target slot of each example of a batch under sequential reservoir sampling, with
-    duplicates resolved (the later example wins); ``cap`` (out of range) means "not stored"."""
+    duplicates resolved (the later example wins); ``cap`` (out of range) means "not stored".
+
+    Args:
+      key: the PRNG key of the call.
+      num_seen: examples offered before this batch.
+      batch_size: B.
+      cap: the buffer's capacity.
+
+    Returns:
+      int32[B] slots (`cap` for examples not stored).
+    """
     n = num_seen + jnp.arange(batch_size, dtype=jnp.int32)  # examples seen before example i
     draws = reservoir_draws(key, num_seen, batch_size)
     slots = jnp.where(n < cap, n, draws)
@@ -139,6 +181,14 @@ def sample(
     When fewer than ``batch_size`` slots are filled, all filled rows come first (in random
     order) and the rest is padding with ``valid`` False (slot 0's contents, or zeros when the
     capacity is 0). Use the losses below, which ignore invalid rows.
+
+    Args:
+      buffer: a buffer.
+      key: a PRNG key.
+      batch_size: the number of rows (static).
+
+    Returns:
+      `(x, y, logits, task_id, valid)`.
     """
     cap = capacity(buffer)
     if cap == 0:
@@ -168,7 +218,16 @@ def _masked_mean(values: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def er_loss(logits: jax.Array, y: jax.Array, valid: jax.Array) -> jax.Array:
-    """Mean cross-entropy of replayed labels over valid rows (ER, DER++'s beta term); 0 if none."""
+    """Mean cross-entropy of replayed labels over valid rows (ER, DER++'s beta term); 0 if none.
+
+    Args:
+      logits: [R, num_classes] logits of the replayed inputs.
+      y: [R] their stored labels.
+      valid: bool[R], the rows that hold an example.
+
+    Returns:
+      A float32 scalar.
+    """
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
     return _masked_mean(ce, valid)
 
@@ -181,6 +240,15 @@ def joint_ce(current_ce: jax.Array, replay_logits: jax.Array, replay_y: jax.Arra
     implementation computes it (current and replay examples concatenated into one batch):
     (sum current + sum replay) / (n current + n valid), which weighs every example alike, unlike
     the sum of the two means (`current_ce.mean() + er_loss(...)`).
+
+    Args:
+      current_ce: [B] per-example CE of the current batch.
+      replay_logits: [R, num_classes] logits of the replayed inputs.
+      replay_y: [R] their stored labels.
+      valid: bool[R], the rows that hold an example.
+
+    Returns:
+      A float32 scalar.
     """
     replay_ce = optax.softmax_cross_entropy_with_integer_labels(
         replay_logits.astype(jnp.float32), replay_y)
@@ -191,6 +259,15 @@ def joint_ce(current_ce: jax.Array, replay_logits: jax.Array, replay_y: jax.Arra
 
 def der_loss(logits: jax.Array, stored_logits: jax.Array, valid: jax.Array) -> jax.Array:
     """Mean over valid rows of the MSE (mean over classes) to the stored logits (DER's alpha
-    term); 0 if none is valid."""
+    term); 0 if none is valid.
+
+    Args:
+      logits: [R, num_classes] logits of the replayed inputs.
+      stored_logits: [R, num_classes] the logits stored with them.
+      valid: bool[R], the rows that hold an example.
+
+    Returns:
+      A float32 scalar.
+    """
     diff = logits.astype(jnp.float32) - stored_logits.astype(jnp.float32)
     return _masked_mean(jnp.mean(jnp.square(diff), axis=-1), valid)

@@ -7,7 +7,7 @@ Usage (the two pieces always go together; forgetting the wrapper raises at trace
         optax.adamw(1e-3, weight_decay=1e-2),
     ))
     opt_state = tx.init(params)          # masks: per-layer magnitude pruning of params
-    params = esacl_jax.apply_masks(params, esacl_jax.find_sdp_state(opt_state).masks)
+    params = esacl_jax.sparse_start(params, opt_state)   # pruned weights exactly 0
     ...
     grads = jax.grad(loss)(params, batch)                      # clean gradient g at w
     updates, opt_state = tx.update(grads, opt_state, params,
@@ -43,9 +43,15 @@ else raises at trace time with one sentence naming the fix:
   `keep_sparse` inside them is rejected.
 - flax's `TrainState.apply_gradients` cannot pass `grad_fn`: use
   `esacl_jax.flax_utils.SDPTrainState`.
-- `batch_axis_name` (under `jax.shard_map` / `pmap`): the descent gradient is all-reduced; the
-  perturbation uses the all-reduced gradient (`perturbation="global"`, default) or each device's
-  own (`"per_device"`, m-sharpness). Under plain `jit` of sharded arrays the gradient is global.
+- `batch_axis_name` (under `jax.shard_map` / `pmap`): `grad_fn` returns this device's gradient
+  of its local loss (the transform hands it the point marked varying over the axis, so that
+  shard_map's autodiff does not sum it over devices) and the transform averages it
+  (`lax.pmean`), so every device applies the same update. The perturbation uses the averaged
+  incoming gradient (`perturbation="global"`, default: the SAM of the whole batch; a gradient
+  already reduced by shard_map is fine) or each device's own (`"per_device"`, m-sharpness with
+  m = the per-device batch; that gradient must be computed at
+  `jax.lax.pcast(params, axis, to="varying")`, a reduced one raises). Under plain `jit` of
+  sharded arrays the gradient is global.
 
 Notes:
 - `grad_fn` takes the (perturbed) params only, unlike `optax.contrib.sam`'s `grad_fn(params, i)`.
@@ -55,17 +61,16 @@ Notes:
 - `optax.inject_hyperparams(sdp_transform, static_args=esacl_jax.STATIC_ARGS)` (the same for
   `esacl_optimizer`): rho, score_lambda, ema_decay, prune_fraction and mask_update_every_steps
   are mutable hyperparameters; sparsity, seed and prunable are used only at init, so leaving
-  them out of `static_args` raises. Numeric arguments become arrays in the params' dtype: pass
-  `hyperparam_dtype=jnp.float32` for bf16 params. A rho schedule goes to the transform itself
-  (`rho=schedule`), so that `esacl_gradients` evaluates the same one.
+  them out of `static_args` raises (a custom `prunable` filter or a dtype object as
+  `perturbation_dtype` needs to be named there too). Numeric arguments become arrays in the
+  params' dtype: pass `hyperparam_dtype=jnp.float32` for bf16 params. A rho schedule goes to
+  the transform itself (`rho=schedule`), so that `esacl_gradients` evaluates the same one.
 - `grad_fn` must return the gradient in the params' structure (one line says so otherwise).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -74,99 +79,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from esacl_jax import _deprecation, _guards
 from esacl_jax import masks as masks_lib
+from esacl_jax._defaults import ESACL_DEFAULTS, SDP_OPTION_DEFAULTS
 from esacl_jax.masks import PrunableFn, PyTree
 from esacl_jax.sharpness import add_perturbation, sam_perturbation
 
-KEEP_SPARSE_MARKER = "_esacl_keep_sparse"
-PERTURBATIONS = ("global", "per_device")
+PERTURBATIONS = _guards.PERTURBATIONS
 
-_MISSING_WRAPPER = (
-    "sdp_transform was updated outside keep_sparse, so pruned weights would drift (momentum, Adam "
-    "state and weight decay of the optimizer chained after it move them off zero): wrap the chain "
-    "as esacl_jax.keep_sparse(optax.chain(sdp_transform(...), optimizer)), or build "
-    "sdp_transform(..., check_projection=False) if you zero the pruned weights yourself."
-)
-_MISSING_GRAD_FN = (
-    "sdp_transform.update needs grad_fn=, the gradient function it evaluates at the perturbed "
-    "params (without it SAM would silently be off): call tx.update(grads, state, params, "
-    "grad_fn=lambda p: jax.grad(loss)(p, batch)) (with flax's TrainState use "
-    "esacl_jax.flax_utils.SDPTrainState.apply_gradients(grads=..., grad_fn=...)), or build "
-    "sdp_transform(rho=0) or sdp_transform(..., require_grad_fn=False) to use the incoming "
-    "gradient as it is."
-)
-_NOT_FIRST = (
-    "sdp_transform must be the first transform inside keep_sparse: it replaces the incoming "
-    "gradient by grad_fn(w + eps), so whatever runs before it (an optimizer, "
-    "clip_by_global_norm, ...) is discarded; move it after: "
-    "keep_sparse(optax.chain(sdp_transform(...), optax.clip_by_global_norm(1.0), optimizer))."
-)
-_NO_OPTIMIZER = (
-    "no optimizer runs after sdp_transform: its output is a gradient, which optax.apply_updates "
-    "would add to the params (gradient ascent); chain one after it: "
-    "keep_sparse(optax.chain(sdp_transform(...), optax.sgd(learning_rate)))."
-)
-_RAW_GRADIENT = (
-    "some parameters receive the raw gradient as their update (no optimizer ran on them, e.g. "
-    "leaves left out by optax.masked), which optax.apply_updates would add (gradient ascent): "
-    "give every leaf an optimizer with optax.multi_transform, or optax.set_to_zero() to freeze it."
-)
-_NOT_UPDATED = (
-    "the sdp_transform inside keep_sparse was not updated with keep_sparse's extra arguments (a "
-    "transform between them dropped them, e.g. a plain optax.GradientTransformation wrapper): "
-    "put sdp_transform directly in the optax.chain that keep_sparse wraps."
-)
-_MULTISTEPS = (
-    "sdp_transform cannot run inside optax.MultiSteps, which would perturb with one "
-    "micro-batch's gradient and call grad_fn at every micro-step: accumulate inside one update "
-    "instead, with grads = esacl_jax.accumulate_grad_fn(per_batch_grad, microbatches)(params) "
-    "and grad_fn=esacl_jax.accumulate_grad_fn(per_batch_grad, microbatches)."
-)
-_IF_FINITE = (
-    "optax.apply_if_finite around sdp_transform checks only the clean gradient, not the one "
-    "grad_fn returns: put it after sdp_transform, "
-    "keep_sparse(optax.chain(sdp_transform(...), optax.apply_if_finite(optimizer, 5)))."
-)
-_BEFORE_KEEP_SPARSE = (
-    "a transform runs before keep_sparse (or esacl_optimizer) in an optax.chain: its output only "
-    "sets the direction of SAM's perturbation and never reaches the applied gradient, which "
-    "grad_fn recomputes, so it would be silently dropped; put it inside, after sdp_transform: "
-    "keep_sparse(optax.chain(sdp_transform(...), optax.clip_by_global_norm(1.0), optimizer))."
-)
-_AFTER_KEEP_SPARSE = (
-    "a transform runs after keep_sparse (or esacl_optimizer) in an optax.chain: it would change "
-    "the projected updates, so pruned weights would drift off zero; keep_sparse must be the "
-    "outermost transform: put it inside, keep_sparse(optax.chain(sdp_transform(...), optimizer, "
-    "optax.scale(0.5)))."
-)
-_MULTISTEPS_INSIDE = (
-    "optax.MultiSteps inside keep_sparse (or esacl_optimizer) would apply the accumulated "
-    "updates of several sdp_transform steps, each perturbed with one micro-batch: accumulate "
-    "inside one update instead, with esacl_jax.accumulate_grad_fn (see its docstring)."
-)
-_INJECTED_STATIC = (
-    "optax.inject_hyperparams made sdp_transform's {name} a mutable hyperparameter, but it is "
-    "used only when the masks are made (init), so changing it would do nothing: keep it static "
-    "with optax.inject_hyperparams(sdp_transform, static_args=esacl_jax.STATIC_ARGS) (the same "
-    "for esacl_optimizer)."
-)
-_GRAD_FN_STRUCTURE = (
-    "grad_fn returned a tree of another structure than the params ({got} leaves, expected "
-    "{want}): return the gradient in the params' structure (with flax nnx: "
-    "nnx.as_pure(nnx.state(grads, nnx.Param)))."
-)
-
-_PER_DEVICE_REDUCED = (
-    'perturbation="per_device" got a gradient that is already reduced over batch_axis_name '
-    "(under jax.shard_map, jax.grad with respect to replicated params sums over the devices): "
-    "compute it at jax.lax.pcast(params, axis_name, to='varying') so that each device perturbs "
-    "along its own gradient."
-)
-_INSIDE_MASKED = (
-    "keep_sparse received partial params (optax.MaskedNode leaves): put keep_sparse outside "
-    "optax.masked / optax.multi_transform, keep_sparse(optax.multi_transform({'sparse': "
-    "optax.chain(sdp_transform(...), opt), ...}, labels)), so grad_fn gets the full params."
-)
+# The sdp_transform / esacl_optimizer arguments used only at init (they make the masks and the
+# regrowth key): `optax.inject_hyperparams(..., static_args=STATIC_ARGS)` keeps them static.
+STATIC_ARGS = ("sparsity", "seed", "prunable")
 
 
 # ----------------------------------------------------------------------------- state
@@ -185,8 +108,8 @@ class SDPState:
         everywhere unless the transform was built with score="taylor").
       key: uint32 raw key data (`jax.random.key_data`) of the PRNG key for random regrowth
         (plain integers, so `optax.tree_utils.tree_cast` and checkpointers handle it).
-      score_lambda: float32, the transform's score_lambda (read by `update_masks`).
-      prune_fraction: float32, the transform's prune_fraction (read by `update_masks`).
+      score_lambda: float32, the transform's score_lambda (read by `mask_update`).
+      prune_fraction: float32, the transform's prune_fraction (read by `mask_update`).
       score: the transform's score kind (static: part of the tree structure).
       regrow: the transform's regrowth kind (static).
       static_prune_fraction: prune_fraction as a Python float when the transform was built with
@@ -228,169 +151,26 @@ jax.tree_util.register_dataclass(
 
 def _is_placeholder(state_leaf: jax.Array, mask_leaf: jax.Array) -> bool:
     """A scalar state entry standing in for a non-scalar (prunable) leaf."""
-    return jnp.ndim(state_leaf) == 0 and jnp.ndim(mask_leaf) > 0
+    return jnp.ndim(state_leaf) == 0 and masks_lib.is_prunable_mask(mask_leaf)
 
 
-def _is_masked_node(x: Any) -> bool:
-    return isinstance(x, optax.MaskedNode)
+def static_zero(rho: Any) -> bool:
+    """Whether `rho` is a concrete 0 (the one "is rho zero?" rule: the transform then evaluates
+    `grad_fn` at w itself and `esacl_gradients` skips the perturbation).
 
+    Args:
+      rho: a SAM radius (Python number, concrete or traced array).
 
-def _has_masked_nodes(tree: PyTree) -> bool:
-    return any(_is_masked_node(x) for x in jax.tree.leaves(tree, is_leaf=_is_masked_node))
-
-
-def _validate(
-    sparsity: Any, rho: Any, distribution: str, score: str, regrow: str, every: Any,
-    perturbation: str, batch_axis_name: Any,
-) -> None:
-    """Check the static choices and whatever numbers are concrete (traced ones pass through)."""
-    if distribution not in masks_lib.DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {masks_lib.DISTRIBUTIONS}: {distribution!r}")
-    if score not in masks_lib.SCORE_KINDS:
-        raise ValueError(f"score must be one of {masks_lib.SCORE_KINDS}: {score!r}")
-    if regrow not in masks_lib.REGROW_KINDS:
-        raise ValueError(f"regrow must be one of {masks_lib.REGROW_KINDS}: {regrow!r}")
-    if perturbation not in PERTURBATIONS:
-        raise ValueError(f"perturbation must be one of {PERTURBATIONS}: {perturbation!r}")
-    if perturbation == "per_device" and batch_axis_name is None:
-        raise ValueError('perturbation="per_device" needs batch_axis_name= (the axis of '
-                         "jax.shard_map or pmap the devices' gradients are reduced over)")
-    s = masks_lib.concrete_float(sparsity)
-    if s is not None and not 0.0 <= s <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {s}")
-    r = masks_lib.concrete_float(rho)
-    if r is not None and r < 0.0:
-        raise ValueError(f"rho must be >= 0, got {r}")
-    e = masks_lib.concrete_int(every)
-    if e is not None and e < 0:
-        raise ValueError(f"mask_update_every_steps must be >= 0, got {e}")
-
-
-# ----------------------------------------------------------------------------- trace-time checks
-
-
-def _code_objects(fn: Any) -> set[types.CodeType]:
-    """The code object of `fn` and of every function defined inside it."""
-    todo, seen = [fn.__code__], set()
-    while todo:
-        code = todo.pop()
-        seen.add(code)
-        todo.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-    return seen
-
-
-_ENCLOSING: list[tuple[set[types.CodeType], str]] = []
-
-
-def _check_enclosing() -> None:
-    """Raise when called (at trace time) from inside optax.MultiSteps or optax.apply_if_finite."""
-    if not _ENCLOSING:
-        _ENCLOSING.extend([
-            (_code_objects(optax.MultiSteps.update), _MULTISTEPS),
-            (_code_objects(optax.apply_if_finite), _IF_FINITE),
-        ])
-    frame = sys._getframe(1)
-    while frame is not None:
-        for codes, message in _ENCLOSING:
-            if frame.f_code in codes:
-                raise ValueError(message)
-        frame = frame.f_back
-
-
-_CHAIN_UPDATES: set[types.CodeType] = set()
-_INJECT_CODES: set[types.CodeType] = set()
-
-# The sdp_transform / esacl_optimizer arguments used only at init (they make the masks and the
-# regrowth key): `optax.inject_hyperparams(..., static_args=STATIC_ARGS)` keeps them static.
-STATIC_ARGS = ("sparsity", "seed", "prunable")
-
-
-def _check_chain_position() -> None:
-    """Raise when `keep_sparse.update` runs inside an `optax.chain` / `optax.named_chain` with
-    another transform before it (its output would be dropped) or after it (it would move pruned
-    weights off zero). Reads the enclosing chain's progress from its frame at trace time."""
-    if not _CHAIN_UPDATES:
-        _CHAIN_UPDATES.update(c for fn in (optax.chain, optax.named_chain)
-                              for c in _code_objects(fn) if c.co_name == "update_fn")
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code in _CHAIN_UPDATES:
-            local = frame.f_locals
-            done = local.get("new_state")
-            members = local.get("update_fns", local.get("transforms"))
-            if done is not None and members is not None:
-                if len(done) > 0:
-                    raise ValueError(_BEFORE_KEEP_SPARSE)
-                if len(done) < len(members) - 1:
-                    raise ValueError(_AFTER_KEEP_SPARSE)
-        frame = frame.f_back
-
-
-def _inside_inject_hyperparams() -> bool:
-    """Whether the caller's caller runs inside `optax.inject_hyperparams`'s init or update."""
-    if not _INJECT_CODES:
-        for name in ("inject_hyperparams", "inject_stateful_hyperparams"):
-            fn = getattr(optax, name, None)
-            if fn is not None:
-                _INJECT_CODES.update(_code_objects(fn))
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code in _INJECT_CODES:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _check_init_only_args(**values: Any) -> None:
-    """Refuse an init-only argument that `optax.inject_hyperparams` turned into an array."""
-    if not any(isinstance(v, jax.Array) for v in values.values()):
-        return
-    if _inside_inject_hyperparams():
-        name = next(k for k, v in values.items() if isinstance(v, jax.Array))
-        raise ValueError(_INJECTED_STATIC.format(name=name))
-
-
-def _axes(axis_name: Any) -> tuple[Any, ...]:
-    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
-
-
-def _varies(x: Any, axis_name: Any) -> bool | None:
-    """Whether `x` varies over the mapped axes (shard_map's typing), None when not typed so."""
-    varying = getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", None)
-    if varying is None:
-        return None
-    return all(a in varying for a in _axes(axis_name))
-
-
-def _as_varying(tree: PyTree, axis_name: Any) -> PyTree:
-    """Mark the leaves as varying over the mapped axes (a no-op on values): then `jax.grad` at
-    them under `jax.shard_map` gives each device's own gradient, not the sum over devices."""
-
-    def one(x: jax.Array) -> jax.Array:
-        varying = getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", None)
-        missing = tuple(a for a in _axes(axis_name) if varying is None or a not in varying)
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-    return jax.tree.map(one, tree)
-
-
-class _KeepSparseCall:
-    """What `keep_sparse` tells the `sdp_transform` inside it during one `update` (Python
-    objects, trace time only): the full params and the identity of the incoming gradient's
-    leaves, and back the identity of the transform's output leaves."""
-
-    def __init__(self, updates: PyTree, params: PyTree):
-        self.params = params
-        self.inputs = jax.tree.leaves(updates)  # kept alive so that their ids stay unique
-        self.input_ids = {id(x) for x in self.inputs}
-        self.outputs: list[Any] = []
-        self.updated = 0
+    Returns:
+      True for a concrete 0, False for any other value or a traced one.
+    """
+    return masks_lib.concrete(rho) == 0.0
 
 
 # ----------------------------------------------------------------------------- mask updates
 
 
-def update_masks(
+def mask_update(
     state: SDPState,
     params: PyTree,
     *,
@@ -404,8 +184,21 @@ def update_masks(
 
     The function `sdp_transform` uses on its schedule; call it directly (under `jit` or not) to
     refresh masks at host-chosen points. It only changes `masks` and `key`: use `refresh_masks`
-    to also zero the newly pruned weights. The options default to those the transform was built
-    with (read from the state); pass one to override it for this update only.
+    (on the optimizer state) to also zero the newly pruned weights. The options default to
+    those the transform was built with (read from the state); pass one to override it for this
+    update only. (Called `update_masks` before; that name is a deprecated alias.)
+
+    Args:
+      state: the transform's `SDPState` (`find_sdp_state(opt_state)`).
+      params: the current params (scored by magnitude).
+      score: "magnitude_gradient" or "taylor" (default: the state's).
+      score_lambda: lambda of the magnitude_gradient score (default: the state's).
+      prune_fraction: fraction of each layer pruned and regrown (default: the state's).
+      regrow: "gradient" or "random" (default: the state's).
+      prunable: restrict the update to this set (`masks.resolve_prunable`'s forms).
+
+    Returns:
+      The state with new `masks` and `key` (same active count per layer).
     """
     score = state.score if score is None else score
     regrow = state.regrow if regrow is None else regrow
@@ -453,253 +246,284 @@ def _rho_spec(rho: Any) -> float | Callable[[jax.Array], Any] | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """`sdp_transform`'s arguments as given (Python numbers, schedules or injected arrays)."""
+
+    sparsity: Any
+    rho: Any
+    distribution: str
+    prunable: Any
+    score: str
+    score_lambda: Any
+    ema_decay: Any
+    prune_fraction: Any
+    regrow: str
+    mask_update_every_steps: Any
+    seed: Any
+    check_projection: bool
+    require_grad_fn: bool
+    batch_axis_name: Any
+    perturbation: str
+    perturbation_dtype: Any
+
+
 def sdp_transform(
-    sparsity: Any = 0.9,
-    rho: Any = 0.01,
+    sparsity: Any = ESACL_DEFAULTS["sparsity"],
+    rho: Any = ESACL_DEFAULTS["rho"],
     *,
-    distribution: str = "uniform",
+    distribution: str = ESACL_DEFAULTS["distribution"],
     prunable: PrunableFn | PyTree | str | None = None,
-    score: str = "magnitude_gradient",
-    score_lambda: Any = 0.5,
-    ema_decay: Any = 0.9,
-    prune_fraction: Any = 0.01,
-    regrow: str = "gradient",
-    mask_update_every_steps: Any = 0,
-    seed: Any = 0,
+    score: str = ESACL_DEFAULTS["score"],
+    score_lambda: Any = ESACL_DEFAULTS["score_lambda"],
+    ema_decay: Any = ESACL_DEFAULTS["ema_decay"],
+    prune_fraction: Any = ESACL_DEFAULTS["prune_fraction"],
+    regrow: str = ESACL_DEFAULTS["regrow"],
+    mask_update_every_steps: Any = SDP_OPTION_DEFAULTS["mask_update_every_steps"],
+    seed: Any = SDP_OPTION_DEFAULTS["seed"],
     check_projection: bool = True,
     require_grad_fn: bool = True,
     batch_axis_name: Any = None,
-    perturbation: str = "global",
-    perturbation_dtype: Any = "float32",
+    perturbation: str = SDP_OPTION_DEFAULTS["perturbation"],
+    perturbation_dtype: Any = SDP_OPTION_DEFAULTS["perturbation_dtype"],
 ) -> optax.GradientTransformationExtraArgs:
     """Sharpness-aware directional pruning: masked SAM gradient + SDP mask updates.
 
     Args:
-      sparsity: fraction of pruned weights in each prunable layer (global target for "erk");
-        only used at init (so under `optax.inject_hyperparams` it must be among the static
-        arguments, `static_args=esacl_jax.STATIC_ARGS`, as `seed` and `prunable`; else it
-        raises). With no prunable leaf, a sparsity > 0 raises.
-      rho: SAM radius (default 0.01, EsaCL's published default: `esacl_jax.DEFAULTS`): a Python
-        float, or a schedule `count -> rho` (a function of the transform's step count, like an
-        optax learning-rate schedule; `sam_radius(opt_state)` gives the value the next update
-        uses, so `esacl_gradients` perturbs with the same one). A static 0 evaluates `grad_fn`
-        at w itself (no perturbation). Under `optax.inject_hyperparams` it is a mutable
-        hyperparameter.
+      sparsity: fraction of pruned weights in each prunable layer (global target for "erk"),
+        used only at init (static under `optax.inject_hyperparams`: `STATIC_ARGS`). With no
+        prunable leaf, a sparsity > 0 raises.
+      rho: SAM radius, a Python float or a schedule `count -> rho` of the transform's step
+        count (`sam_radius(opt_state)` gives the next update's, which `esacl_gradients`
+        perturbs with). A static 0 evaluates `grad_fn` at w itself. Mutable under
+        `optax.inject_hyperparams`.
       distribution: "uniform" or "erk" per-layer sparsities.
-      prunable: which leaves are pruned: None or "structural" (default: every kernel, ndim >= 2,
-        except the logits layer, found from shapes and order: `masks.structural_prunable`),
-        "sparcl" (SparCL's convention: the first layer dense as well), "name"
-        (`masks.name_prunable`, by layer name), a filter `(path, leaf) -> bool` or a bool tree.
-        A set that leaves more than half of all weights dense logs one warning line. (A custom
-        filter under inject_hyperparams needs `static_args=("prunable",)`.)
-      score: "magnitude_gradient" (|w| + lambda |G| c) or "taylor" (|w G| c + 0.5 h w^2 c^2;
-        also keeps the curvature EMA h, one more float32 copy of the prunable weights); c
-        normalises G per layer so the ranking does not depend on the loss's scale
-        (`masks.sdp_scores`).
+      prunable: which leaves are pruned: a name of `masks.PRUNABLE_SETS` (None is
+        "all_but_output": every kernel but the logits layer, found from shapes and order),
+        a filter `(path, leaf) -> bool` or a bool tree. A set that leaves more than half of
+        all weights dense logs one warning line.
+      score: "magnitude_gradient" or "taylor" (keeps the curvature EMA h too; `masks.sdp_scores`).
       score_lambda: lambda of the magnitude_gradient score.
       ema_decay: decay of the G (and h) EMAs.
       prune_fraction: fraction of each layer pruned and regrown per mask update.
       regrow: "gradient" (largest |G| among inactive weights) or "random".
-      mask_update_every_steps: 0 (default): masks change only through `update_masks` /
-        `refresh_masks` called by the training loop. k > 0: inside `update`, at steps with
-        count > 0 and count % k == 0, under `lax.cond`: steps that do not update masks do not
-        compute candidate masks (under `vmap` with a batched count, cond becomes a select).
-      seed: seed of the PRNG key used by random regrowth.
+      mask_update_every_steps: 0: masks change only through `refresh_masks` / `mask_update`
+        called by the loop; k > 0: also inside `update` at counts > 0 divisible by k (under
+        `lax.cond`, so other steps compute no candidate masks).
+      seed: seed of the PRNG key used by random regrowth (init only).
       check_projection: raise at trace time when not run inside `keep_sparse`.
-      require_grad_fn: raise when `update` gets no `grad_fn` and rho is not a static 0. False:
-        without `grad_fn` the incoming updates are the descent gradient (no SAM inside; pass a
-        sharpness-aware gradient you computed yourself).
+      require_grad_fn: False: without `grad_fn` the incoming updates are the descent gradient
+        (no SAM inside); True: that raises unless rho is a static 0.
       batch_axis_name: the mapped axis name (or names) under `jax.shard_map` / `pmap`, as in
-        `optax.contrib.sam`: `grad_fn` returns this device's gradient of its local loss (as
-        under pmap; the transform hands it the point marked varying over the axis, so that
-        shard_map's autodiff does not sum it over devices) and the transform averages it
-        (`lax.pmean`), so every device applies the same update.
-      perturbation: with `batch_axis_name`, "global" (default): eps from the averaged incoming
-        gradient (the SAM of the whole batch; an incoming gradient already reduced by shard_map
-        is fine); "per_device": eps from each device's own incoming gradient (m-sharpness with
-        m = the per-device batch), which must then be computed at
-        `jax.lax.pcast(params, axis, to="varying")` (a reduced one raises).
-      perturbation_dtype: dtype of w + eps handed to `grad_fn` for low-precision (bf16, f16)
-        params (default "float32": in bf16, w + eps == w on most coordinates); None keeps the
-        params' dtype. 32-bit params are unaffected. (A string, so that inject_hyperparams
-        keeps it static; a dtype object there needs `static_args=("perturbation_dtype",)`.)
+        `optax.contrib.sam`: `grad_fn` returns this device's gradient and the transform
+        averages it (module docstring, "batch_axis_name").
+      perturbation: with `batch_axis_name`, "global" (eps from the averaged incoming gradient)
+        or "per_device" (each device's own: m-sharpness; module docstring).
+      perturbation_dtype: dtype of w + eps handed to `grad_fn` for low-precision params
+        ("float32": in bf16, w + eps == w on most coordinates); None: the params' dtype.
 
     Returns:
       A `GradientTransformationExtraArgs`. `update(updates, state, params, *, grad_fn=None)`:
-      `updates` is the clean gradient g at `params`, used only for the ascent direction eps;
-      `grad_fn(params) -> grads` is the descent gradient (it may use other data than g, e.g.
-      IDS-selected examples plus replay), evaluated once at the perturbed point w + eps (at w
-      itself when rho is a static 0). The output is the masked descent gradient in the params'
-      dtypes. See the module docstring for how it composes with other optax wrappers.
+      `updates` is the clean gradient g at `params` (only the ascent direction eps);
+      `grad_fn(params) -> grads` is the descent gradient (it may use other data, e.g.
+      IDS-selected examples plus replay), evaluated once at w + eps. The output is the masked
+      descent gradient in the params' dtypes.
     """
-    _validate(sparsity, rho, distribution, score, regrow, mask_update_every_steps, perturbation,
-              batch_axis_name)
-    _check_init_only_args(sparsity=sparsity, seed=seed)
-    rho_spec = _rho_spec(rho)
+    opts = _Options(**locals())  # every argument, as given
+    _guards.check_options(sparsity, rho, distribution, score, regrow, mask_update_every_steps,
+                          perturbation, batch_axis_name)
+    _guards.check_init_only_args(sparsity=sparsity, seed=seed)
 
     def init_fn(params: PyTree) -> SDPState:
-        flat, flags, treedef = masks_lib._flat_with_prunable(
-            params, masks_lib.resolve_prunable(prunable, params)
-        )
-        static_sparsity = masks_lib.concrete_float(sparsity)
-        if not any(flags) and static_sparsity is not None and static_sparsity > 0:
-            raise ValueError(
-                f"sdp_transform(sparsity={static_sparsity}) found no prunable leaf in the params: "
-                "pass prunable= (a (path, leaf) -> bool filter, a bool tree, or \"name\") or "
-                "sparsity=0."
-            )
-        flag_tree = treedef.unflatten(flags)
-        masks_lib.warn_if_mostly_dense(params, flag_tree, sparsity)
-        sparsities = masks_lib.layer_sparsities(params, sparsity, distribution, flag_tree)
-        init_masks = masks_lib.magnitude_masks(params, sparsities, flag_tree)
+        return _init_state(params, opts)
 
-        def zeros(use_full: bool) -> PyTree:
-            return treedef.unflatten(
-                [
-                    jnp.zeros_like(x, dtype=jnp.float32)
-                    if use_full and f
-                    else jnp.zeros((), jnp.float32)
-                    for (_, x), f in zip(flat, flags, strict=True)
-                ]
-            )
-
-        return SDPState(
-            count=jnp.zeros((), jnp.int32),
-            masks=init_masks,
-            grad_ema=zeros(True),
-            curvature_ema=zeros(score == "taylor"),
-            key=jax.random.key_data(jax.random.key(jnp.asarray(seed).astype(jnp.int32))),
-            score_lambda=jnp.asarray(score_lambda, jnp.float32),
-            prune_fraction=jnp.asarray(prune_fraction, jnp.float32),
-            score=score,
-            regrow=regrow,
-            static_prune_fraction=(
-                float(prune_fraction)
-                if isinstance(prune_fraction, (int, float)) and not isinstance(prune_fraction, bool)
-                else None
-            ),
-            rho=rho_spec,
-            perturbation_dtype=perturbation_dtype,
-        )
-
-    def update_fn(
-        updates: PyTree,
-        state: SDPState,
-        params: PyTree | None = None,
-        *,
-        grad_fn: Callable[[PyTree], PyTree] | None = None,
-        **extra_args: Any,
-    ) -> tuple[PyTree, SDPState]:
-        _check_enclosing()
-        call = extra_args.get(KEEP_SPARSE_MARKER)
-        if not isinstance(call, _KeepSparseCall):
-            call = None
-        if check_projection and call is None:
-            raise ValueError(_MISSING_WRAPPER)
-        if params is None:
-            raise ValueError("sdp_transform needs params: call update(updates, state, params)")
-        if call is not None:
-            call.updated += 1
-            if not all(id(x) in call.input_ids for x in jax.tree.leaves(updates)):
-                raise ValueError(_NOT_FIRST)
+    def update_fn(updates: PyTree, state: SDPState, params: PyTree | None = None, *,
+                  grad_fn: Callable[[PyTree], PyTree] | None = None,
+                  **extra_args: Any) -> tuple[PyTree, SDPState]:
+        call = _guards.check_transform_update(updates, params, extra_args, check_projection)
         rho_now = rho(state.count) if callable(rho) else rho
-        static_rho = masks_lib.concrete_float(rho_now)
-        if grad_fn is None and require_grad_fn and static_rho != 0.0:
-            raise ValueError(_MISSING_GRAD_FN)
-
-        def all_reduce(tree: PyTree) -> PyTree:
-            if batch_axis_name is None:
-                return tree
-            return jax.lax.pmean(tree, axis_name=batch_axis_name)
-
-        if grad_fn is None:
-            g_sam = all_reduce(updates)
-        else:
-            if perturbation == "per_device" and static_rho != 0.0 and any(
-                _varies(x, batch_axis_name) is False for x in jax.tree.leaves(updates)
-            ):
-                raise ValueError(_PER_DEVICE_REDUCED)
-            if static_rho == 0.0:
-                # rho == 0: no perturbation, but grad_fn is still the descent gradient, which may
-                # differ from the clean one (e.g. EsaCL's descent adds replay and IDS selection).
-                point = params
-            else:
-                g = updates if perturbation == "per_device" else all_reduce(updates)
-                point = perturbed_params(g, state.masks, params, rho_now,
-                                         perturbation_dtype=perturbation_dtype)
-            if batch_axis_name is not None:
-                point = _as_varying(point, batch_axis_name)
-            g_sam = all_reduce(_call_grad_fn(grad_fn, point, params, call))
-
-        decay = jnp.asarray(ema_decay, jnp.float32)
-
-        def ema(old: jax.Array, g: jax.Array, square: bool) -> jax.Array:
-            if jnp.shape(old) != jnp.shape(g):  # placeholder of a leaf that is never scored
-                return old
-            g = jnp.asarray(g, jnp.float32)
-            new = decay * old + (1.0 - decay) * (jnp.square(g) if square else g)
-            # A non-finite entry of g_sam leaves its average unchanged (elementwise: no extra
-            # pass over the gradient, unlike a global all-finite reduction).
-            return jnp.where(jnp.isfinite(g), new, old)
-
-        new_state = state._replace(
-            count=optax.safe_increment(state.count),
-            grad_ema=jax.tree.map(lambda o, g: ema(o, g, False), state.grad_ema, g_sam),
-            curvature_ema=jax.tree.map(lambda o, g: ema(o, g, True), state.curvature_ema, g_sam),
-            # Array values (inject_hyperparams) are recorded for update_masks; Python numbers are
-            # already in the state since init (passed through: no new buffers).
-            score_lambda=state.score_lambda if isinstance(score_lambda, (int, float))
-            else jnp.asarray(score_lambda, jnp.float32),
-            prune_fraction=state.prune_fraction if isinstance(prune_fraction, (int, float))
-            else jnp.asarray(prune_fraction, jnp.float32),
-        )
-
-        every = masks_lib.concrete_int(mask_update_every_steps)
-        if every != 0:  # a positive static int, or traced (inject_hyperparams)
-            if every is not None:
-                do = (state.count > 0) & (state.count % every == 0)
-            else:
-                k = jnp.asarray(mask_update_every_steps, jnp.int32)
-                do = (k > 0) & (state.count > 0) & (state.count % jnp.maximum(k, 1) == 0)
-            new_state = jax.lax.cond(
-                do,
-                lambda s: update_masks(s, params, score_lambda=score_lambda,
-                                       prune_fraction=prune_fraction),
-                lambda s: s,
-                new_state,
-            )
-
-        out = jax.tree.map(
-            lambda g, m, p: jnp.where(m, g, jnp.zeros((), jnp.result_type(g))).astype(p.dtype),
-            g_sam,
-            _active(new_state.masks),
-            params,
-        )
-        if call is not None:
-            call.outputs.extend(jax.tree.leaves(out))
-        return out, new_state
+        g_sam = _sharpness_aware_gradient(updates, state, params, grad_fn, call, rho_now, opts)
+        new_state = _record_gradient(state, g_sam, opts)
+        new_state = _scheduled_mask_update(new_state, state.count, params, opts)
+        return _masked_output(g_sam, new_state.masks, params, call), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _init_state(params: PyTree, opts: _Options) -> SDPState:
+    """The transform's init: magnitude masks of `params` on the prunable set, zero averages."""
+    flat, flags, treedef = masks_lib._flat_with_prunable(
+        params, masks_lib.resolve_prunable(opts.prunable, params)
+    )
+    static_sparsity = masks_lib.concrete(opts.sparsity)
+    if not any(flags) and static_sparsity is not None and static_sparsity > 0:
+        raise ValueError(
+            f"sdp_transform(sparsity={static_sparsity}) found no prunable leaf in the params: "
+            "pass prunable= (a (path, leaf) -> bool filter, a bool tree, or \"by_layer_name\") "
+            "or sparsity=0."
+        )
+    flag_tree = treedef.unflatten(flags)
+    masks_lib.warn_if_mostly_dense(params, flag_tree, opts.sparsity)
+    sparsities = masks_lib.layer_sparsities(params, opts.sparsity, opts.distribution, flag_tree)
+    init_masks = masks_lib.magnitude_masks(params, sparsities, flag_tree)
+
+    def zeros(use_full: bool) -> PyTree:
+        return treedef.unflatten(
+            [
+                jnp.zeros_like(x, dtype=jnp.float32)
+                if use_full and f
+                else jnp.zeros((), jnp.float32)
+                for (_, x), f in zip(flat, flags, strict=True)
+            ]
+        )
+
+    prune_fraction = opts.prune_fraction
+    return SDPState(
+        count=jnp.zeros((), jnp.int32),
+        masks=init_masks,
+        grad_ema=zeros(True),
+        curvature_ema=zeros(opts.score == "taylor"),
+        key=jax.random.key_data(jax.random.key(jnp.asarray(opts.seed).astype(jnp.int32))),
+        score_lambda=jnp.asarray(opts.score_lambda, jnp.float32),
+        prune_fraction=jnp.asarray(prune_fraction, jnp.float32),
+        score=opts.score,
+        regrow=opts.regrow,
+        static_prune_fraction=(
+            float(prune_fraction)
+            if isinstance(prune_fraction, (int, float)) and not isinstance(prune_fraction, bool)
+            else None
+        ),
+        rho=_rho_spec(opts.rho),
+        perturbation_dtype=opts.perturbation_dtype,
+    )
+
+
+def _all_reduce(tree: PyTree, batch_axis_name: Any) -> PyTree:
+    """The mean over the mapped axis (a no-op without one)."""
+    if batch_axis_name is None:
+        return tree
+    return jax.lax.pmean(tree, axis_name=batch_axis_name)
+
+
+def _sharpness_aware_gradient(
+    updates: PyTree, state: SDPState, params: PyTree, grad_fn: Callable[[PyTree], PyTree] | None,
+    call: _guards.KeepSparseCall | None, rho: Any, opts: _Options,
+) -> PyTree:
+    """g_sam: `grad_fn` at w + eps, eps SAM's ascent step along `updates` on the active weights
+    (at w itself for a static rho of 0; the incoming updates themselves without grad_fn)."""
+    axis = opts.batch_axis_name
+    zero_rho = static_zero(rho)
+    _guards.check_grad_fn(grad_fn, opts.require_grad_fn, 0.0 if zero_rho else None)
+    if grad_fn is None:
+        return _all_reduce(updates, axis)
+    _guards.check_per_device(updates, opts.perturbation, 0.0 if zero_rho else None, axis)
+    if zero_rho:
+        # rho == 0: no perturbation, but grad_fn is still the descent gradient, which may
+        # differ from the clean one (e.g. EsaCL's descent adds replay and IDS selection).
+        point = params
+    else:
+        g = updates if opts.perturbation == "per_device" else _all_reduce(updates, axis)
+        point = perturbed_params(g, state.masks, params, rho,
+                                 perturbation_dtype=opts.perturbation_dtype)
+    if axis is not None:
+        point = _as_varying(point, axis)
+    return _all_reduce(_call_grad_fn(grad_fn, point, params, call), axis)
+
+
+def _record_gradient(state: SDPState, g_sam: PyTree, opts: _Options) -> SDPState:
+    """The state after one step: count + 1, g_sam folded into the score averages G (and h), and
+    the injected score options recorded for `mask_update`."""
+    decay = jnp.asarray(opts.ema_decay, jnp.float32)
+
+    def ema(old: jax.Array, g: jax.Array, square: bool) -> jax.Array:
+        if jnp.shape(old) != jnp.shape(g):  # placeholder of a leaf that is never scored
+            return old
+        g = jnp.asarray(g, jnp.float32)
+        new = decay * old + (1.0 - decay) * (jnp.square(g) if square else g)
+        # A non-finite entry of g_sam leaves its average unchanged (elementwise: no extra
+        # pass over the gradient, unlike a global all-finite reduction).
+        return jnp.where(jnp.isfinite(g), new, old)
+
+    score_lambda, prune_fraction = opts.score_lambda, opts.prune_fraction
+    return state._replace(
+        count=optax.safe_increment(state.count),
+        grad_ema=jax.tree.map(lambda o, g: ema(o, g, False), state.grad_ema, g_sam),
+        curvature_ema=jax.tree.map(lambda o, g: ema(o, g, True), state.curvature_ema, g_sam),
+        # Array values (inject_hyperparams) are recorded for mask_update; Python numbers are
+        # already in the state since init (passed through: no new buffers).
+        score_lambda=state.score_lambda if isinstance(score_lambda, (int, float))
+        else jnp.asarray(score_lambda, jnp.float32),
+        prune_fraction=state.prune_fraction if isinstance(prune_fraction, (int, float))
+        else jnp.asarray(prune_fraction, jnp.float32),
+    )
+
+
+def _scheduled_mask_update(state: SDPState, count: jax.Array, params: PyTree,
+                           opts: _Options) -> SDPState:
+    """`mask_update` under `lax.cond` at the steps `mask_update_every_steps` names (count > 0
+    and count % k == 0); the state as it is when k is a static 0."""
+    every = masks_lib.concrete(opts.mask_update_every_steps, int)
+    if every == 0:
+        return state
+    if every is not None:
+        do = (count > 0) & (count % every == 0)
+    else:  # traced (inject_hyperparams)
+        k = jnp.asarray(opts.mask_update_every_steps, jnp.int32)
+        do = (k > 0) & (count > 0) & (count % jnp.maximum(k, 1) == 0)
+    return jax.lax.cond(
+        do,
+        lambda s: mask_update(s, params, score_lambda=opts.score_lambda,
+                              prune_fraction=opts.prune_fraction),
+        lambda s: s,
+        state,
+    )
+
+
+def _masked_output(g_sam: PyTree, masks: PyTree, params: PyTree,
+                   call: _guards.KeepSparseCall | None) -> PyTree:
+    """g_sam * m in the params' dtypes (recorded for keep_sparse's check of the chain)."""
+    out = jax.tree.map(
+        lambda g, m, p: jnp.where(m, g, jnp.zeros((), jnp.result_type(g))).astype(p.dtype),
+        g_sam,
+        _active(masks),
+        params,
+    )
+    if call is not None:
+        call.outputs.extend(jax.tree.leaves(out))
+    return out
+
+
+def _as_varying(tree: PyTree, axis_name: Any) -> PyTree:
+    """Mark the leaves as varying over the mapped axes (a no-op on values): then `jax.grad` at
+    them under `jax.shard_map` gives each device's own gradient, not the sum over devices."""
+
+    def one(x: jax.Array) -> jax.Array:
+        varying = getattr(getattr(jax.typeof(x), "manual_axis_type", None), "varying", None)
+        missing = tuple(a for a in _guards.axes(axis_name) if varying is None or a not in varying)
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(one, tree)
+
+
 def _call_grad_fn(
     grad_fn: Callable[[PyTree], PyTree], point: PyTree, params: PyTree,
-    call: _KeepSparseCall | None,
+    call: _guards.KeepSparseCall | None,
 ) -> PyTree:
     """grad_fn at `point`; under optax.masked / multi_transform (params with MaskedNode leaves)
     the user's grad_fn gets the full params (keep_sparse's), with `point` on this transform's
     leaves, and its result is cut back to them."""
-    if not _has_masked_nodes(params):
+    if not _guards.has_masked_nodes(params):
         return _like_params(grad_fn(point), point)
-    if call is None or _has_masked_nodes(call.params):
-        raise ValueError(_INSIDE_MASKED)
+    if call is None or _guards.has_masked_nodes(call.params):
+        raise ValueError(_guards.INSIDE_MASKED)
     full = jax.tree.map(
-        lambda full_p, q: full_p if _is_masked_node(q) else q,
-        call.params, point, is_leaf=_is_masked_node,
+        lambda full_p, q: full_p if _guards.is_masked_node(q) else q,
+        call.params, point, is_leaf=_guards.is_masked_node,
     )
     grads = _like_params(grad_fn(full), full)
     return jax.tree.map(
-        lambda q, g: q if _is_masked_node(q) else g, point, grads, is_leaf=_is_masked_node
+        lambda q, g: q if _guards.is_masked_node(q) else g, point, grads,
+        is_leaf=_guards.is_masked_node,
     )
 
 
@@ -707,7 +531,7 @@ def _like_params(grads: PyTree, params: PyTree) -> PyTree:
     """`grads` as grad_fn returned them, or one line when their structure is not the params'."""
     want, got = jax.tree.structure(params), jax.tree.structure(grads)
     if got != want:
-        raise ValueError(_GRAD_FN_STRUCTURE.format(got=got.num_leaves, want=want.num_leaves))
+        raise ValueError(_guards.GRAD_FN_STRUCTURE.format(got=got.num_leaves, want=want.num_leaves))
     return grads
 
 
@@ -721,6 +545,13 @@ def accumulate_grad_fn(
     mbs)`; the update then perturbs along the accumulated gradient and evaluates the descent
     gradient of all micro-batches at that one point (exactly SAM on the full batch when the
     loss is a mean over equal micro-batches). Sums in float32; results in grad_fn's dtypes.
+
+    Args:
+      grad_fn: `(params, microbatch) -> grads`.
+      microbatches: a tree of arrays with the micro-batches on the leading axis.
+
+    Returns:
+      `params -> grads`, the mean gradient over the micro-batches.
     """
 
     def fn(params: PyTree) -> PyTree:
@@ -755,30 +586,36 @@ def perturbed_params(grads: PyTree, masks: PyTree, params: PyTree, rho: Any, *,
     than the gradient, e.g. per-example losses) and hands it over as ``grad_fn=lambda _: g``:
     computed with this function, its point is the transform's to the bit, low-precision
     params included (`perturbation_dtype` as in `sdp_transform`).
+
+    Args:
+      grads: the ascent direction g (a tree like the params).
+      masks: the `SDPState`'s masks.
+      params: w.
+      rho: the radius (`sam_radius(opt_state)`).
+      perturbation_dtype: as `sdp_transform`'s.
+
+    Returns:
+      w + eps, a tree like `params`.
     """
     eps = sam_perturbation(grads, _active(masks), rho, dtype=perturbation_dtype)
     return add_perturbation(params, eps, dtype=perturbation_dtype)
 
 
 def find_sdp_state(opt_state: Any) -> SDPState:
-    """The single `SDPState` inside an optimizer state (through chain, inject_hyperparams, ...)."""
+    """The single `SDPState` inside an optimizer state (through chain, inject_hyperparams, ...).
+
+    Args:
+      opt_state: an optimizer state.
+
+    Returns:
+      Its `SDPState` (ValueError when there is none or more than one).
+    """
     found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_sdp) if _is_sdp(x)]
     if len(found) != 1:
         raise ValueError(
             f"expected exactly one sdp_transform state in the optimizer state, found {len(found)}"
         )
     return found[0]
-
-
-_INJECTED_RHO_SCHEDULE = (
-    "rho is scheduled by optax.inject_hyperparams, whose schedule esacl_gradients cannot see, "
-    "so the step's rho and the transform's would differ: pass the schedule to the transform "
-    "itself, esacl_optimizer(optimizer, rho=schedule) (a function of the step count)."
-)
-_UNKNOWN_RHO = (
-    "the sdp_transform state holds no rho that esacl_gradients can read (rho was built from an "
-    "array outside optax.inject_hyperparams): build it with a Python float or a schedule."
-)
 
 
 def _is_inject_state(x: Any) -> bool:
@@ -815,13 +652,21 @@ def sam_radius(opt_state: Any) -> Any:
         if not any(x is state for x in inner):
             continue
         if "rho" in wrapper.hyperparams_states:
-            raise ValueError(_INJECTED_RHO_SCHEDULE)
+            raise ValueError(_guards.INJECTED_RHO_SCHEDULE)
         return wrapper.hyperparams["rho"]
-    raise ValueError(_UNKNOWN_RHO)
+    raise ValueError(_guards.UNKNOWN_RHO)
 
 
 def replace_sdp_state(opt_state: Any, new_state: SDPState) -> Any:
-    """`opt_state` with its single `SDPState` replaced by `new_state` (structure unchanged)."""
+    """`opt_state` with its single `SDPState` replaced by `new_state` (structure unchanged).
+
+    Args:
+      opt_state: an optimizer state holding one `SDPState`.
+      new_state: the state to put in its place.
+
+    Returns:
+      The optimizer state with `new_state` in it.
+    """
     find_sdp_state(opt_state)
     return jax.tree.map(lambda x: new_state if _is_sdp(x) else x, opt_state, is_leaf=_is_sdp)
 
@@ -835,27 +680,36 @@ def _project(u: jax.Array, p: jax.Array, old: jax.Array, new: jax.Array) -> jax.
 def _active(masks: PyTree) -> PyTree:
     """The masks with each scalar placeholder (a non-prunable leaf, always True) replaced by a
     Python True, so that the where()s on those leaves fold away at trace time."""
-    return jax.tree.map(lambda m: True if jnp.ndim(m) == 0 else m, masks)
+    return jax.tree.map(lambda m: m if masks_lib.is_prunable_mask(m) else True, masks)
 
 
 def _full_masks(masks: PyTree, params: PyTree) -> PyTree:
     """`_active` masks with the structure of the full params: MaskedNode (leaves of other
     groups of an optax.multi_transform) becomes True as well."""
     return jax.tree.map(
-        lambda _, m: True if _is_masked_node(m) or jnp.ndim(m) == 0 else m, params, masks
+        lambda _, m: True if _guards.is_masked_node(m) or not masks_lib.is_prunable_mask(m)
+        else m, params, masks
     )
 
 
 def refresh_masks(opt_state: Any, params: PyTree, **kwargs: Any) -> tuple[Any, PyTree]:
-    """`update_masks` on the SDPState inside `opt_state`, and zero what is no longer active.
+    """`mask_update` on the SDPState inside `opt_state`, and zero what is no longer active.
 
-    Returns `(new_opt_state, new_params)`: newly pruned weights are set to 0 and regrown weights
-    start at exactly 0. By default the transform's own options (score, score_lambda,
-    prune_fraction, regrow; stored in its state) are used; `kwargs` (same names, and
-    `prunable`) override them for this call. Works under `jit`.
+    Newly pruned weights are set to 0 and regrown weights start at exactly 0. By default the
+    transform's own options (score, score_lambda, prune_fraction, regrow; stored in its state)
+    are used. Works under `jit`.
+
+    Args:
+      opt_state: an optimizer state holding one `sdp_transform` state.
+      params: the current params.
+      **kwargs: `mask_update`'s options (score, score_lambda, prune_fraction, regrow,
+        prunable), overriding the transform's for this call.
+
+    Returns:
+      `(new_opt_state, new_params)`.
     """
     old = find_sdp_state(opt_state)
-    new = update_masks(old, params, **kwargs)
+    new = mask_update(old, params, **kwargs)
     old_masks, new_masks = _full_masks(old.masks, params), _full_masks(new.masks, params)
     params = jax.tree.map(
         lambda p, a, b: jnp.where(a & b, p, jnp.zeros((), p.dtype)), params, old_masks, new_masks
@@ -876,40 +730,37 @@ def keep_sparse(tx: optax.GradientTransformation) -> optax.GradientTransformatio
     At trace time it also checks the chain: `sdp_transform` must see the incoming gradient
     unchanged (nothing before it), and no leaf's final update may be the transform's output or
     the raw gradient (no optimizer after it); each mistake raises one sentence naming the fix.
+
+    Args:
+      tx: a chain holding one `sdp_transform`, first.
+
+    Returns:
+      A `GradientTransformationExtraArgs` whose `update` takes `grad_fn=` (passed through).
     """
     inner = optax.with_extra_args_support(tx)
 
     def init_fn(params: PyTree) -> Any:
         state = inner.init(params)
         find_sdp_state(state)
-        is_multisteps = lambda x: isinstance(x, optax.MultiStepsState)  # noqa: E731
-        if any(is_multisteps(x) for x in jax.tree.leaves(state, is_leaf=is_multisteps)):
-            raise ValueError(_MULTISTEPS_INSIDE)
+        _guards.check_keep_sparse_state(state)
         return state
 
     def update_fn(
         updates: PyTree, state: Any, params: PyTree | None = None, **extra_args: Any
     ) -> tuple[PyTree, Any]:
-        _check_enclosing()
-        _check_chain_position()
-        if params is None:
-            raise ValueError("keep_sparse needs params: call update(updates, state, params)")
-        if _has_masked_nodes(params):
-            raise ValueError(_INSIDE_MASKED)
+        _guards.check_keep_sparse_update(params)
         old_masks = _full_masks(find_sdp_state(state).masks, params)
-        call = _KeepSparseCall(updates, params)
-        extra_args = {**extra_args, KEEP_SPARSE_MARKER: call}
+        call = _guards.KeepSparseCall(updates, params)
+        extra_args = {**extra_args, _guards.KEEP_SPARSE_MARKER: call}
         new_updates, new_state = inner.update(updates, state, params, **extra_args)
-        if not call.updated:
-            raise ValueError(_NOT_UPDATED)
-        output_ids = {id(x) for x in call.outputs}
-        final = jax.tree.leaves(new_updates)
-        if any(id(x) in output_ids for x in final):
-            raise ValueError(_NO_OPTIMIZER)
-        if any(id(x) in call.input_ids for x in final):
-            raise ValueError(_RAW_GRADIENT)
+        _guards.check_chain_output(call, new_updates)
         new_masks = _full_masks(find_sdp_state(new_state).masks, params)
         new_updates = jax.tree.map(_project, new_updates, params, old_masks, new_masks)
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+__getattr__ = _deprecation.forwarding_getattr(__name__, {
+    "update_masks": ("esacl_jax.sdp:mask_update", ""),
+})

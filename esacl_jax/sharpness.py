@@ -21,6 +21,13 @@ def masked_global_norm(tree: PyTree, masks: PyTree) -> jax.Array:
 
     `masks` is a tree like `tree` whose leaves broadcast against it (scalar `True` for unmasked
     leaves, the `magnitude_masks` convention).
+
+    Args:
+      tree: a tree of arrays.
+      masks: a tree like `tree` of masks that broadcast against its leaves.
+
+    Returns:
+      A float32 scalar.
     """
     # where(m, x**2, 0) rather than where(m, x, 0)**2: not the masked gradient the SAM step
     # computes next, so XLA fuses each expression into its own consumer instead of materialising
@@ -38,6 +45,15 @@ def sam_perturbation(grads: PyTree, masks: PyTree, rho: Any, dtype: Any = None) 
     Exactly zero on pruned coordinates; all zeros (never NaN) when the masked gradient is zero.
     Math in float32; result in `dtype`, by default each gradient leaf's dtype (the param dtype
     under `jax.grad`).
+
+    Args:
+      grads: the ascent direction g (a tree like the params).
+      masks: a mask tree like `grads`.
+      rho: the radius.
+      dtype: the result's dtype (None: each gradient leaf's).
+
+    Returns:
+      eps, a tree like `grads`.
     """
     norm = masked_global_norm(grads, masks)
     positive = norm > 0
@@ -61,6 +77,14 @@ def add_perturbation(params: PyTree, eps: PyTree, dtype: Any = None) -> PyTree:
     returned in `dtype` instead: in bf16 a SAM step of radius 0.05 spread over many weights is
     far below half an ulp of most weights, so w + eps rounds back to w and SAM does nothing.
     Leaves of 32 bits or more keep their dtype.
+
+    Args:
+      params: w.
+      eps: a tree like `params`.
+      dtype: the dtype of low-precision leaves' sums (None: the param's).
+
+    Returns:
+      w + eps, a tree like `params`.
     """
 
     def one(w: jax.Array, e: jax.Array) -> jax.Array:
@@ -83,6 +107,16 @@ def per_example_sharpness(
 
     `per_example_loss_fn(params, *args)` returns a vector of per-example losses. Pass the clean
     losses the training step already computed as `clean_losses` to save a forward pass.
+
+    Args:
+      per_example_loss_fn: `(params, *args) -> float[n]` per-example losses.
+      params: w.
+      eps: the perturbation, a tree like `params`.
+      *args: the loss function's other arguments (e.g. the batch).
+      clean_losses: l_i(w), when the caller has it.
+
+    Returns:
+      `(sharpness, perturbed_losses)`, two float32[n] arrays.
     """
     perturbed = jnp.asarray(per_example_loss_fn(add_perturbation(params, eps), *args), jnp.float32)
     if clean_losses is None:

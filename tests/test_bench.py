@@ -17,7 +17,7 @@ def test_bench_gpu_tiny_cpu_run_has_a_row_per_method(tmp_path):
     out = tmp_path / "bench_gpu.md"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.bench_gpu", "--steps=3", "--resnet_nf=4",
+        [sys.executable, "-m", "experiments.bench.gpu", "--steps=3", "--resnet_nf=4",
          "--batch=8", "--repeats=1", "--suites=mlp", "--mlp_batches=8",
          "--train_per_task=64", "--data_dir=/nonexistent", f"--out={out}"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -104,9 +104,9 @@ def test_train_chunk_skips_invalid_steps_wherever_they_are():
 
 
 def test_bench_step_tiny_run_has_every_row():
-    """experiments/bench_step.py (the library EsaCL step against DER++) on a tiny MLP."""
+    """experiments/bench/step.py (the library EsaCL step against DER++) on a tiny MLP."""
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.bench_step", "--steps=3", "--repeats=1",
+        [sys.executable, "-m", "experiments.bench.step", "--steps=3", "--repeats=1",
          "--cases=784-8-8-10@4"], cwd=REPO_ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

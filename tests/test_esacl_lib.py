@@ -64,7 +64,7 @@ def test_library_defaults_are_the_harness_defaults():
     from esacl_jax.harness.config import base_config
 
     harness = base_config().esacl
-    for name, value in esacl_jax.DEFAULTS.items():
+    for name, value in esacl_jax.ESACL_DEFAULTS.items():
         assert harness[name] == value, name
     assert harness.step_variant == "C"  # the library's default with table= given
     # sdp_transform's own defaults are the same numbers.
@@ -73,7 +73,7 @@ def test_library_defaults_are_the_harness_defaults():
     signature = inspect.signature(esacl_jax.sdp_transform).parameters
     for name in ("sparsity", "rho", "distribution", "score", "score_lambda", "ema_decay",
                  "prune_fraction", "regrow"):
-        assert signature[name].default == esacl_jax.DEFAULTS[name], name
+        assert signature[name].default == esacl_jax.ESACL_DEFAULTS[name], name
 
 
 def test_variant_c_matches_a_hand_written_step():

@@ -401,9 +401,9 @@ def test_a_sparse_run_writes_its_model_beside_results_json(tmp_path):
     assert_same_tree(loaded, state.params)
     assert_same_tree(loaded_masks, jax.tree.map(np.asarray, method.sparse_masks(state)))
 
-    # experiments.eval_export: the exported model re-evaluated (it checks the run's own class-IL)
-    # and its bfloat16 re-save, smaller and about as accurate.
-    from experiments import eval_export
+    # experiments.bench.eval_export: the exported model re-evaluated (it checks the run's own
+    # class-IL) and its bfloat16 re-save, smaller and about as accurate.
+    from experiments.bench import eval_export
 
     row = eval_export.evaluate_run(tmp_path)
     assert row["class_il_f32"] == result["metrics"]["class_il"]["average_accuracy"]
@@ -412,7 +412,7 @@ def test_a_sparse_run_writes_its_model_beside_results_json(tmp_path):
 
 
 def test_eval_export_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys):
-    from experiments import eval_export
+    from experiments.bench import eval_export
 
     (tmp_path / "results.json").write_text("{}")
     assert eval_export.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o.json")]) == 2

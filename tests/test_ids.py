@@ -29,7 +29,7 @@ def test_num_selected_rejects_bad_gamma(gamma):
 @pytest.mark.parametrize("gamma", [0.1, 0.25, 0.5, 0.9, 1.0])
 def test_select_top_matches_numpy(gamma):
     scores = jax.random.normal(jax.random.key(int(gamma * 100)), (37,))
-    indices, selected = jax.jit(functools.partial(ids.select_top, gamma=gamma))(scores)
+    indices, selected = jax.jit(functools.partial(ids.select_examples, gamma=gamma))(scores)
     k = int(np.ceil(gamma * 37 - 1e-9))
     want = np.argsort(-np.asarray(scores), kind="stable")[:k]
     assert indices.shape == (k,) and indices.dtype == jnp.int32
@@ -77,8 +77,8 @@ def test_example_stats_fields_scores_and_padding():
     np.testing.assert_array_equal(scores, [np.inf, 2.0, 0.5, -np.inf])
     sharp = ids.table_scores(stats, jnp.array([1, 4]), kind="sharpness")
     np.testing.assert_array_equal(sharp, [0.25, np.inf])
-    # Never-seen examples are picked first by select_top.
-    idx, _ = ids.select_top(scores, 0.5)
+    # Never-seen examples are picked first by select_examples.
+    idx, _ = ids.select_examples(scores, 0.5)
     np.testing.assert_array_equal(np.sort(np.asarray(idx)), [0, 1])
     reset = ids.reset_example_stats(stats)
     assert np.all(np.asarray(reset.seen) == 0) and np.all(np.isnan(np.asarray(reset.loss)))
@@ -98,7 +98,7 @@ def test_unseen_examples_rank_at_the_mean_of_recorded_scores():
     np.testing.assert_allclose(mean, [1.0, 6.0, 3.0, -np.inf])
     first = np.asarray(ids.table_scores(stats, idx, "loss", unseen="first"))
     np.testing.assert_allclose(first, [1.0, 6.0, np.inf, -np.inf])
-    chosen, _ = ids.select_top(jnp.asarray(mean), 0.5)
+    chosen, _ = ids.select_examples(jnp.asarray(mean), 0.5)
     assert sorted(np.asarray(chosen).tolist()) == [1, 2]  # 6.0, then the unseen at 3.0
     with pytest.raises(ValueError, match="unseen"):
         ids.table_scores(stats, idx, "loss", unseen="last")

@@ -87,7 +87,7 @@ def test_default_prunable_resnet18_is_every_kernel_but_the_classifier():
     chosen = [masks.path_string(p) for p, f in flat if f]
     assert len(chosen) == 16 + 1 + 3 and not any("classifier" in c for c in chosen)
     assert all(isinstance(f, bool) for _, f in flat)
-    named = masks.prunable_tree(as_structs(resnet18_shapes()), "name")
+    named = masks.prunable_tree(as_structs(resnet18_shapes()), "by_layer_name")
     chosen = [masks.path_string(p) for p, f in jax.tree_util.tree_flatten_with_path(named)[0] if f]
     assert len(chosen) == 16
     assert all(("conv1" in c or "conv2" in c) and "shortcut" not in c for c in chosen)
@@ -97,7 +97,7 @@ def test_default_prunable_mlp_and_the_sparcl_option():
     flags = masks.prunable_tree(as_structs(MLP_SHAPES))
     chosen = [masks.path_string(p) for p, f in jax.tree_util.tree_flatten_with_path(flags)[0] if f]
     assert chosen == ["hidden/kernel", "stem/kernel"]
-    for sparcl in ("sparcl", "name"):  # the first layer dense as well
+    for sparcl in ("all_but_input_and_output", "by_layer_name"):  # the first layer dense too
         flags = masks.prunable_tree(as_structs(MLP_SHAPES), sparcl)
         flat = jax.tree_util.tree_flatten_with_path(flags)[0]
         assert [masks.path_string(p) for p, f in flat if f] == ["hidden/kernel"]
@@ -159,21 +159,22 @@ def test_uniform_sparsities():
     assert values["block/0/kernel"] == 0.75 and values["hidden/kernel"] == 0.75
     assert values["stem/kernel"] == 0.75  # the default set: every kernel but the logits layer
     assert values["classifier/kernel"] == 0.0 and values["classifier/bias"] == 0.0
-    sparcl = masks.layer_sparsities(as_structs(SMALL_SHAPES), 0.75, prunable="sparcl")
+    sparcl = masks.layer_sparsities(as_structs(SMALL_SHAPES), 0.75,
+                                    prunable="all_but_input_and_output")
     assert sparcl["stem"]["kernel"] == 0.0 and sparcl["hidden"]["kernel"] == 0.75
     assert all(isinstance(v, float) for _, v in flat)
 
 
 def test_erk_matches_rigl_and_meets_global_target():
     params = as_structs(resnet18_shapes())
-    flags = jax.tree.leaves(masks.prunable_tree(params, "name"))  # the 16 block convolutions
+    flags = jax.tree.leaves(masks.prunable_tree(params, "by_layer_name"))  # the 16 block convs
     shapes = [s.shape for s, f in zip(jax.tree.leaves(params), flags, strict=True) if f]
     for target in (0.5, 0.9, 0.95):
         got = [
             v
             for v, f in zip(
-                jax.tree.leaves(masks.layer_sparsities(params, target, "erk", "name")), flags,
-                strict=True)
+                jax.tree.leaves(masks.layer_sparsities(params, target, "erk", "by_layer_name")),
+                flags, strict=True)
             if f
         ]
         np.testing.assert_allclose(got, reference_erk(shapes, target), atol=1e-9)
@@ -186,7 +187,7 @@ def test_erk_matches_rigl_and_meets_global_target():
 
 def test_erk_sets_small_layers_dense():
     params = as_structs({"a": {"kernel": (2, 2)}, "b": {"kernel": (200, 300)}})
-    sp = masks.layer_sparsities(params, 0.9, "erk", prunable="name")
+    sp = masks.layer_sparsities(params, 0.9, "erk", prunable="by_layer_name")
     assert sp["a"]["kernel"] == 0.0
     # The dense layer's weights are taken out of the big layer's budget: global target exact.
     total = 4 + 200 * 300
@@ -205,12 +206,12 @@ def test_bad_distribution_raises():
         masks.layer_sparsities(as_structs(SMALL_SHAPES), 0.5, "gaussian")
 
 
-# ----------------------------------------------------------------------------- keep_top
+# ----------------------------------------------------------------------------- top_mask
 
 
-def test_keep_top_exact_count_and_order():
+def test_top_mask_exact_count_and_order():
     scores = jax.random.normal(jax.random.key(0), (7, 9))
-    keep = jax.jit(masks.keep_top)
+    keep = jax.jit(masks.top_mask)
     order = np.argsort(-np.asarray(scores).reshape(-1), kind="stable")
     for k in (0, 1, 17, 63):
         got = np.asarray(keep(scores, k)).reshape(-1)
@@ -219,13 +220,13 @@ def test_keep_top_exact_count_and_order():
         np.testing.assert_array_equal(got, want)
 
 
-def test_keep_top_ties_by_index_and_nan_last():
+def test_top_mask_ties_by_index_and_nan_last():
     scores = jnp.array([1.0, 2.0, 2.0, jnp.nan, 2.0, 0.0])
     np.testing.assert_array_equal(
-        masks.keep_top(scores, 2), [False, True, True, False, False, False]
+        masks.top_mask(scores, 2), [False, True, True, False, False, False]
     )
-    np.testing.assert_array_equal(masks.keep_top(scores, 5), [True, True, True, False, True, True])
-    assert int(masks.keep_top(scores, 99).sum()) == 6
+    np.testing.assert_array_equal(masks.top_mask(scores, 5), [True, True, True, False, True, True])
+    assert int(masks.top_mask(scores, 99).sum()) == 6
 
 
 # ----------------------------------------------------------------------------- masks
@@ -419,8 +420,8 @@ def test_a_prunable_set_that_leaves_most_weights_dense_warns_once(caplog):
 
     params = random_params(MLP_SHAPES)
     with caplog.at_level("WARNING", logger="esacl_jax"):
-        keep_sparse(optax.chain(sdp_transform(0.9, prunable="sparcl"), optax.sgd(0.1))).init(
-            params)
+        keep_sparse(optax.chain(sdp_transform(0.9, prunable="all_but_input_and_output"),
+                                optax.sgd(0.1))).init(params)
     records = [r for r in caplog.records if r.name == "esacl_jax"]
     assert len(records) == 1 and "\n" not in records[0].getMessage()
     assert "11.2% of all weights" in records[0].getMessage()

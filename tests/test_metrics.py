@@ -57,7 +57,7 @@ def test_forward_transfer_3x3():
 
 def test_single_task_edge_case():
     # T = 1: no earlier task, so BWT, forgetting and FWT are defined as 0.
-    s = metrics.summarize([[0.7]])
+    s = metrics.summarize_matrix([[0.7]])
     assert s["average_accuracy"] == pytest.approx(0.7)
     assert s["learning_accuracy"] == pytest.approx(0.7)
     assert s["backward_transfer"] == 0.0
@@ -67,7 +67,7 @@ def test_single_task_edge_case():
 
 
 def test_summarize_and_summarize_run():
-    s = metrics.summarize(A3)
+    s = metrics.summarize_matrix(A3)
     assert s["average_accuracy"] == pytest.approx(2.15 / 3)
     assert s["learning_accuracy"] == pytest.approx(2.65 / 3)
     assert s["backward_transfer"] == pytest.approx(-0.25)
@@ -89,4 +89,4 @@ def test_summarize_and_summarize_run():
 
 def test_rejects_non_square():
     with pytest.raises(ValueError):
-        metrics.summarize(np.zeros((2, 3)))
+        metrics.summarize_matrix(np.zeros((2, 3)))

@@ -336,3 +336,42 @@ def test_sam_radius_of_a_bare_array_rho_is_refused():
     state = tx.init(init_params())
     with pytest.raises(ValueError, match="Python float or a schedule"):
         sdp.sam_radius(state)
+
+
+def test_public_face_renames_warn_and_forward():
+    """Issue 31: the top level is the composing API; every name moved into a family namespace
+    or renamed still resolves for one release, with a DeprecationWarning naming the new one."""
+    from esacl_jax import ids, metrics, replay
+
+    assert len(esacl_jax.__all__) <= 30
+    for family in ("masks", "ids", "replay", "metrics", "sharpness"):
+        assert family in esacl_jax.__all__
+    moved = {"sample": replay.sample, "num_filled": replay.num_filled,
+             "magnitude_masks": masks.magnitude_masks, "summarize_run": metrics.summarize_run,
+             "keep_top": masks.top_mask, "select_top": ids.select_examples,
+             "summarize": metrics.summarize_matrix, "update_masks": sdp.mask_update,
+             "DEFAULTS": esacl_jax.ESACL_DEFAULTS}
+    for old, new in moved.items():
+        assert old not in esacl_jax.__all__
+        with pytest.warns(DeprecationWarning, match=f"esacl_jax.{old} is deprecated"):
+            assert getattr(esacl_jax, old) is new
+    for module, old, new in ((masks, "keep_top", masks.top_mask),
+                             (ids, "select_top", ids.select_examples),
+                             (metrics, "summarize", metrics.summarize_matrix),
+                             (sdp, "update_masks", sdp.mask_update)):
+        with pytest.warns(DeprecationWarning, match=new.__name__):
+            assert getattr(module, old) is new
+    with pytest.raises(AttributeError):
+        esacl_jax.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("old,new", [("structural", "all_but_output"),
+                                     ("sparcl", "all_but_input_and_output"),
+                                     ("name", "by_layer_name")])
+def test_old_prunable_spellings_warn_and_select_the_same_set(old, new):
+    params = init_params()
+    with pytest.warns(DeprecationWarning, match=f'prunable="{new}"') as record:
+        assert masks.prunable_tree(params, old) == masks.prunable_tree(params, new)
+    assert record[0].filename == __file__  # the warning points at the caller's line
+    with pytest.raises(ValueError, match="all_but_output"):
+        masks.prunable_tree(params, "all")

@@ -22,11 +22,11 @@ from esacl_jax.sdp import (
     SDPState,
     find_sdp_state,
     keep_sparse,
+    mask_update,
     perturbed_params,
     refresh_masks,
     replace_sdp_state,
     sdp_transform,
-    update_masks,
 )
 
 # ----------------------------------------------------------------------------- a small MLP
@@ -38,6 +38,8 @@ SHAPES = {
     "classifier": {"kernel": (12, 3), "bias": (3,)},
 }
 LAYERS = ("stem", "hidden", "hidden2", "classifier")
+
+FIRST_DENSE = "all_but_input_and_output"  # the first layer dense as well
 
 
 @functools.partial(jax.jit, static_argnames=("seed", "dtype"))
@@ -261,12 +263,12 @@ def test_adamw_200_steps_pruned_weights_stay_zero_and_masks_move():
 
 
 def test_update_masks_and_refresh_masks_keep_counts():
-    tx = keep_sparse(optax.chain(sdp_transform(0.75, 0.05, prunable="sparcl"), optax.sgd(0.1)))
+    tx = keep_sparse(optax.chain(sdp_transform(0.75, 0.05, prunable=FIRST_DENSE), optax.sgd(0.1)))
     params, state = sparse_start(tx, init_params())
     data = batches(5)
     params, state, _ = jax.jit(lambda p, s: run_steps(tx, p, s, data))(params, state)
     sdp = find_sdp_state(state)
-    new = jax.jit(lambda s, p: update_masks(s, p, prune_fraction=0.2))(sdp, params)
+    new = jax.jit(lambda s, p: mask_update(s, p, prune_fraction=0.2))(sdp, params)
     assert _active_counts(new.masks) == _active_counts(sdp.masks)
     assert not np.array_equal(new.masks["hidden"]["kernel"], sdp.masks["hidden"]["kernel"])
     assert int(new.count) == int(sdp.count)
@@ -309,7 +311,7 @@ def test_random_regrowth_and_taylor_score():
     # Taylor scores need the curvature EMA: a magnitude_gradient state cannot provide it.
     plain = sdp_transform(0.5).init(params)
     with pytest.raises(ValueError, match="taylor"):
-        update_masks(plain, params, score="taylor")
+        mask_update(plain, params, score="taylor")
 
 
 # ----------------------------------------------------------------------------- convergence
@@ -356,7 +358,7 @@ def test_quadratic_sparse_converges_to_restricted_minimum():
     a, b, loss, lip = _quadratic()
     params = {"kernel": jax.random.normal(jax.random.key(0), (4, 4))}
     lr = optax.exponential_decay(0.5 / lip, transition_steps=100, decay_rate=0.5)
-    tx = keep_sparse(optax.chain(sdp_transform(0.5, 0.02, prunable="name"), optax.sgd(lr)))
+    tx = keep_sparse(optax.chain(sdp_transform(0.5, 0.02, prunable="by_layer_name"), optax.sgd(lr)))
     final, state = jax.jit(lambda p: _minimize(tx, p, loss, 1500))(params)
     active = np.asarray(find_sdp_state(state).masks["kernel"]).reshape(-1)
     assert active.sum() == 8
@@ -489,7 +491,7 @@ def test_flax_nnx_optimizer():
     model = Net(nnx.Rngs(0))
     tx = keep_sparse(
         optax.chain(
-            sdp_transform(0.5, 0.05, mask_update_every_steps=3, prunable="sparcl"),
+            sdp_transform(0.5, 0.05, mask_update_every_steps=3, prunable=FIRST_DENSE),
             optax.adamw(1e-2, weight_decay=1e-2),
         )
     )
@@ -560,7 +562,7 @@ def _moved_share(perturbation_dtype):
     """Share of the active coordinates where the point handed to grad_fn differs from w."""
     params = init_params(dtype=jnp.bfloat16)
     tx = keep_sparse(optax.chain(
-        sdp_transform(0.5, 0.05, perturbation_dtype=perturbation_dtype, prunable="sparcl"),
+        sdp_transform(0.5, 0.05, perturbation_dtype=perturbation_dtype, prunable=FIRST_DENSE),
         optax.sgd(0.1)))
     params, state = sparse_start(tx, params)
     x, y = make_data(32)
@@ -636,8 +638,8 @@ def _mask_changes(old, new):
 
 
 def test_refresh_masks_uses_the_transforms_own_options():
-    tx = keep_sparse(optax.chain(sdp_transform(0.75, 0.05, prune_fraction=0.2, prunable="sparcl"),
-                                 optax.sgd(0.1)))
+    tx = keep_sparse(optax.chain(
+        sdp_transform(0.75, 0.05, prune_fraction=0.2, prunable=FIRST_DENSE), optax.sgd(0.1)))
     params, state = sparse_start(tx, init_params())
     params, state, _ = jax.jit(lambda p, s: run_steps(tx, p, s, batches(3)))(params, state)
     old = find_sdp_state(state).masks
@@ -726,7 +728,7 @@ def test_nothing_prunable_raises_unless_sparsity_zero():
         sdp_transform(0.5).init(params)
     state = sdp_transform(0.0).init(params)
     assert state.masks["kernel"].shape == ()
-    assert sdp_transform(0.5, prunable="name").init(params).masks["kernel"].shape == (4, 4)
+    assert sdp_transform(0.5, prunable="by_layer_name").init(params).masks["kernel"].shape == (4, 4)
 
 
 def test_tree_cast_and_key_are_plain_arrays():
@@ -739,5 +741,5 @@ def test_tree_cast_and_key_are_plain_arrays():
     assert find_sdp_state(cast).grad_ema["hidden"]["kernel"].dtype == jnp.float32
     optax.tree_utils.tree_cast_like(state, state)
     # Random regrowth advances the key.
-    new = update_masks(sdp, params)
+    new = mask_update(sdp, params)
     assert not np.array_equal(new.key, sdp.key)

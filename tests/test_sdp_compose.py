@@ -194,7 +194,7 @@ def test_multi_transform_hands_grad_fn_the_full_params():
     labels = {k: jax.tree.map(lambda _, k=k: "sparse" if k in ("hidden", "hidden2") else "dense",
                               v) for k, v in params.items()}
     tx = keep_sparse(optax.multi_transform(
-        {"sparse": optax.chain(sdp_transform(0.5, 0.05, prunable="name"), optax.sgd(0.1)),
+        {"sparse": optax.chain(sdp_transform(0.5, 0.05, prunable="by_layer_name"), optax.sgd(0.1)),
          "dense": optax.adam(1e-2)}, labels))
     state = tx.init(params)
     sdp = find_sdp_state(state)

@@ -1,5 +1,6 @@
-"""experiments/time_vs_mammoth.sh with stand-in programs for both sides (no torch, no training):
-the CSV it appends, accuracy parsing, failures recorded and reported by the exit status."""
+"""experiments/bench/time_vs_mammoth.sh with stand-in programs for both sides (no torch, no
+training): the CSV it appends, accuracy parsing, failures recorded and reported by the exit
+status."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 
 from tests.conftest import REPO_ROOT
 
-SCRIPT = REPO_ROOT / "experiments" / "time_vs_mammoth.sh"
+SCRIPT = REPO_ROOT / "experiments" / "bench" / "time_vs_mammoth.sh"
 
 FAKE_OURS = f"""#!/usr/bin/env bash
 # Stand-in for the repo's python: `-c` goes to a real interpreter, `-m experiments.main` writes

@@ -161,7 +161,7 @@ def test_cifar_pipeline_end_to_end_on_cifar_format_files(tmp_path):
 def test_prune_scopes_of_the_harness_models():
     """Default: every kernel but the classifier's, the library's structural set, equal to the
     name-based all_but_classifier on every harness model; "sparcl": SparCL's set (ResNet-18: its
-    16 block convs; MLP and CNN: the library's prunable="sparcl")."""
+    16 block convs; MLP and CNN: the library's prunable="all_but_input_and_output")."""
     import jax
 
     from esacl_jax import masks
@@ -185,10 +185,11 @@ def test_prune_scopes_of_the_harness_models():
                          jax.random.key(0), np.zeros((1, 32, 32, 3)))
     for params in (mlp, cnn["params"], res["params"]):
         assert masks.prunable_tree(params) == masks.prunable_tree(params, all_but_classifier)
-        assert masks.prunable_tree(params) == masks.prunable_tree(params, "structural")
-    for params in (mlp, cnn["params"]):  # SparCL's set by names = the library's "sparcl"
-        assert masks.prunable_tree(params, "sparcl") == masks.prunable_tree(params, "name")
-    chosen = jax.tree.leaves(masks.prunable_tree(res["params"], "name"))
+        assert masks.prunable_tree(params) == masks.prunable_tree(params, "all_but_output")
+    for params in (mlp, cnn["params"]):  # SparCL's set by names = the first layer dense too
+        assert masks.prunable_tree(params, "all_but_input_and_output") == masks.prunable_tree(
+            params, "by_layer_name")
+    chosen = jax.tree.leaves(masks.prunable_tree(res["params"], "by_layer_name"))
     assert sum(chosen) == 16
     config.prune_scope = "model"  # removed: the default is the same for every model
     with pytest.raises(ValueError, match="prune_scope"):

@@ -14,7 +14,7 @@ import difflib
 
 import ml_collections
 
-from esacl_jax.esacl import DEFAULTS as ESACL_DEFAULTS
+from esacl_jax import ESACL_DEFAULTS
 
 # Fields that do not change what a run computes (where the data live, progress output, logging,
 # whether the state is checkpointed, whether file checksums are verified). A stored run or a
@@ -28,7 +28,24 @@ NON_COMPUTATIONAL_FIELDS = frozenset(
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every field of a run's config with its default (`get_config` then applies a protocol row).
+
+    Returns:
+      The config: the run's own fields, then one section per method family.
+    """
     c = ml_collections.ConfigDict()
+    _run_fields(c)
+    c.esacl = _esacl_section()
+    c.ewc = _ewc_section()
+    c.sparcl = _sparcl_section()
+    c.co2l = _co2l_section()
+    c.prune_retrain = _prune_retrain_section()
+    _device_and_output_fields(c)
+    return c
+
+
+def _run_fields(c: ml_collections.ConfigDict) -> None:
+    """Data, model, optimisation and replay: the fields every method reads."""
     # data
     c.protocol = ""  # the protocol row (BENCHMARK_PROTOCOLS key) get_config built it from
     c.benchmark = "split_digits"  # the dataset benchmark (esacl_jax.harness.data.BENCHMARKS)
@@ -67,14 +84,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.replay_batch_size = 10
     c.der_alpha = 1.0  # logit (MSE) replay weight
     c.der_beta = 0.5  # label (CE) replay weight
+
+
+def _esacl_section() -> ml_collections.ConfigDict:
+    """EsaCL's knobs (METHOD.md defaults)."""
     # EsaCL (METHOD.md defaults)
-    c.esacl = ml_collections.ConfigDict(dict(
+    return ml_collections.ConfigDict(dict(
         # Published defaults, chosen by the ablation on a validation split
-        # (docs/hidden_layer_sparsity/ablation.md): step variant C, rho 0.01, gamma 0.25 and the
-        # norm-preserving sparse init (the reference step is B with rho 0.05, gamma 0.5 and plain
-        # magnitude-pruned init).
-        # The values below that esacl_jax.esacl.DEFAULTS also names come from it (one source
-        # for the library and the harness; tests/test_esacl_lib.py checks every shared key).
+        # (docs/hidden_layer_sparsity/ablation.md, against the reference step B with plain
+        # magnitude-pruned init). The values below that esacl_jax.ESACL_DEFAULTS names come from
+        # it (one source for the library and the harness; tests/test_esacl_lib.py checks it).
         sparsity=ESACL_DEFAULTS["sparsity"], distribution=ESACL_DEFAULTS["distribution"],
         rho=ESACL_DEFAULTS["rho"], gamma=ESACL_DEFAULTS["gamma"],
         step_variant="C",  # A: clean pass on current+replay; B: current only; C: score table
@@ -99,14 +118,22 @@ def base_config() -> ml_collections.ConfigDict:
         dense_to_sparse=False, initial_sparsity=0.0, prune_end_fraction=1.0,
         prune_every_steps=50,
     ))
+
+
+def _ewc_section() -> ml_collections.ConfigDict:
+    """Online EWC's knobs."""
     # online EWC (ewc, sparcl_ewc): penalty ewc_lambda * sum(F * (w - w*)^2), F <- gamma F + new
-    c.ewc = ml_collections.ConfigDict(dict(
+    return ml_collections.ConfigDict(dict(
         ewc_lambda=90.0, gamma=1.0,
         fisher_batch_size=32,  # examples per vmapped per-example-gradient chunk
         fisher_prob_weight=False,  # True: weight each squared gradient by p(y|x) (mammoth)
     ))
+
+
+def _sparcl_section() -> ml_collections.ConfigDict:
+    """SparCL's knobs (TDM, DGM, DDR)."""
     # SparCL (sparcl with base below; sparcl_ewc / sparcl_er / sparcl_derpp fix the base)
-    c.sparcl = ml_collections.ConfigDict(dict(
+    return ml_collections.ConfigDict(dict(
         sparsity=0.75, distribution="uniform", base="derpp",  # ewc | er | derpp (co2l: sparcl_co2l)
         # TDM: updates at epochs 0, tdm_every, ... before the freeze epoch
         # F = floor(tdm_freeze_fraction * epochs + 0.5) (45 of 50): prune to s + tdm_extra, regrow
@@ -123,10 +150,14 @@ def base_config() -> ml_collections.ConfigDict:
         # the task's examples with the fewest forgetting events.
         ddr=True, ddr_epochs=(5, 10, 15, 20), ddr_reference_epochs=50, ddr_fraction=0.075,
     ))
+
+
+def _co2l_section() -> ml_collections.ConfigDict:
+    """CO2L's knobs."""
     # CO2L (co2l, sparcl_co2l): the official code's defaults (github.com/chaht01/Co2L, main.py,
     # run.sh, main_linear_buffer.py; CIFAR-10). The MNIST-family rows override the augmentation
     # and the temperature (METHOD.md "CO2L").
-    c.co2l = ml_collections.ConfigDict(dict(
+    return ml_collections.ConfigDict(dict(
         temperature=0.5,  # SupCon temperature (run.sh --temp 0.5)
         base_temperature=0.07,  # SupConLoss's default: the loss is scaled by temperature / this
         current_temp=0.2, past_temp=0.01,  # IRD temperatures (main.py defaults, run.sh)
@@ -148,12 +179,20 @@ def base_config() -> ml_collections.ConfigDict:
         # means an exponential moving average of each step's batch means with this decay
         ncm_momentum=0.9,
     ))
+
+
+def _prune_retrain_section() -> ml_collections.ConfigDict:
+    """Magnitude prune-then-retrain's knobs."""
     # magnitude prune-then-retrain: dense base training, per-task magnitude pruning to sparsity
     # and retrain_epochs of masked retraining on the task's data (mask refreshed every task)
-    c.prune_retrain = ml_collections.ConfigDict(dict(
+    return ml_collections.ConfigDict(dict(
         sparsity=0.9, distribution="uniform", retrain_epochs=1,
         base="derpp",  # finetune | ewc | er | derpp
     ))
+
+
+def _device_and_output_fields(c: ml_collections.ConfigDict) -> None:
+    """Devices, hosts, checkpoints and output."""
     # devices: 0 = data-parallel over every visible device (batch split along a "data" mesh axis)
     c.num_devices = 0
     # several hosts (docs/harness.md): True runs this process as one of several, joined by
@@ -175,8 +214,6 @@ def base_config() -> ml_collections.ConfigDict:
     # output
     c.progress = True
     c.tensorboard = True
-    return c
-
 
 # Per-method rows shared by the MNIST-family protocols (PROTOCOLS.md, "Split MNIST").
 MNIST_METHODS = {
@@ -192,8 +229,8 @@ MNIST_METHODS = {
     "sparcl": dict(learning_rate=0.03, buffer_size=500, replay_batch_size=10, der_alpha=1.0,
                    der_beta=0.5),
     # SparCL variants: the dense base's protocol row. SparCL's official use_cl_mask (masking the
-    # current-task logits) is kept only for SparCL-EWC, which has no buffer and needs it; for every
-    # replay method it cost 12-20 points of class-IL in this harness, so it is off for all of them.
+    # current-task logits) is kept only for SparCL-EWC, which has no buffer and needs it; it costs
+    # every replay method class-IL, so it is off for all of them (METHOD.md "Choices we made").
     "sparcl_ewc": dict(learning_rate=0.03, buffer_size=0, current_task_logit_mask=True,
                        ewc=dict(ewc_lambda=90.0, gamma=1.0), sparcl=dict(base="ewc")),
     "sparcl_er": dict(learning_rate=0.1, buffer_size=500, replay_batch_size=10,
@@ -253,22 +290,20 @@ CIFAR_METHODS = {
 _REPLAY_BATCH_FROM_PROTOCOL = {name: {k: v for k, v in row.items() if k != "replay_batch_size"}
                                for name, row in MNIST_METHODS.items()}
 
-# split_fashion_mnist_w400: the sparse methods at lr 0.1, chosen on the validation split (5
-# seeds, docs/RESULTS.md): the 90%-sparse 400-400 MLP learns each Fashion-MNIST task better
-# with the larger step (EsaCL -1.20 -> -0.21, SparCL-DER++ -2.34 -> -0.53 points against DER++),
-# while DER++ is best at the protocol's 0.03 and split_mnist_w400 gains nothing from it.
+# split_fashion_mnist_w400: the sparse methods at lr 0.1, chosen on the validation split: the
+# 90%-sparse 400-400 MLP learns each Fashion-MNIST task better with the larger step, while DER++
+# is best at the protocol's 0.03 and split_mnist_w400 gains nothing from it (the paired
+# differences: docs/RESULTS.md).
 _FASHION_W400_METHODS = {
     **MNIST_METHODS,
     **{name: dict(MNIST_METHODS[name], learning_rate=0.1)
        for name in ("esacl", "sparcl", "sparcl_derpp")},
 }
 
-# split_fashion_mnist_cnn_e5: CO2L at lr 0.1, chosen on the validation split (seeds 0, 1: class-IL
-# 83.8 / 82.4 against 80.7 / 79.2 at the MLP protocols' 0.03; METHOD.md "CO2L"); SparCL-CO2L
-# at its MLP rows' 0.1 (untuned here). EWC (and SparCL-EWC) at ewc_lambda 3: the MLP rows' 90
-# makes the CNN's loss NaN in task 1 on every seed (the conv kernels' Fisher, summed over
-# positions, is large), 30 on seed 1; of 1, 3, 10 (all stable) 3 has the best validation task-IL
-# (seeds 0, 1: 87.2 / 98.8 against 78.6 / 96.8 and 77.9 / 98.3; class-IL ties at 20.0).
+# split_fashion_mnist_cnn_e5: CO2L at lr 0.1, chosen on the validation split (METHOD.md
+# "CO2L"); SparCL-CO2L at its MLP rows' 0.1 (untuned here). EWC (and SparCL-EWC) at a smaller
+# ewc_lambda: the MLP rows' makes the CNN's loss NaN (the conv kernels' Fisher, summed over
+# positions, is large); the value and the measurements that chose it: docs/PROTOCOLS.md.
 _CNN_E5_METHODS = {
     **_REPLAY_BATCH_FROM_PROTOCOL,
     **{name: dict(_REPLAY_BATCH_FROM_PROTOCOL[name], learning_rate=0.1)

@@ -29,6 +29,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from esacl_jax import masks as masks_lib
+
 PathLike = str | tuple[Any, ...]
 
 # Replay-minibatch forwards per current example in SparCL's published accounting (the replay
@@ -56,14 +58,7 @@ def path_to_str(path: PathLike) -> str:
     jax tree keys such as ``DictKey``) to the ``"a/b/kernel"`` form used as dict keys here."""
     if isinstance(path, str):
         return path.strip("/")
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                k = getattr(k, attr)
-                break
-        parts.append(str(k))
-    return "/".join(parts)
+    return masks_lib.path_string(tuple(path))  # the library's one path formatter
 
 
 def default_apply_kwargs(model: nn.Module) -> dict[str, Any]:

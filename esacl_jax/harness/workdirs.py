@@ -4,7 +4,7 @@
 
 - DIR holds no results.json (new, empty, or an interrupted run): the run uses DIR, so an
   interrupted checkpointed run resumes there as before.
-- DIR holds a finished run of the same computational config (`sweep.reuse.config_differences`:
+- DIR holds a finished run of the same computational config (`config_diff.config_differences`:
   `NON_COMPUTATIONAL_FIELDS` and the sections the method does not read are not compared): the
   run uses DIR again and its results.json replaces the earlier one (same config; the code may
   have changed since). With checkpoints, the finished run's last checkpoint is restored and the
@@ -28,6 +28,8 @@ import re
 from collections.abc import Iterator, Mapping
 
 import ml_collections
+
+from esacl_jax.harness.config_diff import config_differences, plain_config
 
 RESULTS = "results.json"
 MAX_SIBLINGS = 1000  # DIR-2 ... DIR-1000: a bound, never reached in practice
@@ -55,8 +57,6 @@ def stored_differences(workdir: pathlib.Path, planned: Mapping) -> list[str] | N
     """The config fields in which workdir's finished run differs from `planned` ([] : the same
     computation), or None when workdir holds no results.json. Raises ValueError when it holds
     one that cannot be read."""
-    from esacl_jax.harness.sweep.reuse import config_differences
-
     path = workdir / RESULTS
     if not path.is_file():
         return None
@@ -78,8 +78,6 @@ def _fields(names: list[str], shown: int = 4) -> str:
 def resolve_workdir(config: ml_collections.ConfigDict | Mapping,
                     requested: str | os.PathLike) -> Workdir:
     """The directory a run of `config` asked to write to `requested` should use (module doc)."""
-    from esacl_jax.harness.sweep.plan import plain_config
-
     planned = plain_config(config) if isinstance(config, ml_collections.ConfigDict) else \
         json.loads(json.dumps(dict(config)))
     first = pathlib.Path(requested)

@@ -337,21 +337,6 @@ def load_benchmark(
                 f"{name}: task {task.task_id} (classes {list(task.classes)}) has "
                 f"{task.num_train} train and {task.num_test} eval examples in {raw.source}"
             )
-
-    notes = [raw.source]
-    if class_order_seed is not None and spec.scenario == "class_il":
-        notes.append(f"class order shuffled with seed {class_order_seed}")
-    if sel.max_train is not None or sel.max_test is not None:
-        limits = [f"{what}<={n}" for what, n in (("train", sel.max_train), ("eval", sel.max_test))
-                  if n is not None]  # fmt: skip
-        notes.append(f"per-task subset: {', '.join(limits)} (seed {sel.seed})")
-    eval_split = "test"
-    if sel.validation_fraction > 0.0:
-        eval_split = "validation"
-        notes.append(
-            f"eval = stratified {sel.validation_fraction:g} hold-out of train (seed {sel.seed}), "
-            "test set unused"
-        )
     return Benchmark(
         name=name,
         scenario=spec.scenario,
@@ -361,6 +346,24 @@ def load_benchmark(
         mean=spec.mean,
         std=spec.std,
         augment=spec.augment,
-        source="; ".join(notes),
-        eval_split=eval_split,
+        source=_source_note(raw.source, spec, class_order_seed, sel),
+        eval_split="validation" if sel.validation_fraction > 0.0 else "test",
     )
+
+
+def _source_note(source: str, spec: BenchmarkSpec, class_order_seed: int | None,
+                 sel: _Selection) -> str:
+    """`Benchmark.source`: where the data came from and how it was cut (order, subsets, split)."""
+    notes = [source]
+    if class_order_seed is not None and spec.scenario == "class_il":
+        notes.append(f"class order shuffled with seed {class_order_seed}")
+    if sel.max_train is not None or sel.max_test is not None:
+        limits = [f"{what}<={n}" for what, n in (("train", sel.max_train), ("eval", sel.max_test))
+                  if n is not None]  # fmt: skip
+        notes.append(f"per-task subset: {', '.join(limits)} (seed {sel.seed})")
+    if sel.validation_fraction > 0.0:
+        notes.append(
+            f"eval = stratified {sel.validation_fraction:g} hold-out of train (seed {sel.seed}), "
+            "test set unused"
+        )
+    return "; ".join(notes)

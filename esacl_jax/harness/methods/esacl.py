@@ -44,7 +44,7 @@ from esacl_jax.harness.methods.er import ReplayMethod
 from esacl_jax.harness.models import forward
 
 STEP_VARIANTS = ("A", "B", "C")
-IDS_SCORES = ("sharpness", "perturbed_loss", "clean_loss", "random")
+IDS_SCORES = esacl_lib.IDS_SCORES
 REPLAY_KINDS = ("derpp", "er", "none")
 
 
@@ -68,8 +68,6 @@ class EsaCL(ReplayMethod):
             raise ValueError(f"esacl.sparsity must be in [0, 1), got {e.sparsity}")
         if not 0.0 < e.gamma <= 1.0:
             raise ValueError(f"esacl.gamma must be in (0, 1], got {e.gamma}")
-        if e.rho < 0:
-            raise ValueError(f"esacl.rho must be >= 0, got {e.rho}")
         for field in ("mask_update_every_epochs", "mask_update_every_steps"):
             if e[field] < 0:
                 raise ValueError(f"esacl.{field} must be >= 0, got {e[field]}")
@@ -151,7 +149,7 @@ class EsaCL(ReplayMethod):
 
     # ----- the step: the library's esacl_gradients for every variant, then the optimizer -----
     def _no_sam(self) -> bool:
-        return isinstance(self.esacl.rho, (int, float)) and self.esacl.rho == 0.0
+        return sdp.static_zero(self.esacl.rho)
 
     def _replay_at_clean(self) -> bool:
         """B and C may take the replay gradient at w instead of w + eps (A has it in the clean
@@ -225,10 +223,10 @@ class EsaCL(ReplayMethod):
             target = self.target_sparsity(step)
 
             def layer(mask: jax.Array, score: jax.Array) -> jax.Array:
-                if jnp.ndim(mask) == 0:  # not prunable
+                if not masks.is_prunable_mask(mask):
                     return mask
                 keep = mask.size - jnp.round(target * mask.size).astype(jnp.int32)
-                return masks.keep_top(jnp.where(mask, score, -jnp.inf), keep) & mask
+                return masks.top_mask(jnp.where(mask, score, -jnp.inf), keep) & mask
 
             new_masks = jax.tree.map(layer, sdp_state.masks, scores)
             params = masks.apply_masks(state.params, new_masks)
@@ -309,7 +307,7 @@ class EsaCL(ReplayMethod):
         replay = [Pass("fwd_bwd", self.replay_batch_size)] * replay_passes
         if e.step_variant == "C":  # ascent on the selected examples; descent on all + replay
             return [Pass("fwd_bwd", self.kept), Pass("fwd_bwd", batch), *replay]
-        if e.rho == 0.0:  # no SAM: a clean forward (buffer logits, BN statistics) only
+        if self._no_sam():  # no SAM: a clean forward (buffer logits, BN statistics) only
             return [Pass("fwd", batch), Pass("fwd_bwd", self.kept), *replay]
         clean = [Pass("fwd_bwd", batch)] + (replay if e.step_variant == "A" else [])
         sharpness = ([Pass("fwd", batch)] if e.gamma < 1.0 and e.ids_score in

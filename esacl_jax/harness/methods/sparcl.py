@@ -74,9 +74,7 @@ _INF_BITS = 0x7F800000  # bit pattern of +inf in float32: the largest finite-or-
 # ----------------------------------------------------------------------------- pure pieces
 
 
-def _is_sparse_leaf(mask: Any) -> bool:
-    """The masks convention: prunable leaves carry a full bool array, the others a scalar."""
-    return jnp.ndim(mask) > 0
+_is_sparse_leaf = masks_lib.is_prunable_mask  # the masks convention's one rule
 
 
 def _kth_largest(keys: jax.Array, k: int) -> jax.Array:
@@ -149,11 +147,11 @@ def tdm_update(masks: Any, params: Any, grads: Any, key: jax.Array, *, sparsitie
         n_active = size - int(round(float(s) * size))
         n_kept = size - int(round(min(float(s) + extra, 1.0) * size)) if regrow else n_active
         score = jnp.abs(w.astype(jnp.float32)) + score_lambda * jnp.abs(g.astype(jnp.float32))
-        kept = masks_lib.keep_top(jnp.where(m, score, -jnp.inf), n_kept)
+        kept = masks_lib.top_mask(jnp.where(m, score, -jnp.inf), n_kept)
         new = kept
         if regrow and n_active > n_kept:
             r = jax.random.uniform(k, w.shape, jnp.float32)
-            new = kept | masks_lib.keep_top(jnp.where(kept, -jnp.inf, r), n_active - n_kept)
+            new = kept | masks_lib.top_mask(jnp.where(kept, -jnp.inf, r), n_active - n_kept)
         new_masks.append(new)
         new_params.append(jnp.where(kept, w, jnp.zeros((), w.dtype)))
     return treedef.unflatten(new_masks), treedef.unflatten(new_params)

@@ -6,8 +6,10 @@ and a workdir. `run_all` executes a list of them, skipping runs whose workdir al
 results.json of the same config and failing (never silently reusing) those made with another.
 
 - `plan`: `Run`, `Outcome`, `SweepResult` and building a run's config;
-- `reuse`: whether a stored results.json matches the planned config (`config_differences`);
-- `execute`: `execute` one run, `run_all` with a launcher and a progress printer;
+- `reuse`: whether a stored results.json matches the planned config (by the rule of
+  `esacl_jax.harness.config_diff`, which single runs share);
+- `run_one`: `execute` one run in this process (what every launcher runs);
+- `execute`: `run_all` with a launcher and a progress printer;
 - `ray_launcher`: the "ray" launcher, a Ray task per run on a local Ray instance or a cluster
   (Ray is the optional ``cluster`` extra, imported only when that launcher runs);
 - `provenance`: the results of a sweep and the provenance header of its reports;

@@ -23,46 +23,16 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import pathlib
-import socket
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TextIO
 
 from esacl_jax.harness.sweep.plan import Outcome, Run, SweepResult, build_config, one_line
 from esacl_jax.harness.sweep.reuse import check_existing
+from esacl_jax.harness.sweep.run_one import execute
 
 LAUNCHERS = ("local", "ray")
-
-
-def execute(run: Run, data_dir: str | None = None, node: Mapping | None = None) -> Outcome:
-    """Builds the run's config and trains it; any exception becomes a "failed" outcome.
-
-    A finished run's results.json gets a ``"node"`` record saying where it ran: `node` (the Ray
-    launcher's: host, ip, Ray node id, attempts) or, by default, ``{"launcher": "local",
-    "hostname": ...}``.
-    """
-    import jax
-
-    from esacl_jax.harness.atomic_io import write_json_atomic
-    from esacl_jax.harness.loop import train_and_evaluate
-
-    start = time.perf_counter()
-    node = {"launcher": "local", "hostname": socket.gethostname()} if node is None \
-        else dict(node)
-    try:
-        config = build_config(run, data_dir)
-        result = train_and_evaluate(config, run.workdir, progress=False)
-        result["node"] = node
-        write_json_atomic(run.results_path, result)
-        return Outcome.from_metrics(
-            run, "done", result["metrics"],
-            float(result.get("wall_time_s", time.perf_counter() - start)), node)
-    except Exception as err:  # noqa: BLE001 - one bad run must not stop the sweep
-        return Outcome(run, "failed", wall_time_s=time.perf_counter() - start,
-                       error=one_line(err))
-    finally:
-        jax.clear_caches()  # compiled functions of this run's shapes are not needed again
 
 
 def _init_worker() -> None:
@@ -206,15 +176,7 @@ def run_all(runs: Sequence[Run], jobs: int = 1, data_dir: str | None = None,
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
 
-    outcomes: dict[int, Outcome] = {}
-    todo = []
-    for i, run in enumerate(runs):
-        if not force and run.results_path.exists():
-            outcomes[i] = check_existing(run, data_dir)
-            if outcomes[i].status == "failed" and stream:
-                print(f"FAILED {run.name}: {outcomes[i].error}", file=stream, flush=True)
-        else:
-            todo.append(i)
+    outcomes, todo = _stored_outcomes(runs, data_dir, force, stream)
     check_data((runs[i] for i in todo), data_dir)
     skipped = sum(o.status == "skipped" for o in outcomes.values())
     note = f"; skipping {skipped} with results.json (--force redoes them)" if skipped else ""
@@ -244,12 +206,33 @@ def run_all(runs: Sequence[Run], jobs: int = 1, data_dir: str | None = None,
     result = SweepResult(tuple(outcomes[i] for i in range(len(runs))),
                          time.perf_counter() - start)
     if stream:
-        print(f"sweep: {result.count('done')} ran, {result.count('skipped')} skipped, "
-              f"{len(result.failed)} failed in {format_duration(result.wall_time_s)}",
-              file=stream, flush=True)
-        for outcome in result.failed:
-            print(f"  failed: {outcome.run.name}: {outcome.error}", file=stream, flush=True)
+        _print_summary(result, stream)
     return result
+
+
+def _stored_outcomes(runs: Sequence[Run], data_dir: str | None, force: bool,
+                     stream: TextIO | None) -> tuple[dict[int, Outcome], list[int]]:
+    """The outcomes of the runs whose results.json exists (skipped, or failed when it was made
+    with another config) and the indices of the runs still to do."""
+    outcomes: dict[int, Outcome] = {}
+    todo = []
+    for i, run in enumerate(runs):
+        if not force and run.results_path.exists():
+            outcomes[i] = check_existing(run, data_dir)
+            if outcomes[i].status == "failed" and stream:
+                print(f"FAILED {run.name}: {outcomes[i].error}", file=stream, flush=True)
+        else:
+            todo.append(i)
+    return outcomes, todo
+
+
+def _print_summary(result: SweepResult, stream: TextIO) -> None:
+    """The sweep's last lines: counts, time, and each failed run on a line of its own."""
+    print(f"sweep: {result.count('done')} ran, {result.count('skipped')} skipped, "
+          f"{len(result.failed)} failed in {format_duration(result.wall_time_s)}",
+          file=stream, flush=True)
+    for outcome in result.failed:
+        print(f"  failed: {outcome.run.name}: {outcome.error}", file=stream, flush=True)
 
 
 def _run_local(todo: Sequence[tuple[int, Run]], workers: int, isolate: bool,

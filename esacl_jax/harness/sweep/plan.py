@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import pathlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import ml_collections
+
+from esacl_jax.harness.config_diff import plain_config as plain_config  # re-exported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,10 +197,3 @@ def build_config(run: Run, data_dir: str | None = None) -> ml_collections.Config
     if data_dir:
         config.data_dir = str(data_dir)
     return config
-
-
-def plain_config(config: ml_collections.ConfigDict) -> dict:
-    """The config as stored in results.json (JSON types: tuples become lists)."""
-    from esacl_jax.harness.atomic_io import to_jsonable
-
-    return json.loads(json.dumps(to_jsonable(config.to_dict())))

@@ -106,7 +106,7 @@ def _run_task(run: Run, data_dir: str | None) -> Outcome:
     """The Ray task: records the attempt, then `execute`s the run (which never raises)."""
     import ray
 
-    from esacl_jax.harness.sweep.execute import execute
+    from esacl_jax.harness.sweep.run_one import execute
 
     context = ray.get_runtime_context()
     node = {"launcher": "ray", "hostname": socket.gethostname(),

@@ -1,6 +1,6 @@
 """What the Ray launcher costs per run against the local process pool (not a timed test).
 
-    python -m experiments.bench_ray_overhead [--runs=20] [--workers=2] [--repeats=1] \
+    python -m experiments.bench.ray_overhead [--runs=20] [--workers=2] [--repeats=1] \
         [--out=runs/bench_ray_overhead] [--markdown=FILE]
 
 The same sweep of split_digits runs (--methods x seeds, --epochs and --max_train_per_task
@@ -91,7 +91,7 @@ def report(pairs: list[dict], start_s: float, stop_s: float, identical: bool) ->
     ratios = [p["ray"]["wall_s"] / p["local"]["wall_s"] for p in pairs]
     lines = [
         "# Ray launcher overhead (split_digits sweep)", "",
-        f"- command: `python -m experiments.bench_ray_overhead {' '.join(sys.argv[1:])}`",
+        f"- command: `python -m experiments.bench.ray_overhead {' '.join(sys.argv[1:])}`",
         f"- git commit: `{git_commit()}`",
         f"- machine: {platform.platform()}; {os.cpu_count()} CPU cores",
         f"- sweep: {n} runs ({', '.join(_METHODS.value)}; epochs {_EPOCHS.value}, "

@@ -1,7 +1,7 @@
 """Inference time of a 90%-sparse MLP: dense matmuls against sparse ones, on the host's CPU.
 
 MLPs 784-400-400-10 and 784-1000-1000-10, every kernel but the classifier's pruned to
-`--sparsity` by magnitude (`esacl_jax.magnitude_masks`), the classifier and the biases dense.
+`--sparsity` by magnitude (`esacl_jax.masks.magnitude_masks`), the classifier and the biases dense.
 The weights go through `esacl_jax.export.save_sparse` / `load_sparse` first (the model a user
 would ship). Forward passes, all jitted except scipy's:
   dense        x @ W + b with the zero-filled kernels (what the harness evaluates)
@@ -19,7 +19,7 @@ Every row's outputs are checked against the dense forward's. Timings: the median
 round so that a change of machine load hits every row alike. Prints a markdown table, ms per
 batch and the ratio to dense.
 
-    python -m experiments.bench_sparse_inference --repeats=200
+    python -m experiments.bench.sparse_inference --repeats=200
 """
 
 from __future__ import annotations

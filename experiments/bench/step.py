@@ -1,12 +1,12 @@
 """Step cost of the library's EsaCL against a DER++ step of the same model and batch.
 
-    python -m experiments.bench_step [--steps=500] [--repeats=5] [--out=docs/speed/step.md]
+    python -m experiments.bench.step [--steps=500] [--repeats=5] [--out=docs/speed/step.md]
 
 Both steps are written with the library alone, as a user's loop would (docs/OWN_LOOP.md "EsaCL
-in your own training loop"): a plain-JAX MLP, `esacl_jax.der_loss` + `er_loss` on two replay
-minibatches as large as the batch from the reservoir buffer (`sample`, `add_reservoir`), plain
-SGD for DER++ and `esacl_optimizer(sgd)` + `esacl_gradients` with the score table for EsaCL.
-`--steps` steps run inside one compiled `lax.scan` (no Python dispatch), timed after
+in your own training loop"): a plain-JAX MLP, `esacl_jax.replay.der_loss` + `er_loss` on two
+replay minibatches as large as the batch from the reservoir buffer (`sample`, `add_reservoir`),
+plain SGD for DER++ and `esacl_optimizer(sgd)` + `esacl_gradients` with the score table for
+EsaCL. `--steps` steps run inside one compiled `lax.scan` (no Python dispatch), timed after
 compilation; the best of `--repeats` is kept. Rows that remove one part of EsaCL's step say
 where its extra time goes:
 - "no ascent (rho 0)": the step without SAM's clean pass and perturbation;
@@ -58,13 +58,13 @@ def loss_fn(params: list[dict], rows: tuple) -> tuple[jax.Array, jax.Array]:
     return optax.softmax_cross_entropy_with_integer_labels(logits, rows[1]), logits
 
 
-def replay_loss(params: list[dict], buffer: ecl.ReplayBuffer, key: jax.Array,
+def replay_loss(params: list[dict], buffer: ecl.replay.ReplayBuffer, key: jax.Array,
                 batch: int) -> jax.Array:
     """DER++: alpha = 1 logit MSE on one replay minibatch, beta = 0.5 CE on another."""
-    (bx, _, bl, _, ok), (cx, cy, _, _, ok2) = (ecl.sample(buffer, k, batch)
+    (bx, _, bl, _, ok), (cx, cy, _, _, ok2) = (ecl.replay.sample(buffer, k, batch)
                                                for k in jax.random.split(key))
-    return (ecl.der_loss(forward(params, bx), bl, ok)
-            + 0.5 * ecl.er_loss(forward(params, cx), cy, ok2))
+    return (ecl.replay.der_loss(forward(params, bx), bl, ok)
+            + 0.5 * ecl.replay.er_loss(forward(params, cx), cy, ok2))
 
 
 def make_step(kind: str, tx: optax.GradientTransformation, batch: int):
@@ -92,7 +92,7 @@ def make_step(kind: str, tx: optax.GradientTransformation, batch: int):
             updates, opt_state = tx.update(g.ascent_grads, opt_state, params, grad_fn=g.grad_fn)
             loss, logits = g.loss, g.aux
             table = g.table if kind != "no_table" else table
-        buffer = ecl.add_reservoir(buffer, insert_key, x, y, jax.lax.stop_gradient(logits))
+        buffer = ecl.replay.add_reservoir(buffer, insert_key, x, y, jax.lax.stop_gradient(logits))
         return (optax.apply_updates(params, updates), opt_state, buffer, table), loss
 
     return step
@@ -102,11 +102,11 @@ def time_case(kind: str, sizes: tuple[int, ...], batch: int, steps: int, repeats
     """Best microseconds per step over `repeats` compiled scans of `steps` steps."""
     params = init_mlp(jax.random.key(0), sizes)
     tx = optax.sgd(0.03) if kind == "derpp" else ecl.esacl_optimizer(
-        optax.sgd(0.03), rho=0.0 if kind == "no_ascent" else ecl.DEFAULTS["rho"])
+        optax.sgd(0.03), rho=0.0 if kind == "no_ascent" else ecl.ESACL_DEFAULTS["rho"])
     opt_state = tx.init(params)
     if kind != "derpp":
         params = ecl.sparse_start(params, opt_state)
-    buffer = ecl.init_buffer(BUFFER, (sizes[0],), jnp.float32, NUM_CLASSES)
+    buffer = ecl.replay.init_buffer(BUFFER, (sizes[0],), jnp.float32, NUM_CLASSES)
     table = ecl.init_example_stats(steps * batch)
     kx, ky, ks = jax.random.split(jax.random.key(1), 3)
     xs = jax.random.normal(kx, (steps, batch, sizes[0]))
@@ -125,9 +125,9 @@ def time_case(kind: str, sizes: tuple[int, ...], batch: int, steps: int, repeats
     return 1e6 * best / steps
 
 
-def model_ratio(batch: int, gamma: float = ecl.DEFAULTS["gamma"]) -> float:
+def model_ratio(batch: int, gamma: float = ecl.ESACL_DEFAULTS["gamma"]) -> float:
     """EsaCL / DER++ in METHOD.md's cost model: (3 k + 3 B + 6 B) / (3 B + 6 B)."""
-    k = ecl.num_selected(batch, gamma)
+    k = ecl.ids.num_selected(batch, gamma)
     return (3 * k + 9 * batch) / (9 * batch)
 
 

@@ -1,6 +1,6 @@
 """Where a whole run's time goes: interpreter, imports, data, compilations, training, evaluation.
 
-    python -m experiments.profile_startup --data_dir=../shared/data --methods=derpp,esacl \
+    python -m experiments.bench.profile_startup --data_dir=../shared/data --methods=derpp,esacl \
         --repeats=3 [--out=docs/speed/profile_startup.md]
 
 Each measurement is a fresh process running exactly what `experiments.main` runs (split_mnist,
@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 _COMPILE_EVENTS = {
     "/jax/core/compile/jaxpr_trace_duration": "trace",
     "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
@@ -115,8 +115,8 @@ def _measure(method: str, data_dir: str, cache_dir: str | None) -> dict:
         out_json = os.path.join(tmp, "profile.json")
         env = dict(os.environ, ESACL_COMPILATION_CACHE=cache_dir or "0")
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "experiments.profile_startup", "--child", method,
-                        os.path.join(tmp, "run"), data_dir, out_json],
+        subprocess.run([sys.executable, "-m", "experiments.bench.profile_startup", "--child",
+                        method, os.path.join(tmp, "run"), data_dir, out_json],
                        cwd=REPO, env=env, check=True)
         wall = time.perf_counter() - start
         profile = json.load(open(out_json))
@@ -195,7 +195,7 @@ def main() -> None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=REPO, capture_output=True, text=True).stdout.strip()
         head = (f"# Start-up profile (split_mnist)\n\n- command: `python -m "
-                f"experiments.profile_startup {' '.join(sys.argv[1:])}`\n- commit: {commit}"
+                f"experiments.bench.profile_startup {' '.join(sys.argv[1:])}`\n- commit: {commit}"
                 f"{'-dirty' if dirty else ''}\n- machine: {os.cpu_count()} CPUs, "
                 f"{sys.platform}\n")
         text = head + "\n" + _report(rows)

@@ -17,7 +17,7 @@ step, and ratios to sgd and to sam). With the default prunable filter (structura
 layer and the logits layer stay dense: the MLP prunes its 512x512 layer, the CNN its second
 convolution and first dense layer.
 
-    python -m experiments.bench_sdp --repeats=50
+    python -m experiments.bench.sdp --repeats=50
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@
 # never uses it, and it only makes mammoth's start-up shorter than a user's (who also builds a
 # ViT-B/16 at import).
 #
-# Usage: MAMMOTH_DIR=... MAMMOTH_PY=... experiments/time_vs_mammoth.sh [N]
+# Usage: MAMMOTH_DIR=... MAMMOTH_PY=... experiments/bench/time_vs_mammoth.sh [N]
 #        N pairs (default 3); pair i uses seed SEED0+i.
 # Env:   SEED0=0  WITH_CACHE=1 (also time ours with a persistent compilation cache, pre-warmed by
 #        one untimed run)  WITH_ESACL=1 (also time our EsaCL, cold and warm)
@@ -32,7 +32,7 @@
 #        MAMMOTH_WORKERS= (its DataLoader --num_workers; empty: its default, min(8, CPUs))
 #        PIN_CPU= (e.g. 0: run every process, ours and mammoth, under `taskset -c 0`)
 #        OUT_CSV=timings.csv  KEEP_LOGS=0 (1: keep run logs)
-#        OURS_EXTRA="--config.tensorboard=False --config.progress=False" (as experiments/bench.py)
+#        OURS_EXTRA="--config.tensorboard=False --config.progress=False" (as experiments/bench/runs.py)
 #        OURS_DIR (this repository), OURS_PY (its .venv python), DATA_DIR ($ESACL_DATA_DIR, else
 #        ../shared/data)
 set -euo pipefail
@@ -47,7 +47,7 @@ MAMMOTH_STUB_OPEN_CLIP="${MAMMOTH_STUB_OPEN_CLIP:-1}"
 PIN_CPU="${PIN_CPU:-}"
 OUT_CSV="${OUT_CSV:-timings.csv}"
 KEEP_LOGS="${KEEP_LOGS:-0}"
-OURS_DIR="${OURS_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
+OURS_DIR="${OURS_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
 OURS_PY="${OURS_PY:-$OURS_DIR/.venv/bin/python}"
 DATA_DIR="${DATA_DIR:-${ESACL_DATA_DIR:-$OURS_DIR/../shared/data}}"
 OURS_EXTRA="${OURS_EXTRA:---config.tensorboard=False --config.progress=False}"

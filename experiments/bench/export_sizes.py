@@ -1,13 +1,13 @@
 """File sizes of `esacl_jax.export` on 90%-sparse MLPs, against the dense params' np.savez and
 np.savez_compressed (docs/SPARSE_EXPORT.md's table).
 
-MLPs with Gaussian weights (std 1/sqrt(fan-in), `bench_sparse_inference.init_mlp`), every kernel
-but the classifier's pruned to 90% by magnitude (`esacl_jax.magnitude_masks`), the classifier
+MLPs with Gaussian weights (std 1/sqrt(fan-in), `sparse_inference.init_mlp`), every kernel
+but the classifier's pruned to 90% by magnitude (`esacl_jax.masks.magnitude_masks`), the classifier
 and the biases dense. Per model and dtype: `save_sparse` (lossless), `save_sparse(...,
 values_dtype="bfloat16")` (lossy; float32 models only), `save_dense` and `save_dense(...,
 compressed=True)`, in bytes, and the ratios. Prints a markdown table.
 
-    python -m experiments.export_sizes
+    python -m experiments.bench.export_sizes
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from esacl_jax import export, masks
-from experiments.bench_sparse_inference import init_mlp
+from experiments.bench.sparse_inference import init_mlp
 
 MODELS = {"784-100-100-10": (784, 100, 100, 10), "784-400-400-10": (784, 400, 400, 10),
           "784-1000-1000-10": (784, 1000, 1000, 10)}

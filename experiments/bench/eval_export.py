@@ -9,7 +9,7 @@ run's own ACC (checked); the bfloat16 file's change is printed per run and, over
 as the mean of the paired differences ± SE (std / sqrt(n)). Also prints the file sizes against
 `np.savez` and `np.savez_compressed` of the dense params.
 
-    python -m experiments.eval_export runs/w400_esacl_s0 runs/w400_esacl_s1 runs/w400_esacl_s2
+    python -m experiments.bench.eval_export runs/w400_esacl_s0 runs/w400_esacl_s1 runs/w400_esacl_s2
 
 Exit status: 0 when every run was evaluated, 2 on bad input (a missing or unreadable run; one
 line on stderr).

@@ -1,6 +1,6 @@
 """Speed benchmark: whole-run wall time and peak RSS per method, and per-step cost ratios.
 
-    python -m experiments.bench --data_dir=../shared/data [--out=docs/bench.md]
+    python -m experiments.bench.runs --data_dir=../shared/data [--out=docs/bench.md]
 
 1. Whole runs: `python -m experiments.main` for each method on split_mnist, in a fresh process
    (import, data load, compilation, 5 tasks, evaluation), timed from outside, with the child's
@@ -34,7 +34,7 @@ _CACHE = flags.DEFINE_string(
     "Whole runs with JAX's persistent compilation cache in this directory (filled by one "
     "untimed run per method first): the start-up cost of a repeated run.")
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # (label, method row, esacl overrides) for the step-cost table.
 STEP_VARIANTS = [
@@ -157,7 +157,7 @@ def main(argv: list[str]) -> None:
 
     env = environment()
     lines = ["# Speed benchmark (split_mnist, batch 10, buffer 500, sparsity 0.9)", "",
-             f"- command: `python -m experiments.bench {' '.join(sys.argv[1:])}`",
+             f"- command: `python -m experiments.bench.runs {' '.join(sys.argv[1:])}`",
              f"- commit: {env['git_commit']}",
              f"- machine: {env['platform']}, {env['cpu_count']} CPUs, jax {env['packages']['jax']}"
              f" on {env['backend']} ({', '.join(env['devices'])})", "",

@@ -1,7 +1,7 @@
 """Accelerator benchmark: training images/s and peak device memory per method.
 
-    python -m experiments.bench_gpu [--data_dir=...] [--out=docs/bench_gpu.md]
-    python -m experiments.bench_gpu --steps=3 --resnet_nf=4 --batch=8   # CPU smoke run
+    python -m experiments.bench.gpu [--data_dir=...] [--out=docs/bench_gpu.md]
+    python -m experiments.bench.gpu --steps=3 --resnet_nf=4 --batch=8   # CPU smoke run
 
 Rows: the reduced/full ResNet-18 (``--resnet_nf``, batch ``--batch``) on split_fashion_mnist
 (the real data when found, else generated images of its shape, said in the table) and on
@@ -191,7 +191,7 @@ def measure_row(spec: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
 def run_isolated(index: int, argv: list[str]) -> dict[str, Any]:
     """One row in a fresh process (so the device's peak memory is that row's)."""
     args = [a for a in argv[1:] if not a.startswith(("--row", "--isolate", "--out"))]
-    proc = subprocess.run([sys.executable, "-m", "experiments.bench_gpu", *args,
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench.gpu", *args,
                            f"--row={index}", "--isolate=no"], capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("ROW "):
@@ -206,7 +206,7 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 def table(rows: list[dict[str, Any]], device: str, argv: list[str]) -> str:
     lines = [f"# Accelerator benchmark on {device}", "",
-             f"- command: `python -m experiments.bench_gpu {' '.join(argv[1:])}`",
+             f"- command: `python -m experiments.bench.gpu {' '.join(argv[1:])}`",
              f"- ResNet-18 nf={_RESNET_NF.value}, dtype {_DTYPE.value}, {_STEPS.value} steps per "
              f"timed chunk, best of {_REPEATS.value}; images/s counts current-task images only",
              "", "| data | model | batch | method | images/s | ms/step | peak device MiB "
