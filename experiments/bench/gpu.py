@@ -30,6 +30,8 @@ from typing import Any
 
 from absl import app, flags
 
+from esacl_jax.harness.sweep.provenance import portable_command
+
 _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                 "Directory with fashion_mnist/ (else $ESACL_DATA_DIR; generated "
                                 "images of its shape when neither has it).")
@@ -206,7 +208,7 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 def table(rows: list[dict[str, Any]], device: str, argv: list[str]) -> str:
     lines = [f"# Accelerator benchmark on {device}", "",
-             f"- command: `python -m experiments.bench.gpu {' '.join(argv[1:])}`",
+             f"- command: `python -m experiments.bench.gpu {portable_command(' '.join(argv[1:]))}`",
              f"- ResNet-18 nf={_RESNET_NF.value}, dtype {_DTYPE.value}, {_STEPS.value} steps per "
              f"timed chunk, best of {_REPEATS.value}; images/s counts current-task images only",
              "", "| data | model | batch | method | images/s | ms/step | peak device MiB "

@@ -195,7 +195,8 @@ def main() -> None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=REPO, capture_output=True, text=True).stdout.strip()
         head = (f"# Start-up profile (split_mnist)\n\n- command: `python -m "
-                f"experiments.bench.profile_startup {' '.join(sys.argv[1:])}`\n- commit: {commit}"
+                f"experiments.bench.profile_startup {_portable(' '.join(sys.argv[1:]))}`\n"
+                f"- commit: {commit}"
                 f"{'-dirty' if dirty else ''}\n- machine: {os.cpu_count()} CPUs, "
                 f"{sys.platform}\n")
         text = head + "\n" + _report(rows)
@@ -204,6 +205,13 @@ def main() -> None:
             pathlib.Path(f.out).write_text(text + "\n")
 
     app.run(run)
+
+
+def _portable(command: str) -> str:
+    """The command as a report records it: absolute directories as placeholders."""
+    from esacl_jax.harness.sweep.provenance import portable_command
+
+    return portable_command(command)
 
 
 if __name__ == "__main__":

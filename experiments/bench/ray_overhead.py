@@ -91,7 +91,8 @@ def report(pairs: list[dict], start_s: float, stop_s: float, identical: bool) ->
     ratios = [p["ray"]["wall_s"] / p["local"]["wall_s"] for p in pairs]
     lines = [
         "# Ray launcher overhead (split_digits sweep)", "",
-        f"- command: `python -m experiments.bench.ray_overhead {' '.join(sys.argv[1:])}`",
+        "- command: `python -m experiments.bench.ray_overhead "
+        f"{_portable(' '.join(sys.argv[1:]))}`",
         f"- git commit: `{git_commit()}`",
         f"- machine: {platform.platform()}; {os.cpu_count()} CPU cores",
         f"- sweep: {n} runs ({', '.join(_METHODS.value)}; epochs {_EPOCHS.value}, "
@@ -143,6 +144,13 @@ def bench() -> int:
 
         write_text_atomic(_MARKDOWN.value, text)
     return 0 if identical else 1
+
+
+def _portable(command: str) -> str:
+    """The command as a report records it: absolute directories as placeholders."""
+    from esacl_jax.harness.sweep.provenance import portable_command
+
+    return portable_command(command)
 
 
 if __name__ == "__main__":
