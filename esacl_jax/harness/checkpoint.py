@@ -233,5 +233,9 @@ class RunCheckpointer:
         return None
 
     def close(self) -> None:
+        """Ends the manager's work (idempotent: the loop closes it on every way out)."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         with _quiet_storage_logs():
             self.manager.close()
