@@ -6,7 +6,10 @@ method's protocol row: --config=experiments/configs/split_mnist.py:esacl.
 Every failure a user can cause or meet (bad value, unknown field, data, a workdir that is full,
 read-only or in use by another run, a damaged checkpoint, NaN loss) ends with one line on stderr
 and exit status 1 (2 for command-line errors). SIGINT and SIGTERM stop the run at the next chunk
-boundary, saving a checkpoint when --config.checkpoint=True, and exit 130 or 143.
+boundary, saving a checkpoint when --config.checkpoint=True, and exit 130 or 143; one that comes
+before the run started (imports, set-up) is held until it can stop cleanly, with the same status.
+Whatever ends a run, its background compilations are joined before the interpreter finalizes
+(`esacl_jax.harness.compilation`).
 
 A --workdir that already holds a finished run (results.json) of another config is left as it
 is: the run writes to the first free DIR-2, DIR-3, ... and says so in one line
@@ -21,16 +24,50 @@ the cluster is auto-detected, --config.coordinator_address=HOST:PORT --config.nu
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from esacl_jax.harness import distributed, workdirs
-from esacl_jax.harness.atomic_io import WorkdirBusyError, WriteError
-from esacl_jax.harness.config import base_config, closest_name
-from esacl_jax.harness.data import DataError
-from esacl_jax.harness.loop import (
+class _EarlySignals:
+    """SIGINT/SIGTERM from the first instant, before the slow imports: a signal is recorded
+    (`signum`) and the run stops at its next check (`main` before it starts, then the loop,
+    which takes the recorded signal over) with its one line and 130/143. A second signal
+    before `main` runs ends the process at once (nothing was written yet); in `main`, it raises
+    KeyboardInterrupt (exit 130)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.in_main = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        del frame
+        if self.signum is None:
+            self.signum = signum
+            return
+        if self.in_main:
+            raise KeyboardInterrupt
+        print(f"interrupted by {signal.Signals(signum).name} before the run started: nothing "
+              "was written", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+
+    def install(self) -> _EarlySignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. nohup's ignored SIGINT
+                signal.signal(sig, self._handle)
+        return self
+
+
+_EARLY = _EarlySignals().install() if __name__ == "__main__" else None
+
+# The imports below take seconds (jax): the handlers above are installed first.
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from esacl_jax.harness import distributed, workdirs  # noqa: E402
+from esacl_jax.harness.atomic_io import WorkdirBusyError, WriteError  # noqa: E402
+from esacl_jax.harness.config import base_config, closest_name  # noqa: E402
+from esacl_jax.harness.data import DataError  # noqa: E402
+from esacl_jax.harness.loop import (  # noqa: E402
     RunInterrupted,
     TrainingError,
     format_summary,
@@ -97,9 +134,30 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _exit_if_signalled() -> None:
+    """Exits 130/143 with one line when SIGINT/SIGTERM came before the run started."""
+    signum = _EARLY.signum if _EARLY is not None else None
+    if signum is not None:
+        print(f"interrupted by {signal.Signals(signum).name} before the run started: nothing "
+              "was written", file=sys.stderr)
+        sys.exit(128 + signum)
+
+
 def main(argv: list[str]) -> None:
+    if _EARLY is not None:
+        _EARLY.in_main = True
+    try:
+        _main(argv)
+    except KeyboardInterrupt:  # a second signal, outside the loop's chunk boundaries
+        print("interrupted: no results were written (with --config.checkpoint=True the same "
+              "command resumes from the last checkpoint)", file=sys.stderr)
+        sys.exit(130)
+
+
+def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _exit_if_signalled()
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # no storage-library INFO lines on stderr
     config = _CONFIG.value
@@ -119,6 +177,7 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
     if workdir.note and distributed.is_primary():
         print(workdir.note, file=sys.stderr, flush=True)
+    _exit_if_signalled()  # from here on the loop takes a recorded signal over
     try:
         result = train_and_evaluate(config, workdir.path, progress=config.progress)
     except RunInterrupted as err:
@@ -134,10 +193,6 @@ def main(argv: list[str]) -> None:
     except (ValueError, DataError, TrainingError, WorkdirBusyError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: no results were written (with --config.checkpoint=True the same "
-              "command resumes from the last checkpoint)", file=sys.stderr)
-        sys.exit(130)
     if not distributed.is_primary():
         return  # process 0 prints the summary and wrote results.json
     print()
