@@ -24,42 +24,13 @@ the cluster is auto-detected, --config.coordinator_address=HOST:PORT --config.nu
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
+from experiments import early_signals
 
-class _EarlySignals:
-    """SIGINT/SIGTERM from the first instant, before the slow imports: a signal is recorded
-    (`signum`) and the run stops at its next check (`main` before it starts, then the loop,
-    which takes the recorded signal over) with its one line and 130/143. A second signal
-    before `main` runs ends the process at once (nothing was written yet); in `main`, it raises
-    KeyboardInterrupt (exit 130)."""
+# Before the imports below (seconds: jax): a signal meanwhile stops the run cleanly.
+_EARLY = early_signals.install_if_main(__name__)
 
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.in_main = False
-
-    def _handle(self, signum: int, frame: object) -> None:
-        del frame
-        if self.signum is None:
-            self.signum = signum
-            return
-        if self.in_main:
-            raise KeyboardInterrupt
-        print(f"interrupted by {signal.Signals(signum).name} before the run started: nothing "
-              "was written", file=sys.stderr, flush=True)
-        os._exit(128 + signum)
-
-    def install(self) -> _EarlySignals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. nohup's ignored SIGINT
-                signal.signal(sig, self._handle)
-        return self
-
-
-_EARLY = _EarlySignals().install() if __name__ == "__main__" else None
-
-# The imports below take seconds (jax): the handlers above are installed first.
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -134,18 +105,7 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _exit_if_signalled() -> None:
-    """Exits 130/143 with one line when SIGINT/SIGTERM came before the run started."""
-    signum = _EARLY.signum if _EARLY is not None else None
-    if signum is not None:
-        print(f"interrupted by {signal.Signals(signum).name} before the run started: nothing "
-              "was written", file=sys.stderr)
-        sys.exit(128 + signum)
-
-
 def main(argv: list[str]) -> None:
-    if _EARLY is not None:
-        _EARLY.in_main = True
     try:
         _main(argv)
     except KeyboardInterrupt:  # a second signal, outside the loop's chunk boundaries
@@ -157,7 +117,8 @@ def main(argv: list[str]) -> None:
 def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    _exit_if_signalled()
+    if _EARLY is not None:
+        _EARLY.exit_if_signalled()
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # no storage-library INFO lines on stderr
     config = _CONFIG.value
@@ -177,7 +138,8 @@ def _main(argv: list[str]) -> None:
         sys.exit(1)
     if workdir.note and distributed.is_primary():
         print(workdir.note, file=sys.stderr, flush=True)
-    _exit_if_signalled()  # from here on the loop takes a recorded signal over
+    if _EARLY is not None:  # from here on the loop takes a recorded signal over
+        _EARLY.exit_if_signalled()
     try:
         result = train_and_evaluate(config, workdir.path, progress=config.progress)
     except RunInterrupted as err:

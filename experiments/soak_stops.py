@@ -365,9 +365,10 @@ def child(failing: int, main_args: list[str]) -> None:
     import orbax.checkpoint as ocp
     from absl import app
 
+    from experiments import early_signals
     from experiments import main as entry
 
-    entry._EARLY = entry._EarlySignals().install()
+    entry._EARLY = early_signals.EarlySignals().install()
     calls = {"n": 0}
     save = ocp.CheckpointManager.save
 
