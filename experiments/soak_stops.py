@@ -29,6 +29,15 @@ method (run once at the start). Any other outcome is a failure: another status, 
 error", a core dump (status 134 / SIGABRT, SIGSEGV), more lines, a traceback. The counts
 (stops tried, statuses seen, failures) are printed and written to --out as JSON.
 
+The reported crash alone, many times (a SIGKILLed run's checkpoints corrupted, then the same
+command again and again, each time after a SIGKILL's stale lock):
+
+    python -m experiments.soak_stops --corrupted_restarts=50 \\
+        --config=experiments/configs/split_mnist.py:esacl
+
+counts the restarts that exit 1 with exactly the two documented lines (the stale-lock warning,
+then "no usable checkpoint: ... delete ... to start the run over").
+
 `python -m experiments.soak_stops --child=N -- MAIN_ARGS` is the injected-write-error run:
 `experiments.main` whose N-th checkpoint write fails with ENOSPC.
 """
@@ -47,6 +56,7 @@ import platform
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -320,6 +330,48 @@ def counts(records: list[dict[str, Any]], seed: int, run_seconds: float, begin: 
     }
 
 
+def stale_lock(workdir: pathlib.Path) -> None:
+    """What a SIGKILLed run leaves: a lock naming a process that no longer runs."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (workdir / ".lock").write_text(json.dumps(
+        {"pid": dead.pid, "host": socket.gethostname(), "command": "a killed run"}))
+
+
+def corrupted_restarts(config: str, restarts: int, data_dir: str | None,
+                       root: pathlib.Path, log: Any = None) -> dict[str, Any]:
+    """The reported case `restarts` times: returns how many restarts ended as documented and
+    every status seen."""
+    workdir = root / "run"
+    command = [sys.executable, "-m", "experiments.main", f"--config={config}",
+               f"--workdir={workdir}", "--config.checkpoint=True", "--config.progress=False",
+               "--config.tensorboard=False"]
+    env = environment(data_dir)
+    proc = start(command, env)
+    if not wait_for_checkpoints(workdir, proc, 1):
+        raise SystemExit(f"error: the run ended before its first checkpoint: "
+                         f"{finish(proc).err.strip()[-300:]}")
+    proc.send_signal(signal.SIGKILL)
+    finish(proc)
+    corrupt_checkpoints(workdir)
+    statuses: collections.Counter[int] = collections.Counter()
+    documented = 0
+    for n in range(restarts):
+        stale_lock(workdir)
+        ended = run(command, env)
+        statuses[ended.status] += 1
+        ok = (ended.status == 1 and len(ended.lines) == 2
+              and ended.lines[0].startswith("warning: taking over the stale lock")
+              and ended.lines[1].startswith("error: no usable checkpoint: ")
+              and ended.lines[1].endswith("to start the run over"))
+        documented += ok
+        if log is not None:
+            print(f"{n + 1}/{restarts} status {ended.status} "
+                  f"{'ok' if ok else repr(ended.err.strip()[-400:])}", file=log, flush=True)
+    return {"restarts": restarts, "documented": documented,
+            "exit_statuses": {str(k): v for k, v in sorted(statuses.items())}}
+
+
 def machine() -> str:
     """This machine in words: CPUs, architecture, Python and jax versions."""
     from importlib.metadata import version
@@ -394,6 +446,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", default="", help="write the counts here as JSON (and the "
                         "table beside it, .md)")
     parser.add_argument("--render", default="", help="only rebuild the .md beside this JSON")
+    parser.add_argument("--corrupted_restarts", type=int, default=0,
+                        help="only the reported case, this many restarts (see module)")
+    parser.add_argument("--config", default="experiments/configs/split_mnist.py:esacl",
+                        help="--corrupted_restarts: the run's config")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("main_args", nargs="*", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -404,6 +460,16 @@ def main(argv: list[str]) -> int:
     if args.child is not None:
         child(args.child, args.main_args)
         return 0
+    if args.corrupted_restarts > 0:
+        with tempfile.TemporaryDirectory(prefix="soak_stops_") as tmp:
+            found = corrupted_restarts(args.config, args.corrupted_restarts,
+                                       args.data_dir or None, pathlib.Path(tmp), sys.stdout)
+        found = {"command": "python -m experiments.soak_stops " + " ".join(argv),
+                 "commit": commit(), "machine": machine(), **found}
+        print(json.dumps(found, indent=1))
+        if args.out:
+            write_json(pathlib.Path(args.out), found)
+        return 0 if found["documented"] == found["restarts"] else 1
     if args.render:
         source = pathlib.Path(args.render)
         source.with_suffix(".md").write_text(render(json.loads(source.read_text())))
