@@ -51,6 +51,7 @@ class EarlySignals:
 
 
 def line(signum: int) -> str:
+    """The one line for a signal that came before the run started."""
     return (f"interrupted by {signal.Signals(signum).name} before the run started: nothing "
             "was written")
 

@@ -210,11 +210,13 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("isolate", [False, True])
-def test_ctrl_c_of_a_local_sweep_leaves_no_process_and_the_command_resumes(tmp_path, isolate):
+def test_ctrl_c_of_a_local_sweep_leaves_no_process_and_the_command_resumes(tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) at a random moment of
     a two-worker comparison's first seconds: exit 130 and one line (or 0 when it was done),
-    every process it started has ended, and the same command finishes the sweep."""
+    every process it started has ended, and the same command finishes the sweep. The pool is
+    drawn at random (both over runs of the suite): "spawn" workers, or a fresh process per
+    run (--isolate)."""
+    isolate = random.choice([False, True])
     out = tmp_path / "out"
     command = [sys.executable, "-m", "experiments.compare", "--benchmarks=split_digits",
                "--methods=finetune", "--sparsities=0.9", "--seeds=0,1", "--epochs=1",
@@ -241,7 +243,7 @@ def test_ctrl_c_of_a_local_sweep_leaves_no_process_and_the_command_resumes(tmp_p
     end = time.monotonic() + 20
     while [p for p in seen if _alive(p)] and time.monotonic() < end:
         time.sleep(0.1)
-    assert [p for p in seen if _alive(p)] == [], f"left behind of {sorted(seen)}"
+    assert [p for p in seen if _alive(p)] == [], f"left behind of {sorted(seen)} ({isolate=})"
     again = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 0, again.stderr

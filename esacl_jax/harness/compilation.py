@@ -173,7 +173,11 @@ def _join_every_thread_at_exit() -> None:
 
 
 def current_owner() -> BackgroundThreads:
-    """The owner of the run this code runs in (`owned_threads`), else the process-wide one."""
+    """The owner of background threads started here.
+
+    Returns:
+      The owner of the run this code runs in (`owned_threads`), else the process-wide one.
+    """
     return _CURRENT.get() or _PROCESS
 
 

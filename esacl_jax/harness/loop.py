@@ -411,7 +411,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     second run. With config.checkpoint, the state is saved every config.checkpoint_every_steps
     steps (at a chunk boundary) and after every task, and a restarted run resumes from the latest
     good checkpoint, mid-task included, to the same result. SIGINT/SIGTERM stop the run at the
-    next chunk boundary (saving first) with RunInterrupted.
+    next chunk boundary (saving first) with RunInterrupted. However the run ends, the programs
+    it compiles in background threads are joined before this returns or raises (`compilation`).
 
     Returns the results dict. Raises ValueError (bad config, unusable checkpoint), DataError
     (data), TrainingError, atomic_io.WriteError (a write failed: one line; when results.json
