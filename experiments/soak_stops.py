@@ -399,7 +399,9 @@ def render(counts: dict[str, Any]) -> str:
              "`experiments.main`: the stopped runs and their restarts) in "
              f"{counts['wall_time_s'] / 60:.0f} min; an uninterrupted run took "
              f"{counts['reference_run_s']} s. **{len(counts['failed_stops'])} stops failed, "
-             f"{counts['aborts']} processes aborted** (status 134 or 139).", "",
+             f"{counts['aborts']} processes aborted** (status 134 or 139). The counts are "
+             "rewritten after every stop: a soak stopped before --stops reports the stops it "
+             "made.", "",
              "| way of stopping | stops |", "|---|---|"]
     lines += [f"| {name} | {n} |" for name, n in sorted(counts["per_scenario"].items())]
     lines += ["", "| exit status | processes |", "|---|---|"]
