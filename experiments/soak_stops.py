@@ -54,6 +54,7 @@ import os
 import pathlib
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -304,11 +305,16 @@ def soak(stops: int, seed: int, scenarios: tuple[str, ...], data_dir: str | None
     return counts(records, seed, run_seconds, begin)
 
 
+def redact(value: Any) -> Any:
+    """`value` with this machine's temporary paths (the soak's folder) written TMP."""
+    return json.loads(re.sub(r"[^\s'\"]*soak_stops_[A-Za-z0-9_]+", "TMP", json.dumps(value)))
+
+
 def write_json(path: pathlib.Path, value: Any) -> None:
-    """Writes `value` to `path` whole (a temporary file renamed over it)."""
+    """Writes `value` (`redact`ed) to `path` whole (a temporary file renamed over it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    tmp.write_text(json.dumps(redact(value), indent=1) + "\n")
     os.replace(tmp, path)
 
 
@@ -474,7 +480,7 @@ def main(argv: list[str]) -> int:
         return 0 if found["documented"] == found["restarts"] else 1
     if args.render:
         source = pathlib.Path(args.render)
-        source.with_suffix(".md").write_text(render(json.loads(source.read_text())))
+        source.with_suffix(".md").write_text(render(redact(json.loads(source.read_text()))))
         return 0
     scenarios = tuple(s for s in args.scenarios.split(",") if s)
     unknown = sorted(set(scenarios) - set(SCENARIOS))
@@ -492,7 +498,7 @@ def main(argv: list[str]) -> int:
         found = {**about, **soak(args.stops, args.seed, scenarios, args.data_dir or None,
                                  pathlib.Path(tmp), log=sys.stdout, out=out, about=about)}
     if out is not None:
-        out.with_suffix(".md").write_text(render(found))
+        out.with_suffix(".md").write_text(render(redact(found)))
     print(json.dumps({k: v for k, v in found.items() if k != "failed_stops"}, indent=1))
     for record in found["failed_stops"]:
         print(f"FAILED {record}", file=sys.stderr)
