@@ -54,9 +54,14 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
-from esacl_jax.harness import sweep
-from esacl_jax.harness.atomic_io import write_text_atomic
-from esacl_jax.harness.methods import sparsity_key
+from experiments import early_signals
+
+# Before the imports below (seconds): Ctrl-C meanwhile stops the sweep cleanly.
+_EARLY = early_signals.install_if_main(__name__)
+
+from esacl_jax.harness import sweep  # noqa: E402
+from esacl_jax.harness.atomic_io import write_text_atomic  # noqa: E402
+from esacl_jax.harness.methods import sparsity_key  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,7 +404,7 @@ def main(argv: list[str]) -> None:
         settings = Settings(**sweep.common_settings(f), variants=tuple(f.variants))
         return run_ablation(settings, dry_run=f.dry_run)
 
-    sweep.exit_with(run)
+    sweep.exit_with(run, early=_EARLY)
 
 
 if __name__ == "__main__":

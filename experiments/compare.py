@@ -32,8 +32,13 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
-from esacl_jax.harness import sweep
-from esacl_jax.harness.atomic_io import write_bytes_atomic, write_text_atomic
+from experiments import early_signals
+
+# Before the imports below (seconds): Ctrl-C meanwhile stops the sweep cleanly.
+_EARLY = early_signals.install_if_main(__name__)
+
+from esacl_jax.harness import sweep  # noqa: E402
+from esacl_jax.harness.atomic_io import write_bytes_atomic, write_text_atomic  # noqa: E402
 
 DENSE_METHODS = ("finetune", "joint", "ewc", "er", "derpp", "co2l")
 DEFAULT_METHODS = (*DENSE_METHODS, "esacl", "sparcl_ewc", "sparcl_er", "sparcl_derpp",
@@ -308,7 +313,7 @@ def main(argv: list[str]) -> None:
                             resnet_nf=f.resnet_nf, docs_dir=f.docs_dir)
         return run_comparison(settings, dry_run=f.dry_run)
 
-    sweep.exit_with(run)
+    sweep.exit_with(run, early=_EARLY)
 
 
 if __name__ == "__main__":

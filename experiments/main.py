@@ -6,7 +6,10 @@ method's protocol row: --config=experiments/configs/split_mnist.py:esacl.
 Every failure a user can cause or meet (bad value, unknown field, data, a workdir that is full,
 read-only or in use by another run, a damaged checkpoint, NaN loss) ends with one line on stderr
 and exit status 1 (2 for command-line errors). SIGINT and SIGTERM stop the run at the next chunk
-boundary, saving a checkpoint when --config.checkpoint=True, and exit 130 or 143.
+boundary, saving a checkpoint when --config.checkpoint=True, and exit 130 or 143; one that comes
+before the run started (imports, set-up) is held until it can stop cleanly, with the same status.
+Whatever ends a run, its background compilations are joined before the interpreter finalizes
+(`esacl_jax.harness.compilation`).
 
 A --workdir that already holds a finished run (results.json) of another config is left as it
 is: the run writes to the first free DIR-2, DIR-3, ... and says so in one line
@@ -23,14 +26,19 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from experiments import early_signals
 
-from esacl_jax.harness import distributed, workdirs
-from esacl_jax.harness.atomic_io import WorkdirBusyError, WriteError
-from esacl_jax.harness.config import base_config, closest_name
-from esacl_jax.harness.data import DataError
-from esacl_jax.harness.loop import (
+# Before the imports below (seconds: jax): a signal meanwhile stops the run cleanly.
+_EARLY = early_signals.install_if_main(__name__)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from esacl_jax.harness import distributed, workdirs  # noqa: E402
+from esacl_jax.harness.atomic_io import WorkdirBusyError, WriteError  # noqa: E402
+from esacl_jax.harness.config import base_config, closest_name  # noqa: E402
+from esacl_jax.harness.data import DataError  # noqa: E402
+from esacl_jax.harness.loop import (  # noqa: E402
     RunInterrupted,
     TrainingError,
     format_summary,
@@ -98,8 +106,19 @@ def enable_compilation_cache() -> None:
 
 
 def main(argv: list[str]) -> None:
+    try:
+        _main(argv)
+    except KeyboardInterrupt:  # a second signal, outside the loop's chunk boundaries
+        print("interrupted: no results were written (with --config.checkpoint=True the same "
+              "command resumes from the last checkpoint)", file=sys.stderr)
+        sys.exit(130)
+
+
+def _main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _EARLY is not None:
+        _EARLY.exit_if_signalled()
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # no storage-library INFO lines on stderr
     config = _CONFIG.value
@@ -119,6 +138,8 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
     if workdir.note and distributed.is_primary():
         print(workdir.note, file=sys.stderr, flush=True)
+    if _EARLY is not None:  # from here on the loop takes a recorded signal over
+        _EARLY.exit_if_signalled()
     try:
         result = train_and_evaluate(config, workdir.path, progress=config.progress)
     except RunInterrupted as err:
@@ -134,10 +155,6 @@ def main(argv: list[str]) -> None:
     except (ValueError, DataError, TrainingError, WorkdirBusyError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: no results were written (with --config.checkpoint=True the same "
-              "command resumes from the last checkpoint)", file=sys.stderr)
-        sys.exit(130)
     if not distributed.is_primary():
         return  # process 0 prints the summary and wrote results.json
     print()

@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -91,15 +92,23 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, capfd, d
     assert not latest.exists()  # so the next saves keep a good checkpoint to fall back to
 
 
-def test_no_good_checkpoint_names_the_file_and_what_to_delete(tmp_path, capfd):
+@pytest.mark.parametrize("kept", [2, 3])
+def test_no_good_checkpoint_names_the_file_and_what_to_delete(tmp_path, capfd, kept):
+    """One line and no warnings before it, also with three checkpoints on disk (what a SIGKILL
+    between a save and the removal of the oldest leaves)."""
     three_checkpoints(tmp_path)
-    for step in ("1", "2"):
+    if kept == 3:
+        shutil.copytree(tmp_path / "1", tmp_path / "0")
+    for step in ("0", "1", "2")[3 - kept:]:
         (tmp_path / step / "progress" / "metadata").write_text('{"n": "unterminated')
+    capfd.readouterr()
     with pytest.raises(CheckpointError) as info:
         RunCheckpointer(tmp_path, {"lr": 0.1}).restore(small_state(0.0))
     message = str(info.value)
     assert "\n" not in message and str(tmp_path / "2") in message
     assert f"delete {tmp_path}" in message
+    assert f"and the {kept - 1} older one" in message
+    assert capfd.readouterr().err == ""
 
 
 def test_disk_full_during_a_checkpoint_removes_the_partial_folder(tmp_path, monkeypatch):

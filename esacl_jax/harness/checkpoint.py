@@ -201,25 +201,27 @@ class RunCheckpointer:
     def restore(self, template: Any) -> tuple[Any, dict] | None:
         """(state, progress) of the latest good checkpoint, or None when there is none.
 
-        A damaged checkpoint is skipped with a one-line warning on stderr. Raises CheckpointError
-        when every checkpoint is damaged or they were written by a run with another config.
+        A damaged checkpoint is skipped with a one-line warning on stderr (printed once a good
+        one is found). Raises CheckpointError (one line, no warnings before it) when every
+        checkpoint is damaged or they were written by a run with another config.
         """
         steps = sorted(self._steps(), reverse=True)
-        first_failure, damaged = None, []
-        for position, step in enumerate(steps):
+        failures, damaged = [], []
+        for step in steps:
             try:
                 with _quiet_storage_logs():
                     state, progress = self._restore_step(step, template)
             except CheckpointError:
                 raise
             except Exception as err:  # any failure to read or verify is damage
-                failure = f"checkpoint {self.step_path(step)} is damaged ({_cause(err)})"
-                first_failure = first_failure or failure
-                if position + 1 < len(steps):
-                    print(f"warning: {failure}; trying the previous one, "
-                          f"{self.step_path(steps[position + 1])}", file=sys.stderr, flush=True)
+                failures.append(f"checkpoint {self.step_path(step)} is damaged ({_cause(err)})")
                 damaged.append(step)
                 continue
+            # The warnings only when a good one is found: when none is, the error says it all
+            # in one line (a SIGKILL between a save and the oldest's removal leaves three).
+            for failure, older in zip(failures, steps[1:len(failures) + 1], strict=True):
+                print(f"warning: {failure}; trying the previous one, {self.step_path(older)}",
+                      file=sys.stderr, flush=True)
             # The damaged newer ones go, so the next saves keep a good one to fall back to.
             for bad in damaged if jax.process_index() == 0 else ():
                 shutil.rmtree(self.step_path(bad), ignore_errors=True)
@@ -227,11 +229,17 @@ class RunCheckpointer:
                 self._steps()
             self._next_step = max(steps) + 1
             return state, progress
-        if first_failure is not None:
-            raise CheckpointError(f"no usable checkpoint: {first_failure}; delete "
+        if failures:
+            more = (f" (and the {len(failures) - 1} older one{'s' * (len(failures) > 2)} "
+                    "too)") if len(failures) > 1 else ""
+            raise CheckpointError(f"no usable checkpoint: {failures[0]}{more}; delete "
                                   f"{self.directory} to start the run over")
         return None
 
     def close(self) -> None:
+        """Ends the manager's work (idempotent: the loop closes it on every way out)."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         with _quiet_storage_logs():
             self.manager.close()

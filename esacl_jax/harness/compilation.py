@@ -13,6 +13,14 @@ cut that without changing a single result bit:
   compiled from the shapes of its arguments in a thread while the main thread does other work;
   the first real call then finds it in JAX's compilation cache. Same program, same results; if
   the background attempt fails or its shapes differ, the first call compiles as before.
+- `BackgroundThreads`: the owner of those threads. A run opens one (`owned_threads`) and every
+  thread the harness starts for it is recorded there; on every way the run ends (return,
+  exception, signal) the owner first stops new work (a thread that has not reached XLA's
+  compiler yet skips it) and then joins every thread, before the run returns or raises. An XLA
+  compilation cannot be interrupted, so it is waited for: an interpreter that finalizes while a
+  thread is inside XLA aborts ("terminate called after throwing ...", SIGABRT, exit status 134)
+  instead of exiting with the run's own status. Threads started outside a run go to a
+  process-wide owner joined by `atexit`, before the interpreter finalizes.
 
 On other backends `call_once` compiles with the default options (their compilers differ, and
 the CPU measurement is what motivated it).
@@ -20,8 +28,12 @@ the CPU measurement is what motivated it).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import contextvars
 import threading
-from collections.abc import Callable, Hashable
+import weakref
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import jax
@@ -81,25 +93,148 @@ class OneShot:
             self._compiled.clear()
 
 
+class BackgroundThreads:
+    """The background threads of one run: recorded when started, all joined by `close`.
+
+    `close` tells the threads to stop starting new work (`stopping`), then joins each of them;
+    a signal that raises KeyboardInterrupt while it waits is held until every thread has ended
+    and raised then, so no thread outlives the owner's `close`.
+    """
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        _OWNERS.add(self)
+
+    @property
+    def stopping(self) -> bool:
+        """True once `close` was called: work not started yet is skipped."""
+        return self._stopping.is_set()
+
+    def start(self, target: Callable[[], None], name: str) -> threading.Thread | None:
+        """Starts `target` in a daemon thread owned by this object.
+
+        Args:
+          target: what the thread runs; it should return soon once `stopping` is True.
+          name: the thread's name (shown by debuggers and `threading.enumerate`).
+
+        Returns:
+          The started thread, or None when the owner is closing (nothing was started).
+        """
+        with self._lock:
+            if self._stopping.is_set():
+                return None
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        return thread
+
+    def alive(self) -> list[threading.Thread]:
+        """The threads still running."""
+        with self._lock:
+            return [t for t in self._threads if t.is_alive()]
+
+    def close(self) -> None:
+        """Stops new work and joins every thread (see the class). Idempotent.
+
+        Raises:
+          KeyboardInterrupt: a signal handler raised it while the threads were joined (after
+            they all ended).
+        """
+        self._stopping.set()
+        interrupted: KeyboardInterrupt | None = None
+        while alive := self.alive():
+            try:
+                for thread in alive:
+                    thread.join()
+            except KeyboardInterrupt as err:  # a compilation cannot be interrupted: wait on
+                interrupted = interrupted or err
+        with self._lock:
+            self._threads.clear()
+        if interrupted is not None:
+            raise interrupted
+
+
+# Every owner not yet garbage-collected: `atexit` joins their threads as a last resort.
+_OWNERS: weakref.WeakSet[BackgroundThreads] = weakref.WeakSet()
+_CURRENT: contextvars.ContextVar[BackgroundThreads | None] = contextvars.ContextVar(
+    "esacl_background_threads", default=None)
+_PROCESS = BackgroundThreads()  # threads started outside any run
+
+
+@atexit.register
+def _join_every_thread_at_exit() -> None:
+    """Last resort (a caller that never closed its owner): runs before the interpreter
+    finalizes, while the threads can still return into Python."""
+    for owner in list(_OWNERS):
+        with contextlib.suppress(KeyboardInterrupt):
+            owner.close()
+
+
+def current_owner() -> BackgroundThreads:
+    """The owner of background threads started here.
+
+    Returns:
+      The owner of the run this code runs in (`owned_threads`), else the process-wide one.
+    """
+    return _CURRENT.get() or _PROCESS
+
+
+@contextlib.contextmanager
+def owned_threads() -> Iterator[BackgroundThreads]:
+    """A new owner of background threads for the block (e.g. one run); on leaving the block,
+    however it is left, the owner is closed: every thread started in it has ended.
+
+    Returns:
+      A context manager yielding the `BackgroundThreads` that `current_owner` returns inside
+      the block (in the thread and context that entered it).
+    """
+    owner = BackgroundThreads()
+    token = _CURRENT.set(owner)
+    try:
+        yield owner
+    finally:
+        try:
+            owner.close()
+        finally:
+            _CURRENT.reset(token)
+
+
 class BackgroundCompile:
-    """Lowers and compiles ``jitted`` for the given argument specs in a daemon thread.
+    """Lowers and compiles ``jitted`` for the given argument specs in a thread of the current
+    owner (`current_owner`).
 
     `wait()` before the first real call, so that call finds the program compiled instead of
     compiling it a second time concurrently. A failure is silent: the first call then compiles
-    (and reports) it itself.
+    (and reports) it itself. Once the owner is closing, the thread skips the compilation it
+    has not begun.
     """
 
-    def __init__(self, jitted: Any, *args: Any):
+    def __init__(self, jitted: Any, *args: Any, owner: BackgroundThreads | None = None):
         specs = jax.tree.map(arg_spec, args)
-        self._thread = threading.Thread(target=self._compile, args=(jitted, specs), daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _compile(jitted: Any, specs: tuple) -> None:
-        try:
-            jitted.lower(*specs).compile()
-        except Exception:  # noqa: BLE001 - the first real call compiles (and reports) it
-            pass
+        owner = owner or current_owner()
+        self._thread = owner.start(lambda: compile_unless_stopping(jitted, specs, owner),
+                                   name="esacl-background-compile")
 
     def wait(self) -> None:
-        self._thread.join()
+        """Blocks until the background compilation has ended (at once if none was started)."""
+        if self._thread is not None:
+            self._thread.join()
+
+
+def compile_unless_stopping(jitted: Any, specs: Any, owner: BackgroundThreads) -> None:
+    """Lowers ``jitted`` for `specs` and, unless `owner` is stopping by then, compiles it into
+    JAX's cache; a failure is left to the first real call, which compiles and reports it.
+
+    Args:
+      jitted: a ``jax.jit`` function.
+      specs: the tuple of its arguments' abstract values (``jax.ShapeDtypeStruct`` trees).
+      owner: the owner of the calling thread.
+    """
+    try:
+        lowered = jitted.lower(*specs)
+        if not owner.stopping:
+            lowered.compile()
+    except Exception:  # noqa: BLE001 - the first real call compiles (and reports) it
+        pass

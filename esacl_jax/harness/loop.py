@@ -384,6 +384,11 @@ class _StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
+                # A signal recorded by the handler this one replaces (an entry point's, before
+                # the run started: `experiments.main`) is taken over, not lost.
+                earlier = getattr(getattr(self._previous[sig], "__self__", None), "signum", None)
+                if self.signum is None and isinstance(earlier, int):
+                    self.signum = earlier
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -406,7 +411,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     second run. With config.checkpoint, the state is saved every config.checkpoint_every_steps
     steps (at a chunk boundary) and after every task, and a restarted run resumes from the latest
     good checkpoint, mid-task included, to the same result. SIGINT/SIGTERM stop the run at the
-    next chunk boundary (saving first) with RunInterrupted.
+    next chunk boundary (saving first) with RunInterrupted. However the run ends, the programs
+    it compiles in background threads are joined before this returns or raises (`compilation`).
 
     Returns the results dict. Raises ValueError (bad config, unusable checkpoint), DataError
     (data), TrainingError, atomic_io.WriteError (a write failed: one line; when results.json
@@ -417,8 +423,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     distributed.initialize(config)  # several processes: before any other JAX call
     workdir = pathlib.Path(workdir)
     atomic_io.check_writable(workdir)
-    with _workdir_lock(workdir), _StopSignals() as stop:
-        return _run(config, workdir, progress, on_task_end, make_method, stop, start)
+    # Leaving the block in any way first joins the run's background threads (`compilation`:
+    # an interpreter finalizing during an XLA compilation aborts) and closes the run's writers,
+    # then restores the signal handlers, then releases the lock.
+    with _workdir_lock(workdir), _StopSignals() as stop, contextlib.ExitStack() as resources:
+        resources.enter_context(compilation.owned_threads())
+        return _run(config, workdir, progress, on_task_end, make_method, stop, start, resources)
 
 
 @contextlib.contextmanager
@@ -479,7 +489,12 @@ def _compile_in_background(method: Method, run_chunk: Callable, predict: Callabl
 
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: bool,
          on_task_end: TaskEndCallback | None, make_method: Callable[..., Any],
-         stop: _StopSignals, start: float) -> dict[str, Any]:
+         stop: _StopSignals, start: float, resources: contextlib.ExitStack) -> dict[str, Any]:
+    """The run itself (`train_and_evaluate`); writers it opens are closed by `resources` on
+    every way out."""
+    if stop.signum is not None and not distributed.is_multiprocess():  # before the run began
+        raise RunInterrupted(stop.signum, f"interrupted by {signal.Signals(stop.signum).name} "
+                             "before training started: nothing was written")
     multiprocess = distributed.is_multiprocess()
     primary = distributed.is_primary()  # several processes: only process 0 writes and prints
     progress = progress and primary
@@ -513,7 +528,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
     counter = flops_lib.FlopsCounter(method.flops_layers(state.params, state.batch_stats))
     flops_per_task = []
 
-    logger = make_logger(workdir, bool(config.tensorboard) and primary)
+    logger = resources.enter_context(make_logger(workdir, bool(config.tensorboard) and primary))
     class_il = np.full((t_count, t_count), np.nan)
     task_il = np.full((t_count, t_count), np.nan)
     train_times, eval_times, per_task = [], [], []
@@ -524,6 +539,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
         from esacl_jax.harness.checkpoint import RunCheckpointer
 
         checkpointer = RunCheckpointer(workdir / "checkpoints", config.to_dict())
+        resources.callback(checkpointer.close)
         checkpointer.check_space(state)
         restored = checkpointer.restore(state)
         if restored is not None:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -77,27 +78,70 @@ class NullLogger(RunLogger):
 
 
 class TensorBoardLogger(RunLogger):
-    """Writes TensorBoard event files into `logdir` with tensorboardX (no TensorFlow needed)."""
+    """Writes TensorBoard event files into `logdir` with tensorboardX (no TensorFlow needed).
+
+    Events are written in the calling thread (not tensorboardX's writer thread, where a write
+    error is a traceback on stderr and then a queue that blocks the run forever): a write that
+    fails (a full or read-only disk) raises `atomic_io.WriteError`, one line, and the run ends
+    like after any other failed write, before results.json. Written events reach the disk every
+    `flush_secs` seconds, on `flush` and on `close`.
+    """
 
     def __init__(self, logdir: str | os.PathLike, flush_secs: int = 30) -> None:
         super().__init__()
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2
+        from tensorboardX.summary import scalar
 
+        self._event_pb2, self._summary = event_pb2, scalar
         self.logdir = pathlib.Path(logdir)
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        self._writer = SummaryWriter(logdir=str(self.logdir), flush_secs=flush_secs)
+        self._flush_secs = flush_secs
+        self._writer = None
+        with self._reporting("create"):
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            self._writer = EventsWriter(str(self.logdir / "events"))
+        self._next_flush = time.monotonic() + flush_secs
+
+    @contextlib.contextmanager
+    def _reporting(self, what: str) -> Iterator[None]:
+        """OSError -> WriteError, one line naming the directory and the way out."""
+        try:
+            yield
+        except OSError as err:
+            from esacl_jax.harness.atomic_io import WriteError
+
+            cause = err.strerror or " ".join(str(err).split())
+            raise WriteError(f"cannot {what} TensorBoard logs in {self.logdir}: {cause} "
+                             "(--config.tensorboard=False runs without them)") from err
 
     def _write(self, tag: str, value: float, step: int) -> None:
-        self._writer.add_scalar(tag, value, global_step=step)
+        event = self._event_pb2.Event(summary=self._summary(tag, value), step=step,
+                                      wall_time=time.time())
+        with self._reporting("write"):
+            self._writer.write_event(event)
+            if time.monotonic() >= self._next_flush:
+                self._writer.flush()
+                self._next_flush = time.monotonic() + self._flush_secs
 
     def flush(self) -> None:
         if not self._closed:
-            self._writer.flush()
+            with self._reporting("write"):
+                self._writer.flush()
 
     def close(self) -> None:
         if not self._closed:
-            self._writer.close()
+            self._closed = True  # a failed close is not retried
+            with self._reporting("write"):
+                self._writer.close()
         super().close()
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # The run already fails with its own line; the logs' failure to close is not a second.
+        with contextlib.suppress(Exception):
+            self.close()
 
 
 def make_logger(workdir: str | os.PathLike, enabled: bool) -> RunLogger:

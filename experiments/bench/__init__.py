@@ -15,5 +15,7 @@ table).
 - `sparse_inference`: dense against sparse matmuls of a 90%-sparse MLP on the CPU;
 - `export_sizes`, `eval_export`: sizes of `esacl_jax.export` files, accuracy of an exported
   model (docs/SPARSE_EXPORT.md);
-- `time_vs_mammoth.sh`: paired whole-run timing against a mammoth checkout.
+- `time_vs_mammoth.sh`: paired whole-run timing against a mammoth checkout;
+- `soak_stops`: runs stopped at random moments in every way, their statuses, lines and restarts
+  (docs/robustness/EXITS.md).
 """

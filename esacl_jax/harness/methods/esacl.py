@@ -30,7 +30,7 @@ import optax
 
 from esacl_jax import esacl as esacl_lib
 from esacl_jax import ids, masks, replay, sdp
-from esacl_jax.harness import losses
+from esacl_jax.harness import compilation, losses
 from esacl_jax.harness.methods.base import (
     Batch,
     Pass,
@@ -268,14 +268,11 @@ class EsaCL(ReplayMethod):
 
         specs = jax.tree.map(spec, (state.opt_state, state.params))
 
-        def compile_refresh() -> None:
-            try:
-                self._refresh_masks.lower(*specs).compile()
-            except Exception:  # noqa: BLE001 - the first real call compiles (and reports) it
-                pass
-
-        self._refresh_compiling = threading.Thread(target=compile_refresh, daemon=True)
-        self._refresh_compiling.start()
+        # The run's owner joins the thread however the run ends (`compilation`).
+        owner = compilation.current_owner()
+        self._refresh_compiling = owner.start(
+            lambda: compilation.compile_unless_stopping(self._refresh_masks, specs, owner),
+            name="esacl-mask-refresh-compile")
 
     def begin_task(self, state: TrainState, task_id: int) -> TrainState:
         state = super().begin_task(state, task_id)

@@ -6,7 +6,9 @@ importing several sweep modules (tests) never defines a flag twice.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -16,21 +18,52 @@ def format_list(values: Iterable[Any]) -> str:
     return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
-def exit_with(run: Callable[[], int]) -> None:
+class SweepInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the sweep (`signum`); the launchers stop their runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    del frame
+    raise SweepInterrupted(signum)
+
+
+def exit_with(run: Callable[[], int], early: Any = None) -> None:
     """The sweeps' command-line contract: run, then exit 0/1; one-line errors exit 2 (bad
-    settings, missing data), an interrupt exits 130 with the finished runs kept."""
+    settings, missing data), SIGINT / SIGTERM exit 130 / 143 with one line and the finished
+    runs kept (the launchers stop every run they started first).
+
+    Args:
+      run: the sweep; returns its exit status.
+      early: the program's `experiments.early_signals.EarlySignals` (a signal that came
+        during its imports stops the sweep before it starts), or None.
+    """
     from esacl_jax.harness.data import DataError
 
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, _interrupt)
     try:
+        if early is not None:
+            early.exit_if_signalled()
         code = run()
     except (ValueError, DataError) as err:
         hint = " (here: --data_dir=DIR)" if isinstance(err, DataError) else ""
         print(f"error: {err}{hint}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are kept; rerun the same command to resume",
-              file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)  # also a run's RunInterrupted
+        print(f"interrupted by {signal.Signals(signum).name}: finished runs are kept; rerun "
+              "the same command to resume", file=sys.stderr)
+        sys.exit(128 + signum)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     sys.exit(code)
 
 
