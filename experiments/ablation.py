@@ -114,7 +114,7 @@ VARIANTS: dict[str, Variant] = {
     "c_erk": Variant("default, ERK layer sparsities (same global sparsity)", "esacl",
                      {"esacl.distribution": "erk"}),
     "c_input_dense": Variant("default, first layer dense (SparCL's name-based prunable set)",
-                             "esacl", {"prune_scope": "sparcl"}),
+                             "esacl", {"prunable": "by_layer_name"}),
     "dense_to_sparse": Variant("default, dense-to-sparse (cubic ramp over the first task)",
                                "esacl", {"esacl.dense_to_sparse": True}),
     "sparcl_derpp": Variant("SparCL-DER++", "sparcl_derpp", {}),

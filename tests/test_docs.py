@@ -223,7 +223,7 @@ def test_method_md_defaults_are_the_configs():
             "esacl.ids_unseen", "esacl.replay", "esacl.init_rescale",
             "esacl.mask_update_every_epochs", "esacl.mask_update_every_steps",
             "esacl.prune_fraction", "esacl.score", "esacl.score_lambda", "esacl.ema_decay",
-            "esacl.regrow", "prune_scope", "buffer_size"} <= fields
+            "esacl.regrow", "prunable", "buffer_size"} <= fields
     wrong = [f"{field}: METHOD.md says {value!r}, base_config() has {_field(config, field)!r}"
              for field, value, _ in defaults if _field(config, field) != value]
     assert wrong == []

@@ -158,45 +158,79 @@ def test_cifar_pipeline_end_to_end_on_cifar_format_files(tmp_path):
     assert result["dense_forward_flops_per_example"] > 0
 
 
-def test_prune_scopes_of_the_harness_models():
-    """Default: every kernel but the classifier's, the library's structural set, equal to the
-    name-based all_but_classifier on every harness model; "sparcl": SparCL's set (ResNet-18: its
-    16 block convs; MLP and CNN: the library's prunable="all_but_input_and_output")."""
+def test_prunable_sets_of_the_harness_models():
+    """Default: every kernel but the classifier's, the library's "all_but_output" set, equal to
+    "every kernel not named classifier" on every harness model; "by_layer_name": SparCL's set
+    (ResNet-18: its 16 block convs; MLP and CNN: "all_but_input_and_output"). The deprecated
+    prune_scope values give the same sets with one warning; anything else is one line."""
+    import logging
+
     import jax
 
     from esacl_jax import masks
-    from esacl_jax.harness.methods.base import prunable_filter
+    from esacl_jax.harness.methods.base import prunable_set
     from esacl_jax.harness.models import build_model
 
+    def not_classifier(path, leaf):
+        names = masks.path_names(path)
+        return names[-1] == "kernel" and np.ndim(leaf) >= 2 and "classifier" not in names
+
     config = split_digits.get_config("esacl")
+    assert prunable_set(config) == "all_but_output"
     mlp = build_model("mlp", 10).init(jax.random.key(0), np.zeros((1, 784)))["params"]
-    flags = masks.prunable_tree(mlp, prunable_filter(config))
+    flags = masks.prunable_tree(mlp, prunable_set(config))
     assert flags["stem"]["kernel"] and flags["hidden_1"]["kernel"]
     assert not flags["classifier"]["kernel"] and not flags["stem"]["bias"]
-    config.prune_scope = "sparcl"
-    flags = masks.prunable_tree(mlp, prunable_filter(config))
+    config.prunable = "by_layer_name"
+    flags = masks.prunable_tree(mlp, prunable_set(config))
     assert not flags["stem"]["kernel"] and flags["hidden_1"]["kernel"]
-    assert prunable_filter(config) is masks.name_prunable
-    from esacl_jax.harness.methods.base import all_but_classifier
 
     # Shapes are all the sets need: abstract init (no compilation of the networks).
     cnn = jax.eval_shape(build_model("cnn", 10).init, jax.random.key(0), np.zeros((1, 28, 28, 1)))
     res = jax.eval_shape(lambda k, x: build_model("resnet18", 10).init(k, x, train=False),
                          jax.random.key(0), np.zeros((1, 32, 32, 3)))
     for params in (mlp, cnn["params"], res["params"]):
-        assert masks.prunable_tree(params) == masks.prunable_tree(params, all_but_classifier)
+        assert masks.prunable_tree(params) == masks.prunable_tree(params, not_classifier)
         assert masks.prunable_tree(params) == masks.prunable_tree(params, "all_but_output")
     for params in (mlp, cnn["params"]):  # SparCL's set by names = the first layer dense too
         assert masks.prunable_tree(params, "all_but_input_and_output") == masks.prunable_tree(
             params, "by_layer_name")
     chosen = jax.tree.leaves(masks.prunable_tree(res["params"], "by_layer_name"))
     assert sum(chosen) == 16
-    config.prune_scope = "model"  # removed: the default is the same for every model
-    with pytest.raises(ValueError, match="prune_scope"):
-        prunable_filter(config)
-    config.prune_scope = "everything"
-    with pytest.raises(ValueError, match="prune_scope"):
-        prunable_filter(config)
+
+    config = split_digits.get_config("esacl")
+    for old, new in (("all_but_classifier", "all_but_output"), ("sparcl", "by_layer_name")):
+        config.prune_scope = old
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger("esacl_jax").addHandler(handler)
+        try:
+            assert prunable_set(config) == new
+        finally:
+            logging.getLogger("esacl_jax").removeHandler(handler)
+        assert len(records) == 1 and f"prunable={new!r}" in records[0].getMessage()
+    config.prune_scope, config.prunable = "sparcl", "all_but_input_and_output"
+    with pytest.raises(ValueError, match="contradicts"):
+        prunable_set(config)
+    config.prune_scope, config.prunable = "model", "all_but_output"
+    with pytest.raises(ValueError, match="prune_scope is deprecated"):
+        prunable_set(config)
+    config.prune_scope, config.prunable = "", "sparcl"
+    with pytest.raises(ValueError, match="prunable must be one of"):
+        prunable_set(config)
+
+
+def test_stored_prune_scope_is_the_same_computation_as_prunable():
+    from esacl_jax.harness.config_diff import config_differences, plain_config
+
+    planned = plain_config(split_digits.get_config("esacl"))
+    stored = {**planned, "prune_scope": "all_but_classifier"}
+    del stored["prunable"]
+    assert config_differences(planned, stored) == []
+    planned_sparcl = {**planned, "prunable": "by_layer_name"}
+    assert config_differences(planned_sparcl, {**stored, "prune_scope": "sparcl"}) == []
+    assert config_differences(planned_sparcl, stored) != []
 
 
 def test_over_parameterized_protocols_name_their_dataset():

@@ -63,10 +63,14 @@ def _run_fields(c: ml_collections.ConfigDict) -> None:
     c.mlp_init = "xavier_uniform"  # or "lecun_normal" (flax's default); biases start at zero
     c.resnet_nf = 64
     c.dtype = "float32"
-    # Which weights sparse methods prune: "all_but_classifier" (every kernel but the classifier's,
-    # found structurally: the library's default set) or "sparcl" (SparCL's convention: the first
-    # layer dense too, and the ResNet-18's 1x1 shortcuts: its 16 block convolutions).
-    c.prune_scope = "all_but_classifier"
+    # Which weights sparse methods prune, in the library's vocabulary (`masks.PRUNABLE_SETS`):
+    # "all_but_output" (every kernel but the output layers, found structurally: the library's
+    # default), "all_but_input_and_output" (the input layer dense too) or "by_layer_name"
+    # (SparCL's set by layer names: on the ResNet-18 its 16 block convolutions).
+    c.prunable = "all_but_output"
+    # Deprecated spelling of `prunable` ("all_but_classifier" -> "all_but_output", "sparcl" ->
+    # "by_layer_name"): read with one warning line; "" (default) leaves `prunable` in charge.
+    c.prune_scope = ""
     # method and optimisation
     c.method = "finetune"
     c.optimizer = "sgd"
@@ -173,7 +177,7 @@ def _co2l_section() -> ml_collections.ConfigDict:
         linear_epochs=100, linear_lr=1.0, linear_momentum=0.9, linear_batch_size=256,
         linear_decay_epochs=(60, 75, 90), linear_decay_rate=0.2,
         linear_augment=False,  # True: augmented views every epoch (official; ~epochs x costlier)
-        # SparCL-CO2L: prune the projection head too under prune_scope="all_but_classifier"
+        # SparCL-CO2L: prune the projection head too under prunable="all_but_output"
         prune_head=True,
         # SparCL-CO2L's DDR: correctness by the nearest class mean of the projections, the class
         # means an exponential moving average of each step's batch means with this decay

@@ -32,6 +32,17 @@ def _section_readers() -> dict[str, frozenset[str]]:
     return methods.section_readers()
 
 
+# Stored configs from before `prunable` replaced `prune_scope`: the same set under its new name.
+_OLD_PRUNE_SCOPES = {"all_but_classifier": "all_but_output", "sparcl": "by_layer_name"}
+
+
+def _upgraded(stored: Mapping) -> Mapping:
+    """A stored top-level config in today's spelling (`prune_scope` -> `prunable`)."""
+    if "prunable" in stored or stored.get("prune_scope") not in _OLD_PRUNE_SCOPES:
+        return stored
+    return {**stored, "prunable": _OLD_PRUNE_SCOPES[stored["prune_scope"]], "prune_scope": ""}
+
+
 def config_differences(planned: Mapping, stored: Mapping, prefix: str = "") -> list[str]:
     """``"field: stored -> planned"`` for every field whose value differs between two configs.
 
@@ -40,6 +51,8 @@ def config_differences(planned: Mapping, stored: Mapping, prefix: str = "") -> l
     planned run's method does not read are never compared.
     """
     diffs = []
+    if not prefix:
+        stored = _upgraded(stored)
     readers = _section_readers() if not prefix else {}
     method = planned.get("method") if not prefix else None
     for key in sorted(planned.keys() | stored.keys()):

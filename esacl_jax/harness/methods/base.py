@@ -7,6 +7,7 @@ host-side hooks at task and epoch boundaries. The loop never knows which method 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -81,34 +82,40 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     raise ValueError(f"unknown optimizer {name!r}; choose sgd, adam or adamw")
 
 
-PRUNE_SCOPES = ("all_but_classifier", "sparcl")
+# The deprecated `config.prune_scope` values and the `config.prunable` sets they name.
+OLD_PRUNE_SCOPES = {"all_but_classifier": "all_but_output", "sparcl": "by_layer_name"}
 
 
-def all_but_classifier(path: Any, leaf: Any) -> bool:
-    """Every dense/conv kernel (first layer and shortcuts included) except the classifier's, by
-    name: the harness's models name their classifier "classifier". The harness prunes the
-    structural set (`masks.structural_prunable`, the library's default); a test checks the two
-    agree on every harness model."""
-    names = masks_lib.path_names(path)
-    return (bool(names) and names[-1] == "kernel" and np.ndim(leaf) >= 2
-            and "classifier" not in names)
+def prunable_set(config: ml_collections.ConfigDict) -> str:
+    """The prunable set sparse methods use: `config.prunable`, a name of the library's
+    `masks.PRUNABLE_SETS` (what `prunable=` takes), or the deprecated `config.prune_scope`.
 
+    Args:
+      config: the run's config.
 
-def prunable_filter(config: ml_collections.ConfigDict) -> str | Callable[[Any, Any], bool]:
-    """The `prunable=` of config.prune_scope, as the library functions take it.
+    Returns:
+      A name in `masks.PRUNABLE_SETS`.
 
-    "all_but_classifier" (default, the library's default set): every kernel but the classifier,
-    found structurally (`masks.structural_prunable`): whole-network sparsity.
-    "sparcl": SparCL's convention by layer names (`masks.name_prunable`): the first layer, the
-    classifier and the ResNet's 1x1 shortcuts dense; for the ResNet-18 exactly SparCL's 16 block
-    convolutions, for the MLP and the CNN the same as the library's `prunable="sparcl"`.
+    Raises:
+      ValueError: an unknown name, or `prune_scope` and `prunable` naming different sets.
     """
-    scope = config.prune_scope
-    if scope == "all_but_classifier":
-        return "structural"
-    if scope == "sparcl":
-        return masks_lib.name_prunable
-    raise ValueError(f"prune_scope must be one of {', '.join(PRUNE_SCOPES)}, got {scope!r}")
+    prunable = config.get("prunable", "all_but_output")
+    if prunable not in masks_lib.PRUNABLE_SETS:
+        raise ValueError(f"prunable must be one of {', '.join(masks_lib.PRUNABLE_SETS)}, got "
+                         f"{prunable!r}")
+    scope = config.get("prune_scope", "")
+    if not scope:
+        return prunable
+    if scope not in OLD_PRUNE_SCOPES:
+        raise ValueError(f"prune_scope is deprecated: use prunable= one of "
+                         f"{', '.join(masks_lib.PRUNABLE_SETS)} (got prune_scope={scope!r})")
+    new = OLD_PRUNE_SCOPES[scope]
+    if prunable not in ("all_but_output", new):
+        raise ValueError(f"prune_scope={scope!r} (deprecated: prunable={new!r}) contradicts "
+                         f"prunable={prunable!r}: set prunable alone")
+    logging.getLogger("esacl_jax").warning(
+        "config.prune_scope=%r is deprecated: use config.prunable=%r (the same set)", scope, new)
+    return new
 
 
 class Method:
@@ -136,8 +143,8 @@ class Method:
         self.benchmark = benchmark
         self.num_classes = benchmark.num_classes
         self.use_task_logit_mask = bool(config.current_task_logit_mask)
-        # Which weights sparse methods prune (config.prune_scope).
-        self.prunable = prunable_filter(config)
+        # Which weights sparse methods prune (config.prunable, the library's vocabulary).
+        self.prunable = prunable_set(config)
         self.tx = self.make_optimizer()
 
     # ----- state -----

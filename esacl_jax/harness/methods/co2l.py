@@ -274,10 +274,11 @@ class CO2L(ReplayMethod):
         """Prunable flags of params with the head (for SparCL-CO2L): the model's set from
         `prunable` on the model's params alone (the head would change which layer the structural
         set takes for the logits layer), and the head's kernels when co2l.prune_head holds under
-        a structural set, or as a name filter says (`prune_scope="sparcl"` keeps them dense)."""
+        a structural set, or as a name filter says (`prunable="by_layer_name"` keeps them
+        dense)."""
         model_params = {k: v for k, v in params.items() if k != HEAD}
         flags = dict(masks_lib.prunable_tree(model_params, prunable))
-        if callable(prunable):
+        if callable(prunable) or prunable == "by_layer_name":
             head_flags = masks_lib.prunable_tree({HEAD: params[HEAD]}, prunable)[HEAD]
         else:
             head_flags = jax.tree.map(lambda w: bool(self.co.prune_head and np.ndim(w) >= 2),

@@ -234,7 +234,7 @@ class SparCL(SparseWrapperMethod):
 
     # ----- state -----
     def prunable_flags(self, params: Any) -> Any:
-        """The bool tree of the leaves SparCL prunes (config.prune_scope on the params)."""
+        """The bool tree of the leaves SparCL prunes (config.prunable on the params)."""
         return masks_lib.prunable_tree(params, self.prunable)
 
     def sparsities(self, params: Any) -> Any:
@@ -431,11 +431,11 @@ class SparCLCO2L(SparCL):
       and replay) with SparCL's masked update (`sparse_update`: weight masks, DGM); the past
       model's copy is the masked params of the previous task's end.
     - Prunable set (masks cover params with the head, `CO2L.prunable_tree`): the model's set of
-      config.prune_scope computed on the model's params alone, plus the projection head's two
-      kernels under the default "all_but_classifier" (co2l.prune_head=True: the head runs in
+      config.prunable computed on the model's params alone, plus the projection head's two
+      kernels under the default "all_but_output" (co2l.prune_head=True: the head runs in
       every training pass, dense it would cost several times the 90%-sparse encoder; SparCL
       prunes what it trains, and the head is discarded at evaluation, so the evaluated model's
-      sparsity is the encoder's either way). prune_scope="sparcl" keeps the head dense (its
+      sparsity is the encoder's either way). prunable="by_layer_name" keeps the head dense (its
       name filter excludes heads). The linear classifier is never pruned.
     - DDR needs per-example correctness, and CO2L has no classifier while it trains (the linear
       classifier of the last task end knows none of the current task's classes). SparCL's
