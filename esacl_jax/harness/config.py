@@ -34,6 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.benchmark = "split_digits"  # the dataset benchmark (esacl_jax.harness.data.BENCHMARKS)
     c.data_dir = ""  # empty: $ESACL_DATA_DIR, else the download cache (see README "Data")
     c.seed = 0
+    # "0,1,2,3,4": train these seeds of one config together as one vmapped program, each seed's
+    # results in WORKDIR/seed<N>/ as its separate run would write them (`harness.seed_group`);
+    # empty: the single `seed` above.
+    c.seeds = ""
     c.class_order_seed = -1  # -1: classes go to tasks in label order
     c.num_tasks = 0  # 0: the protocol's number of tasks
     c.max_train_per_task = 0  # 0: all (a positive value takes a seeded subset, for quick runs)
