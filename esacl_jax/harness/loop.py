@@ -69,6 +69,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(every >= 0, f"checkpoint_every_steps must be >= 0 (0: at task ends only), got {every}")
     need(0.0 <= config.validation_fraction < 1.0,
          f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
+    if config.get("seeds"):
+        from esacl_jax.harness import seed_group
+
+        seed_group.check_group(config, seed_group.parse_seeds(config.seeds))
 
 
 def load_config_benchmark(config: ml_collections.ConfigDict) -> Benchmark:

@@ -114,14 +114,43 @@ def check_group(config: ml_collections.ConfigDict, seeds: tuple[int, ...]) -> No
                          "--config.num_devices=1 (or drop --config.seeds)")
 
 
+class _TreeProgram:
+    """A jitted function of pytrees compiled once per argument structure and shapes, cheaply
+    (`compilation.one_shot_options`): stacking the seeds' states is one program, not one eager
+    operation (and one small compilation) per leaf."""
+
+    def __init__(self, fn: Callable[..., Any], static_argnums: tuple[int, ...] = ()):
+        self._jitted = jax.jit(fn, static_argnums=static_argnums)
+        self._static = static_argnums
+        self._compiled: dict[Any, Any] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        dynamic = [a for i, a in enumerate(args) if i not in self._static]
+        leaves, treedef = jax.tree.flatten(dynamic)
+        key = (treedef, tuple(compilation.arg_spec(x) for x in leaves),
+               tuple(args[i] for i in self._static))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._jitted.lower(*args).compile(
+                compiler_options=compilation.one_shot_options())
+            self._compiled[key] = compiled
+        return compiled(*dynamic)
+
+
+_stack = _TreeProgram(lambda states: jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+_unstack = _TreeProgram(
+    lambda stacked, count: [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(count)],
+    static_argnums=(1,))
+
+
 def stack(states: list[Any]) -> Any:
-    """The per-seed pytrees stacked along a new leading seed axis."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    """The per-seed pytrees stacked along a new leading seed axis (one compiled program)."""
+    return _stack(list(states))
 
 
 def unstack(stacked: Any, count: int) -> list[Any]:
-    """The `count` per-seed slices of a stacked pytree."""
-    return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(count)]
+    """The `count` per-seed slices of a stacked pytree (one compiled program)."""
+    return _unstack(stacked, count)
 
 
 def make_group_chunk(run_chunk: Callable, shared_data: bool) -> Callable:
@@ -291,6 +320,9 @@ class _Group:
         self.run_chunk = make_train_chunk(self.lead)
         self.chunks: dict[bool, Callable] = {}
         self.predict = loop.make_predict(self.lead, runs[0].benchmark)
+        # The group's chunk compiles in a thread, from the shapes of its arguments, while the
+        # states are initialised (as a single run's does, `loop._compile_in_background`).
+        self.chunk_compile = self._compile_in_background()
         self.state = stack(init_states(runs))
         for run, one in zip(runs, unstack(self.state, len(runs)), strict=True):
             run.counter = flops_lib.FlopsCounter(run.method.flops_layers(one.params,
@@ -306,6 +338,22 @@ class _Group:
         self.first_task, self.resume = 0, None
         if config.checkpoint:
             self._restore()
+
+    def _compile_in_background(self) -> compilation.BackgroundCompile:
+        config, count = self.config, len(self.runs)
+
+        def seeded(spec: Any) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct((count, *spec.shape), spec.dtype,
+                                        weak_type=spec.weak_type)
+
+        state = jax.tree.map(seeded, jax.eval_shape(self.lead.init, jax.random.key(0)))
+        _, x_dev, y_dev, shared = task_data(self.runs, 0, self.capacity)
+        ctx = jax.tree.map(seeded, jax.eval_shape(
+            lambda: self.loop.task_context(self.runs[0].benchmark, 0)))
+        return compilation.BackgroundCompile(
+            self._chunk_fn(shared), state, x_dev, y_dev,
+            jax.ShapeDtypeStruct((count, config.steps_per_call, config.batch_size), np.int32),
+            jax.ShapeDtypeStruct((count, config.steps_per_call), np.bool_), ctx)
 
     # ----- checkpoints -----
     def _restore(self) -> None:
@@ -446,6 +494,9 @@ class _Group:
         chunk_fn = self._chunk_fn(shared)
         for c in range(first_chunk * spc, batch_idx.shape[1], spc):
             sl = slice(c, c + spc)
+            if self.chunk_compile is not None:  # the first chunk: wait for its compilation
+                self.chunk_compile.wait()
+                self.chunk_compile = None
             self.state, metrics = chunk_fn(self.state, x_dev, y_dev, batch_idx[:, sl],
                                            valid[:, sl], ctx)
             losses = np.asarray(metrics.loss)

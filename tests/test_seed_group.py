@@ -1,0 +1,146 @@
+"""Seeds as one program (`--config.seeds`): each seed of a vmapped group ends exactly where its
+separate run ends (on CPU: the same bits), resumes after an interruption, and refuses in one
+line what it cannot do."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from esacl_jax.harness import seed_group
+from esacl_jax.harness.loop import RunInterrupted, train_and_evaluate
+from esacl_jax.harness.methods.base import Method
+from experiments.configs import split_digits
+from tests.conftest import REPO_ROOT
+
+
+def config_for(method: str, **overrides):
+    config = split_digits.get_config(method)
+    config.progress = config.tensorboard = False
+    config.num_tasks, config.epochs = 2, 1
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def final_states(store: dict, name: str):
+    def keep(task_id, method, state):
+        del task_id, method
+        store[name] = state
+    return keep
+
+
+def assert_same_run(group_result: dict, separate: dict, ignore: tuple[str, ...] = ()) -> None:
+    for key in ("class_il_matrix", "task_il_matrix"):
+        np.testing.assert_array_equal(np.asarray(group_result[key]), np.asarray(separate[key]))
+    for key in ("seed", "training_flops", "training_flops_cumulative_per_task", "weights",
+                "method", "benchmark"):
+        assert group_result[key] == separate[key], key
+    strip = ("host_rss_bytes",)
+    assert [{k: v for k, v in t.items() if k not in strip} for t in group_result["per_task"]] == \
+        [{k: v for k, v in t.items() if k not in strip} for t in separate["per_task"]]
+    # its own seed, seeds empty: the config of its separate run
+    assert {k: v for k, v in group_result["config"].items() if k not in ignore} == \
+        {k: v for k, v in separate["config"].items() if k not in ignore}
+
+
+# DER++ on per-seed subsets (the task arrays stacked by seed) in several chunks an epoch; EsaCL
+# and SparCL-DER++ (host-side mask work per seed) on the shared arrays.
+DERPP = {"max_train_per_task": 200, "steps_per_call": 10}
+CASES = {"derpp": DERPP, "esacl": {}, "sparcl_derpp": {}}
+
+
+def group_and_separate(tmp_path, method: str, overrides: dict) -> None:
+    """Seed 1 of the group (0, 1), whose compiled step is seed 0's method vmapped and whose hooks
+    are its own, against its separate run: the same matrices, FLOPs, summaries and final
+    parameters, to the bit on CPU."""
+    states: dict = {}
+    group = train_and_evaluate(config_for(method, seeds="0,1", **overrides),
+                               tmp_path / "group", on_task_end=final_states(states, "group"))
+    separate = train_and_evaluate(config_for(method, seed=1, **overrides),
+                                  tmp_path / "separate", on_task_end=final_states(states, "one"))
+    assert group["seeds"] == [0, 1]
+    written = json.loads((tmp_path / "group" / "seed1" / "results.json").read_text())
+    assert written["seed"] == 1 and written["seed_group"] == [0, 1]
+    assert (tmp_path / "group" / "seed0" / "results.json").is_file()
+    assert not (tmp_path / "group" / "results.json").exists()
+    assert_same_run(group["runs"][1], separate)
+    mine = jax.tree.map(lambda x: x[1], states["group"].params)
+    for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(states["one"].params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The seeds trained differently (the seed axis is not one seed copied).
+    assert not all(np.array_equal(np.asarray(x[0]), np.asarray(x[1]))
+                   for x in jax.tree.leaves(states["group"].params))
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_each_seed_of_a_group_is_its_separate_run(tmp_path, method):
+    group_and_separate(tmp_path, method, CASES[method])
+
+
+@pytest.mark.slow
+def test_each_seed_of_a_group_is_its_separate_run_er_ewc(tmp_path):
+    """The same for the dense baselines ER and EWC (EWC's Fisher estimated per seed)."""
+    for method in ("er", "ewc"):
+        group_and_separate(tmp_path / method, method, {})
+
+
+def test_interrupted_group_resumes_to_the_same_bits(tmp_path, monkeypatch):
+    """SIGINT in task 2 stops the group after its next chunk with a mid-epoch checkpoint; the
+    same call resumes there and ends where an uninterrupted group ends."""
+    states: dict = {}
+    reference = train_and_evaluate(config_for("derpp", seeds="0,1", **DERPP),
+                                   tmp_path / "reference",
+                                   on_task_end=final_states(states, "reference"))
+    config = config_for("derpp", seeds="0,1", checkpoint=True, **DERPP)
+    original = Method.begin_epoch
+
+    def signal_in_task_2(self, state, task_id, epoch):
+        if task_id == 1 and self.config.seed == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, state, task_id, epoch)
+
+    monkeypatch.setattr(Method, "begin_epoch", signal_in_task_2)
+    with pytest.raises(RunInterrupted, match="seed group's state saved"):
+        train_and_evaluate(config, tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "seed0" / "results.json").exists()
+    monkeypatch.setattr(Method, "begin_epoch", original)
+    resumed = train_and_evaluate(config, tmp_path / "resumed",
+                                 on_task_end=final_states(states, "resumed"))
+    for ref, res in zip(reference["runs"], resumed["runs"], strict=True):
+        assert_same_run(res, ref, ignore=("checkpoint",))
+    for a, b in zip(jax.tree.leaves(states["reference"]), jax.tree.leaves(states["resumed"]),
+                    strict=True):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0,x", "comma-separated integers"), ("1,1", "distinct"), ("-1", ">= 0")])
+def test_bad_seeds_are_one_line(value, message):
+    with pytest.raises(ValueError, match=message):
+        seed_group.parse_seeds(value)
+
+
+def test_seeds_and_a_data_parallel_mesh_refuse_in_one_line():
+    with pytest.raises(ValueError, match="do not compose.*num_devices=1"):
+        seed_group.check_group(config_for("derpp", seeds="0,1", num_devices=2), (0, 1))
+    assert seed_group.parse_seeds("0, 1,2") == (0, 1, 2)
+
+
+def test_main_refuses_bad_seeds_with_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.main",
+         "--config=experiments/configs/split_digits.py:derpp", f"--workdir={tmp_path}",
+         "--config.seeds=0,0"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["error: seeds must be distinct, got '0,0'"]
