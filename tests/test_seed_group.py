@@ -144,3 +144,50 @@ def test_main_refuses_bad_seeds_with_one_line(tmp_path):
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert lines == ["error: seeds must be distinct, got '0,0'"]
+
+
+def test_a_sweep_runs_a_cells_seeds_as_one_group_and_resumes_per_seed(tmp_path):
+    """The local launcher groups the seeds of a cell still to do: each seed's results.json lands
+    where its own run writes it; a removed one is redone alone, the others skipped."""
+    from esacl_jax.harness import sweep
+
+    overrides = {"num_tasks": 2, "max_train_per_task": 60}
+    runs = [sweep.Run("split_digits", "finetune", overrides, seed,
+                      tmp_path / "finetune" / f"seed{seed}") for seed in (0, 1)]
+    units = sweep.group_seeds(list(enumerate(runs)))
+    assert [(members, unit.seeds, unit.workdir) for members, unit in units] == \
+        [((0, 1), (0, 1), tmp_path / "finetune")]
+    assert len(sweep.group_seeds([(0, runs[0])])) == 1
+    result = sweep.run_all(runs, progress=False)
+    assert [o.status for o in result.outcomes] == ["done", "done"]
+    first = [json.loads(r.results_path.read_text()) for r in runs]
+    assert [r["seed"] for r in first] == [0, 1]
+    assert all(r["seed_group"] == [0, 1] and r["node"]["launcher"] == "local" for r in first)
+    runs[1].results_path.unlink()
+    result = sweep.run_all(runs, progress=False)
+    assert [o.status for o in result.outcomes] == ["skipped", "done"]
+    again = json.loads(runs[1].results_path.read_text())
+    assert "seed_group" not in again  # alone this time, and the same result
+    np.testing.assert_array_equal(again["class_il_matrix"], first[1]["class_il_matrix"])
+
+
+def test_the_speed_table_pairs_a_group_with_the_sum_of_its_seeds_separate_runs():
+    from experiments import bench_seed_group as bench
+
+    def row(kind, seeds, wall, train="1", equal=""):
+        return {"benchmark": "split_mnist", "method": "derpp", "kind": kind, "seeds": seeds,
+                "wall_s": wall, "train_s": train, "eval_s": "0.5",
+                "matrices_equal_to_separate": equal, "commit": "abc1234", "machine": "m",
+                "note": ""}
+
+    records = [row("cold_separate", "0", "10"), row("warm_separate", "0", "6"),
+               row("group_cold", "0", "9", equal="yes"),
+               row("cold_separate", "1", "12"), row("warm_separate", "1", "8"),
+               row("group_cold", "0 1", "11", train="4", equal="yes")]
+    summary = bench.summary_rows(records)
+    assert [(r["n"], r["cold_s"], r["warm_s"]) for r in summary] == [(1, 10, 6), (2, 22, 14)]
+    assert summary[1]["vs_cold"] == pytest.approx(0.5)
+    assert summary[1]["rest_s"] == pytest.approx(11 - 4 - 0.5)
+    table = bench.markdown(records)
+    assert "| split_mnist | derpp | 2 | 11.0 | 22.0 | 14.0 | 0.50 | 0.79 |" in table
+    assert "Commit: abc1234" in table

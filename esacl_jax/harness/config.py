@@ -24,7 +24,10 @@ NON_COMPUTATIONAL_FIELDS = frozenset(
      "verify_checksums",
      # How the processes of a multi-host run find each other (process_id differs between the
      # processes of one run, which compare the config with each other's checkpoints).
-     "distributed", "coordinator_address", "num_processes", "process_id"})
+     "distributed", "coordinator_address", "num_processes", "process_id",
+     # Whether a seed trained in a group (`harness.seed_group`): its result is its separate
+     # run's (a group's checkpoint checks its seeds itself).
+     "seeds"})
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -13,8 +13,10 @@ the group's checkpoints live in `WORKDIR/checkpoints`.
 Times in a seed's record (`wall_time_s`, `train_time_per_task_s`) are the group's: the seeds
 share one program, so no seed has a time of its own.
 
-The seed axis and the data-parallel mesh do not compose: a group trains on one device and
-refuses a mesh in one line (`check_group`).
+The seed axis and the data-parallel mesh do not compose: a group trains on one device; it
+refuses an explicit mesh (num_devices > 1) in one line, and with num_devices=0 (every device)
+and several visible says in one line that the seed axis wins (`check_group`). The measured peak
+memory in a seed's record is the group process's.
 """
 
 from __future__ import annotations
@@ -107,11 +109,18 @@ def check_group(config: ml_collections.ConfigDict, seeds: tuple[int, ...]) -> No
     if distributed.is_multiprocess() or config.get("distributed", False):
         raise ValueError("a seed group runs in one process: drop --config.distributed or "
                          "--config.seeds")
-    devices = jax.device_count() if config.num_devices == 0 else config.num_devices
-    if devices > 1:
-        raise ValueError(f"the seed axis and a data-parallel mesh of {devices} devices do not "
-                         "compose: a seed group trains on one device, set "
+    if config.num_devices > 1:
+        raise ValueError(f"the seed axis and a data-parallel mesh of {config.num_devices} "
+                         "devices do not compose: a seed group trains on one device, set "
                          "--config.num_devices=1 (or drop --config.seeds)")
+
+
+def warn_if_devices_idle(config: ml_collections.ConfigDict) -> None:
+    """num_devices=0 (every device) with several visible: one line on stderr saying the seed
+    axis wins and the group trains on one device."""
+    if config.num_devices == 0 and jax.device_count() > 1:
+        print(f"note: the seed axis wins over the data-parallel mesh: the seed group trains on "
+              f"one of the {jax.device_count()} visible devices", file=sys.stderr, flush=True)
 
 
 class _TreeProgram:
@@ -294,6 +303,7 @@ def train_seed_group(config: ml_collections.ConfigDict, workdir: pathlib.Path, p
 
     seeds = parse_seeds(config.seeds)
     check_group(config, seeds)
+    warn_if_devices_idle(config)
     runs = build_group(config, seeds, make_method)
     for run in runs:
         atomic_io.check_writable(seed_dir(workdir, run.seed))
@@ -365,6 +375,12 @@ class _Group:
         if restored is None:
             return
         self.state, done = restored
+        saved = [record["seed"] for record in done["seeds"]]
+        if saved != [run.seed for run in self.runs]:
+            from esacl_jax.harness.checkpoint import CheckpointError
+
+            raise CheckpointError(f"{self.checkpointer.directory} holds checkpoints of the seed "
+                                  f"group {saved}: use a new --workdir or delete that directory")
         self.first_task = done["tasks_done"]
         for run, record in zip(self.runs, done["seeds"], strict=True):
             run.restore(record)
