@@ -47,7 +47,8 @@ _NOTE = flags.DEFINE_string("note", "", "A line on the conditions (e.g. a shared
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIELDS = ["benchmark", "method", "kind", "seeds", "wall_s", "train_s", "eval_s",
-          "matrices_equal_to_separate", "commit", "machine", "note"]
+          "matrices_equal_to_separate", "class_il_group", "class_il_separate", "commit",
+          "machine", "note"]
 
 
 def commit() -> str:
@@ -91,12 +92,18 @@ def measure(benchmark: str, method: str, sizes: list[int], root: pathlib.Path,
     timed_run(benchmark, method, root / "fill", [0], str(cache))  # fills the warm cache
     rows, largest = [], max(sizes)
 
-    def row(kind: str, seeds: list[int], wall: float, result: dict, equal: str = "") -> dict:
+    def row(kind: str, seeds: list[int], wall: float, result: dict, equal: str = "",
+            group_acc: str = "", separate_acc: str = "") -> dict:
         return {"benchmark": benchmark, "method": method, "kind": kind,
                 "seeds": " ".join(map(str, seeds)), "wall_s": f"{wall:.2f}",
                 "train_s": f"{sum(result['train_time_per_task_s']):.2f}",
                 "eval_s": f"{sum(result['eval_time_per_task_s']):.2f}",
-                "matrices_equal_to_separate": equal, **stamp}
+                "matrices_equal_to_separate": equal, "class_il_group": group_acc,
+                "class_il_separate": separate_acc, **stamp}
+
+    def class_il(result: dict) -> str:
+        return f"{result['metrics']['class_il']['average_accuracy']!r}"
+
 
     separate = {}
     for seed in range(largest):
@@ -117,7 +124,9 @@ def measure(benchmark: str, method: str, sizes: list[int], root: pathlib.Path,
                 np.array_equal(np.asarray(r[k], float), np.asarray(separate[s][k], float))
                 for s, r in zip(seeds, results, strict=True)
                 for k in ("class_il_matrix", "task_il_matrix"))
-            rows.append(row("group_cold", seeds, wall, results[0], "yes" if equal else "no"))
+            rows.append(row("group_cold", seeds, wall, results[0], "yes" if equal else "no",
+                            " ".join(class_il(r) for r in results),
+                            " ".join(class_il(separate[s]) for s in seeds)))
             print(f"{benchmark} {method} group of {seed + 1}: {wall:.1f} s "
                   f"(matrices equal to separate runs: {equal})", flush=True)
     return rows
@@ -149,6 +158,40 @@ def summary_rows(records: list[dict]) -> list[dict]:
                         "sep_train_s": sum(float(r["train_s"]) for r in cold),
                         "equal": g["matrices_equal_to_separate"], "commit": g["commit"]})
     return out
+
+
+def paired_table(records: list[dict]) -> list[str]:
+    """Class-IL of each (benchmark, method)'s largest group, paired by seed with the seeds'
+    separate runs: the per-seed differences, their mean with its SE, and both means +- SE."""
+    groups = [r for r in records if r["kind"] == "group_cold" and r.get("class_il_group")]
+    if not groups:
+        return []
+    lines = ["", "## Class-IL: each seed of the group against its separate run (paired)", "",
+             "Average class-IL accuracy (%) after the last task. diff = group - separate, by "
+             "seed; SE = sample std / sqrt(seeds).", "",
+             "| benchmark | method | seeds | group mean +- SE | separate mean +- SE | "
+             "diff by seed | mean diff +- SE | max abs diff |",
+             "|---|---|---:|---|---|---|---|---:|"]
+    largest: dict = {}
+    for r in groups:
+        key = (r["benchmark"], r["method"])
+        if key not in largest or len(r["seeds"].split()) > len(largest[key]["seeds"].split()):
+            largest[key] = r
+    for (bench, method), r in sorted(largest.items()):
+        group = 100 * np.asarray(r["class_il_group"].split(), float)
+        separate = 100 * np.asarray(r["class_il_separate"].split(), float)
+        diff = group - separate
+        n = diff.size
+
+        def se(x):
+            return float(np.std(x, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+
+        lines.append(
+            f"| {bench} | {method} | {r['seeds'].replace(' ', ',')} | "
+            f"{group.mean():.2f} +- {se(group):.2f} | {separate.mean():.2f} +- "
+            f"{se(separate):.2f} | {' '.join(f'{d:+.2f}' for d in diff)} | "
+            f"{diff.mean():+.3f} +- {se(diff):.3f} | {np.abs(diff).max():.2f} |")
+    return lines
 
 
 def markdown(records: list[dict]) -> str:
@@ -184,6 +227,7 @@ def markdown(records: list[dict]) -> str:
             f"{r['cold_s']:.1f} | {r['warm_s']:.1f} | {r['vs_cold']:.2f} | "
             f"{r['vs_warm']:.2f} | {r['train_s']:.1f} / {r['eval_s']:.1f} / "
             f"{r['rest_s']:.1f} | {r['sep_train_s']:.1f} | {r['equal']} |")
+    lines += paired_table(records)
     lines += [
         "",
         "rest: the process's time outside training and evaluation (Python and JAX import, "
