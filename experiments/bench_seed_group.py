@@ -160,6 +160,11 @@ def summary_rows(records: list[dict]) -> list[dict]:
     return out
 
 
+def se(x: np.ndarray) -> float:
+    """Standard error of the mean: sample std / sqrt(n) (NaN for one value)."""
+    return float(np.std(x, ddof=1) / np.sqrt(x.size)) if x.size > 1 else float("nan")
+
+
 def paired_table(records: list[dict]) -> list[str]:
     """Class-IL of each (benchmark, method)'s largest group, paired by seed with the seeds'
     separate runs: the per-seed differences, their mean with its SE, and both means +- SE."""
@@ -181,11 +186,6 @@ def paired_table(records: list[dict]) -> list[str]:
         group = 100 * np.asarray(r["class_il_group"].split(), float)
         separate = 100 * np.asarray(r["class_il_separate"].split(), float)
         diff = group - separate
-        n = diff.size
-
-        def se(x):
-            return float(np.std(x, ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-
         lines.append(
             f"| {bench} | {method} | {r['seeds'].replace(' ', ',')} | "
             f"{group.mean():.2f} +- {se(group):.2f} | {separate.mean():.2f} +- "
