@@ -44,6 +44,11 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rebuild the markdow
 _MACHINE = flags.DEFINE_string("machine", "2-core x86-64 CPU VM, Python 3.11, jax 0.10.2 CPU",
                                "The machine, as the report names it.")
 _NOTE = flags.DEFINE_string("note", "", "A line on the conditions (e.g. a shared machine).")
+_STEP_COST = flags.DEFINE_bool(
+    "step_cost", False, "Instead: the training chunk's cost per seed-step, one process, after "
+    "compilation: the single run's chunk against the group's vmapped chunk of each size "
+    "(docs/speed/seed_group_step.md).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "--step_cost: chunks timed per case (best kept).")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIELDS = ["benchmark", "method", "kind", "seeds", "wall_s", "train_s", "eval_s",
@@ -244,8 +249,81 @@ def read_csv(path: pathlib.Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def step_cost(benchmark: str, method: str, sizes: list[int], repeats: int) -> list[str]:
+    """Microseconds per seed-step of task 0's first chunk (250 steps): the single run's
+    compiled chunk, and the group's vmapped chunk for each size (best of `repeats`)."""
+    import jax
+
+    from esacl_jax.harness import loop, seed_group
+    from esacl_jax.harness.config import get_config
+    from esacl_jax.harness.methods.base import make_train_chunk
+
+    config = get_config(benchmark, method)
+    config.data_dir = _DATA_DIR.value or ""
+    largest = max(sizes)
+    runs = seed_group.build_group(config, tuple(range(largest)), loop.build_method)
+    states = seed_group.init_states(runs)
+    x, y, ctx = loop.task_arrays(runs[0].benchmark, 0)
+    spc, batch = config.steps_per_call, config.batch_size
+    order = [loop.epoch_batches(st.rng, np.arange(x.shape[0], dtype=np.int32), batch, spc,
+                                folds=(1_000_003, 0))[0][:spc] for st in states]
+    valid = np.ones((spc,), bool)
+
+    def best(fn, make_state) -> float:
+        jax.block_until_ready(fn(make_state()))  # compiles
+        times = []
+        for _ in range(repeats):
+            state = make_state()
+            jax.block_until_ready(state)
+            start = time.perf_counter()
+            jax.block_until_ready(fn(state))
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    single = make_train_chunk(runs[0].method)
+    base = best(lambda st: single(st, x, y, order[0], valid, ctx),
+                lambda: jax.tree.map(lambda a: a.copy(), states[0]))
+    rows = [f"| {benchmark} | {method} | single run | 1 | {1e6 * base / spc:.0f} | 1.00 |"]
+    for n in sizes:
+        chunk = seed_group.make_group_chunk(single, True)
+        ctxs = seed_group.stack([ctx] * n)
+        idx, ok = np.stack(order[:n]), np.stack([valid] * n)
+        t = best(lambda st, idx=idx, ok=ok, ctxs=ctxs, chunk=chunk: chunk(st, x, y, idx, ok, ctxs),
+                 lambda n=n: seed_group.stack(states[:n]))
+        per_seed = t / (n * spc)
+        rows.append(f"| {benchmark} | {method} | group (vmap) | {n} | {1e6 * per_seed:.0f} | "
+                    f"{per_seed * spc / base:.2f} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def write_step_cost() -> None:
+    sizes = sorted(int(s) for s in _SIZES.value)
+    lines = ["# Seeds as one program: the training chunk's cost per seed-step", "",
+             "Rebuilt by `python -m experiments.bench_seed_group --step_cost "
+             f"--benchmarks={','.join(_BENCHMARKS.value)} --methods={','.join(_METHODS.value)} "
+             f"--sizes={','.join(map(str, sizes))}`. Machine: {_MACHINE.value}. "
+             f"Commit: {commit()}.", *([f"Conditions: {_NOTE.value}"] if _NOTE.value else []),
+             "",
+             "Task 0's first compiled chunk (250 steps of batch 10), after compilation, best of "
+             f"{_REPEATS.value}, in one process: the single run's chunk, then the group's "
+             "vmapped chunk for N seeds. µs per seed-step = chunk time / (N x 250); ratio: to "
+             "the single run's.", "",
+             "| benchmark | method | chunk | N | µs per seed-step | / single |",
+             "|---|---|---|---:|---:|---:|"]
+    for bench in _BENCHMARKS.value:
+        for method in _METHODS.value:
+            lines += step_cost(bench, method, sizes, _REPEATS.value)
+    out = REPO / _OUT_DIR.value / "seed_group_step.md"
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+
+
 def main(argv: list[str]) -> None:
     del argv
+    if _STEP_COST.value:
+        write_step_cost()
+        return
     out_dir = REPO / _OUT_DIR.value
     csv_path, md_path = out_dir / "seed_group.csv", out_dir / "seed_group.md"
     if not _REPORT_ONLY.value:
