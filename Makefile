@@ -10,7 +10,7 @@ WORKDIR ?= runs/$(EXP)_$(METHOD)
 ARGS ?=
 RUNS ?= runs
 
-.PHONY: install run test lint dist bench bench-gpu ablation compare report clean
+.PHONY: install run test lint dist bench bench-seeds bench-gpu ablation compare report clean
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ dist: install
 
 bench: install
 	$(PY) -m experiments.bench $(ARGS)
+
+# N seeds as one group (--config.seeds) against N separate cold and warm processes
+# (docs/speed/seed_group.md; ARGS=--report_only rebuilds the table from its CSV).
+bench-seeds: install
+	$(PY) -m experiments.bench_seed_group $(ARGS)
 
 # ResNet-18 and MLP throughput and peak device memory per method (for a GPU/TPU machine).
 bench-gpu: install
