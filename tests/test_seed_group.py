@@ -57,20 +57,35 @@ DERPP = {"max_train_per_task": 200, "steps_per_call": 10}
 CASES = {"derpp": DERPP, "esacl": {}, "sparcl_derpp": {}}
 
 
-def group_and_separate(tmp_path, method: str, overrides: dict) -> None:
+def run_group(workdir, method: str, overrides: dict) -> tuple[dict, object]:
+    """The group (0, 1) of `method`: its results and its final stacked state."""
+    states: dict = {}
+    group = train_and_evaluate(config_for(method, seeds="0,1", **overrides), workdir,
+                               on_task_end=final_states(states, "group"))
+    return group, states["group"]
+
+
+@pytest.fixture(scope="module")
+def derpp_group(tmp_path_factory):
+    """DER++'s group, shared by its equality test and the resume test's reference."""
+    workdir = tmp_path_factory.mktemp("derpp_group")
+    return workdir, *run_group(workdir, "derpp", DERPP)
+
+
+def group_and_separate(tmp_path, method: str, overrides: dict, group_run=None) -> None:
     """Seed 1 of the group (0, 1), whose compiled step is seed 0's method vmapped and whose hooks
     are its own, against its separate run: the same matrices, FLOPs, summaries and final
     parameters, to the bit on CPU."""
-    states: dict = {}
-    group = train_and_evaluate(config_for(method, seeds="0,1", **overrides),
-                               tmp_path / "group", on_task_end=final_states(states, "group"))
+    workdir, group, stacked = group_run or (tmp_path / "group",
+                                            *run_group(tmp_path / "group", method, overrides))
+    states: dict = {"group": stacked}
     separate = train_and_evaluate(config_for(method, seed=1, **overrides),
                                   tmp_path / "separate", on_task_end=final_states(states, "one"))
     assert group["seeds"] == [0, 1]
-    written = json.loads((tmp_path / "group" / "seed1" / "results.json").read_text())
+    written = json.loads((workdir / "seed1" / "results.json").read_text())
     assert written["seed"] == 1 and written["seed_group"] == [0, 1]
-    assert (tmp_path / "group" / "seed0" / "results.json").is_file()
-    assert not (tmp_path / "group" / "results.json").exists()
+    assert (workdir / "seed0" / "results.json").is_file()
+    assert not (workdir / "results.json").exists()
     assert_same_run(group["runs"][1], separate)
     mine = jax.tree.map(lambda x: x[1], states["group"].params)
     for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(states["one"].params), strict=True):
@@ -81,8 +96,9 @@ def group_and_separate(tmp_path, method: str, overrides: dict) -> None:
 
 
 @pytest.mark.parametrize("method", sorted(CASES))
-def test_each_seed_of_a_group_is_its_separate_run(tmp_path, method):
-    group_and_separate(tmp_path, method, CASES[method])
+def test_each_seed_of_a_group_is_its_separate_run(tmp_path, method, request):
+    shared = request.getfixturevalue("derpp_group") if method == "derpp" else None
+    group_and_separate(tmp_path, method, CASES[method], shared)
 
 
 @pytest.mark.slow
@@ -92,13 +108,11 @@ def test_each_seed_of_a_group_is_its_separate_run_er_ewc(tmp_path):
         group_and_separate(tmp_path / method, method, {})
 
 
-def test_interrupted_group_resumes_to_the_same_bits(tmp_path, monkeypatch):
+def test_interrupted_group_resumes_to_the_same_bits(tmp_path, monkeypatch, derpp_group):
     """SIGINT in task 2 stops the group after its next chunk with a mid-epoch checkpoint; the
     same call resumes there and ends where an uninterrupted group ends."""
-    states: dict = {}
-    reference = train_and_evaluate(config_for("derpp", seeds="0,1", **DERPP),
-                                   tmp_path / "reference",
-                                   on_task_end=final_states(states, "reference"))
+    _, reference, stacked = derpp_group
+    states: dict = {"reference": stacked}
     config = config_for("derpp", seeds="0,1", checkpoint=True, **DERPP)
     original = Method.begin_epoch
 
