@@ -10,7 +10,7 @@ WORKDIR ?= runs/$(EXP)_$(METHOD)
 ARGS ?=
 RUNS ?= runs
 
-.PHONY: install run test lint docs dist bench bench-gpu bench-step bench-sdp ablation compare report clean
+.PHONY: install run test lint docs dist bench bench-seeds bench-gpu bench-step bench-sdp ablation compare report clean
 
 install: $(STAMP)
 
@@ -55,6 +55,11 @@ dist: install
 # Whole-run wall time and peak RSS per method.
 bench: install
 	$(PY) -m experiments.bench.runs $(ARGS)
+
+# N seeds as one group (--config.seeds) against N separate cold and warm processes
+# (docs/speed/seed_group.md; ARGS=--report_only rebuilds the table from its CSV).
+bench-seeds: install
+	$(PY) -m experiments.bench.seed_group $(ARGS)
 
 # ResNet-18 and MLP throughput and peak device memory per method (for a GPU/TPU machine).
 bench-gpu: install

@@ -145,6 +145,7 @@ class Settings:
     ray_address: str = ""  # "": a local Ray instance; "auto" / "HOST:PORT": a cluster
     ray_cpus_per_run: float = 1.0
     ray_gpus_per_run: float = 0.0
+    group_seeds: bool = True  # a cell's seeds as one seed group (harness.seed_group)
 
     def command(self) -> str:
         """The equivalent explicit command line."""

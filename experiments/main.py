@@ -19,6 +19,9 @@ interrupted run): the run resumes there.
 Several hosts: start the same command on every host with --config.distributed=True (and, unless
 the cluster is auto-detected, --config.coordinator_address=HOST:PORT --config.num_processes=N
 --config.process_id=I); only process 0 writes results and prints the summary.
+
+--config.seeds=0,1,2,3,4 trains those seeds together as one vmapped program on one device; each
+seed writes DIR/seed<N>/results.json as its separate run would.
 """
 
 from __future__ import annotations
@@ -157,6 +160,13 @@ def _main(argv: list[str]) -> None:
         sys.exit(1)
     if not distributed.is_primary():
         return  # process 0 prints the summary and wrote results.json
+    if "runs" in result:  # --config.seeds: one results.json per seed (`seed_group`)
+        for seed, run in zip(result["seeds"], result["runs"], strict=True):
+            print(f"\nseed {seed}")
+            print(format_summary(run))
+        print(f"results: {workdir.path}/seed<N>/results.json for seeds "
+              f"{', '.join(map(str, result['seeds']))}")
+        return
     print()
     print(format_summary(result))
     print(f"results: {workdir.path}/results.json")

@@ -53,8 +53,10 @@ def _matrices(run: sweep.Run) -> tuple:
     return result["class_il_matrix"], result["task_il_matrix"]
 
 
-def _attempts(run: sweep.Run) -> list[dict]:
-    path = pathlib.Path(run.workdir) / "ray_task.json"
+def _attempts(run: sweep.Run, grouped: bool = False) -> list[dict]:
+    """The Ray attempts of `run` (`grouped`: of the seed group it ran in, in its parent)."""
+    workdir = pathlib.Path(run.workdir)
+    path = (workdir.parent if grouped else workdir) / "ray_task.json"
     return json.loads(path.read_text(encoding="utf-8"))["attempts"]
 
 
@@ -108,10 +110,10 @@ def ray_address(compile_cache):
 @pytest.fixture(scope="module")
 def reference(compile_cache, tmp_path_factory) -> pathlib.Path:
     """The tiny sweep (finetune and er, seeds 0 and 1) run by the local launcher: two "spawn"
-    worker processes."""
+    worker processes, one run per seed (no seed groups)."""
     out = tmp_path_factory.mktemp("local")
     with _environ(compile_cache):
-        result = sweep.run_all(_runs(out), jobs=2, progress=False)
+        result = sweep.run_all(_runs(out), jobs=2, progress=False, group=False)
     assert result.count("done") == 4, result.failed
     return out
 
@@ -156,8 +158,9 @@ def test_an_unreachable_cluster_fails_fast_with_one_line(tmp_path, monkeypatch):
 
 
 def test_ray_sweep_gives_the_local_results(ray_address, reference, tmp_path):
-    """Same runs, same accuracy matrices; one progress line per run with its node and an ETA;
-    results.json and the report's provenance say which node ran each run."""
+    """Same runs, same accuracy matrices (the Ray sweep runs each cell's seeds as one seed
+    group, the reference each seed alone); one progress line per group with its node and an
+    ETA; results.json and the report's provenance say which node ran each run."""
     stream = io.StringIO()
     runs = _runs(tmp_path)
     result = sweep.run_all(runs, jobs=2, launcher="ray", stream=stream)
@@ -169,16 +172,18 @@ def test_ray_sweep_gives_the_local_results(ray_address, reference, tmp_path):
     assert node["launcher"] == "ray" and node["hostname"] == host and node["attempts"] == 1
     assert node["ip"] and node["ray_node_id"]
     assert _results(_runs(reference)[0])["node"] == {"launcher": "local", "hostname": host}
-    assert all(len(_attempts(run)) == 1 for run in runs)
+    assert all(len(_attempts(run, grouped=True)) == 1 for run in runs)
+    assert _results(runs[0])["seed_group"] == [0, 1]
     assert {o.node for o in result.outcomes} == {f"{host} ({node['ip']})"}
 
     lines = stream.getvalue().splitlines()
     assert lines[0].startswith("sweep: 4 runs, 4 to run, 2 at a time (Ray tasks of 1 CPU, "
                                "0 GPU on this process's Ray session")
+    assert "(2 seed groups: --nogroup_seeds runs each alone)" in lines[0]
     progress = [line for line in lines if line.startswith("[")]
-    assert len(progress) == 4
+    assert len(progress) == 2
     for line in progress:
-        assert re.fullmatch(r"\[\d/4\] split_digits/\S+  class-IL .+ task-IL .+ s  on "
+        assert re.fullmatch(r"\[\d/2\] split_digits/\S+/seeds0,1  class-IL .+ task-IL .+ s  on "
                             + re.escape(f"{host} ({node['ip']})") + r"  ETA \S+", line), line
     info = sweep.provenance("cmd", "test", [_results(r) for r in runs], launcher="ray")
     assert info["nodes (Ray runs each)"] == f"{host} ({node['ip']}): 4 runs"
@@ -257,7 +262,7 @@ def test_ctrl_c_cancels_the_outstanding_runs_and_the_same_command_resumes(
         [sys.executable, "-m", "experiments.compare", "--benchmarks=split_digits",
          "--methods=finetune", "--sparsities=0.9", "--seeds=0,1,2,3", "--epochs=1",
          "--max_train_per_task=100", f"--out={out}", "--set=checkpoint=True",
-         "--launcher=ray", f"--ray_address={ray_address}"],
+         "--launcher=ray", f"--ray_address={ray_address}", "--nogroup_seeds"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def running(run: sweep.Run) -> bool:
@@ -287,7 +292,7 @@ def test_ctrl_c_cancels_the_outstanding_runs_and_the_same_command_resumes(
     assert not any((pathlib.Path(r.workdir) / ".lock").exists() for r in unfinished)
 
     stream = io.StringIO()
-    result = sweep.run_all(runs, launcher="ray", isolate=False, stream=stream)
+    result = sweep.run_all(runs, launcher="ray", isolate=False, stream=stream, group=False)
     assert result.exit_code == 0
     assert result.count("skipped") == 4 - len(unfinished)
     assert result.count("done") == len(unfinished)

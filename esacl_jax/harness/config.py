@@ -24,7 +24,10 @@ NON_COMPUTATIONAL_FIELDS = frozenset(
      "verify_checksums",
      # How the processes of a multi-host run find each other (process_id differs between the
      # processes of one run, which compare the config with each other's checkpoints).
-     "distributed", "coordinator_address", "num_processes", "process_id"})
+     "distributed", "coordinator_address", "num_processes", "process_id",
+     # Whether a seed trained in a group (`harness.seed_group`): its result is its separate
+     # run's (a group's checkpoint checks its seeds itself).
+     "seeds"})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -51,6 +54,10 @@ def _run_fields(c: ml_collections.ConfigDict) -> None:
     c.benchmark = "split_digits"  # the dataset benchmark (esacl_jax.harness.data.BENCHMARKS)
     c.data_dir = ""  # empty: $ESACL_DATA_DIR, else the download cache (docs/harness.md)
     c.seed = 0
+    # "0,1,2,3,4": train these seeds of one config together as one vmapped program, each seed's
+    # results in WORKDIR/seed<N>/ as its separate run would write them (`harness.seed_group`);
+    # empty: the single `seed` above.
+    c.seeds = ""
     c.class_order_seed = -1  # -1: classes go to tasks in label order
     c.num_tasks = 0  # 0: the protocol's number of tasks
     c.max_train_per_task = 0  # 0: all (a positive value takes a seeded subset, for quick runs)

@@ -69,6 +69,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(every >= 0, f"checkpoint_every_steps must be >= 0 (0: at task ends only), got {every}")
     need(0.0 <= config.validation_fraction < 1.0,
          f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
+    if config.get("seeds"):
+        from esacl_jax.harness import seed_group
+
+        seed_group.check_group(config, seed_group.parse_seeds(config.seeds))
 
 
 def load_config_benchmark(config: ml_collections.ConfigDict) -> Benchmark:
@@ -414,6 +418,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     next chunk boundary (saving first) with RunInterrupted. However the run ends, the programs
     it compiles in background threads are joined before this returns or raises (`compilation`).
 
+    With config.seeds ("0,1,2"), the seeds train together as one vmapped program and each writes
+    workdir/seed<N>/results.json (`esacl_jax.harness.seed_group`); the return value is then
+    {"seeds": [...], "runs": [each seed's results dict]}, and `on_task_end` receives the list of
+    the seeds' methods and the stacked state.
+
     Returns the results dict. Raises ValueError (bad config, unusable checkpoint), DataError
     (data), TrainingError, atomic_io.WriteError (a write failed: one line; when results.json
     itself failed, the error's `result` holds the results), WorkdirBusyError or RunInterrupted.
@@ -428,6 +437,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # then restores the signal handlers, then releases the lock.
     with _workdir_lock(workdir), _StopSignals() as stop, contextlib.ExitStack() as resources:
         resources.enter_context(compilation.owned_threads())
+        if config.get("seeds"):  # several seeds as one program (`seed_group`)
+            from esacl_jax.harness import seed_group
+
+            return seed_group.train_seed_group(config, workdir, progress, on_task_end,
+                                               make_method, stop, start)
         return _run(config, workdir, progress, on_task_end, make_method, stop, start, resources)
 
 
@@ -691,11 +705,49 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
     logger.close()
     if checkpointer is not None:
         checkpointer.close()
-    result = {
+    result = run_result(config, benchmark, method, state, class_il, task_il,
+                        train_times=train_times, eval_times=eval_times, per_task=per_task,
+                        counter=counter, flops_per_task=flops_per_task,
+                        num_devices=1 if mesh is None else mesh.size,
+                        # across resumptions: the time of every process up to its last checkpoint
+                        wall_time_s=earlier_wall_time + time.perf_counter() - start)
+    if multiprocess:
+        result["num_processes"] = jax.process_count()
+    if not primary:
+        return result
+    return write_results(workdir, method, state, result)
+
+
+def run_result(config: ml_collections.ConfigDict, benchmark: Benchmark, method: Method,
+               state: TrainState, class_il: np.ndarray, task_il: np.ndarray, *,
+               train_times: list[float], eval_times: list[float], per_task: list[dict],
+               counter: flops_lib.FlopsCounter, flops_per_task: list[float], num_devices: int,
+               wall_time_s: float) -> dict[str, Any]:
+    """The results.json record of a finished run (one seed of a seed group alike).
+
+    Args:
+      config: the run's config (for a seed of a group: that seed's own, `seed_group.seed_config`).
+      benchmark: the run's benchmark.
+      method: the run's method object.
+      state: the final train state (unstacked: one seed's).
+      class_il: [tasks, tasks] class-IL accuracy matrix.
+      task_il: [tasks, tasks] task-IL accuracy matrix.
+      train_times: training seconds of each task.
+      eval_times: evaluation seconds of each task.
+      per_task: each task's summary record.
+      counter: the run's training-FLOPs counter.
+      flops_per_task: cumulative training FLOPs after each task.
+      num_devices: devices of the data-parallel mesh.
+      wall_time_s: the run's wall time.
+
+    Returns:
+      The results dict (what `write_results` writes).
+    """
+    return {
         "config": config.to_dict(),
         "seed": config.seed,
         "benchmark": {"name": benchmark.name, "scenario": benchmark.scenario,
-                      "num_tasks": t_count, "num_classes": benchmark.num_classes,
+                      "num_tasks": benchmark.num_tasks, "num_classes": benchmark.num_classes,
                       "source": benchmark.source},
         "method": method.name,
         "class_il_matrix": class_il,
@@ -709,14 +761,29 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
         "dense_forward_flops_per_example": counter.dense_forward,
         "memory": memory_footprint(method, state, benchmark, config.batch_size),
         "weights": weight_counts(method.eval_variables(state)[0]),
-        "num_devices": 1 if mesh is None else mesh.size,
-        **({"num_processes": jax.process_count()} if multiprocess else {}),
-        # across resumptions: the time of every process up to its last checkpoint
-        "wall_time_s": earlier_wall_time + time.perf_counter() - start,
+        "num_devices": num_devices,
+        "wall_time_s": wall_time_s,
         "environment": results_lib.environment(),
     }
-    if not primary:
-        return result
+
+
+def write_results(workdir: pathlib.Path, method: Method, state: TrainState,
+                  result: dict[str, Any]) -> dict[str, Any]:
+    """Exports a sparse method's model (workdir/sparse_model.npz) and writes
+    workdir/results.json atomically.
+
+    Args:
+      workdir: the run's directory.
+      method: the run's method object.
+      state: the final train state (one seed's).
+      result: the record from `run_result`.
+
+    Returns:
+      `result`, with "sparse_export" added for a sparse method.
+
+    Raises:
+      atomic_io.WriteError: a write failed (its `result` holds the record).
+    """
     sparse_export = export_model.export_sparse_model(workdir, method, state)
     if sparse_export is not None:  # a sparse method: workdir/sparse_model.npz
         result["sparse_export"] = sparse_export

@@ -16,6 +16,8 @@ table).
 - `export_sizes`, `eval_export`: sizes of `esacl_jax.export` files, accuracy of an exported
   model (docs/SPARSE_EXPORT.md);
 - `time_vs_mammoth.sh`: paired whole-run timing against a mammoth checkout;
+- `seed_group`: N seeds as one vmapped group against N separate cold and warm processes
+  (`make bench-seeds`, docs/SEED_GROUPS.md);
 - `soak_stops`: runs stopped at random moments in every way, their statuses, lines and restarts
   (docs/robustness/EXITS.md).
 """

@@ -41,6 +41,7 @@ from esacl_jax.harness.sweep.execute import (
     check_launcher,
     execute,
     format_duration,
+    group_seeds,
     run_all,
 )
 from esacl_jax.harness.sweep.plan import (
@@ -75,7 +76,8 @@ __all__ = [
     "available_benchmarks", "build_config", "check_data", "check_existing", "check_launcher",
     "common_settings", "config_differences", "check_benchmark", "protocol_config",
     "define_common_flags", "describe_node", "evaluation_split", "execute", "exit_with",
-    "format_duration", "format_list", "launcher_args", "launcher_kwargs", "load_results",
+    "format_duration", "format_list", "group_seeds", "launcher_args", "launcher_kwargs",
+    "load_results",
     "nodes_summary", "one_line", "parse_overrides", "parse_value", "plain_config", "provenance",
     "provenance_csv", "provenance_markdown", "read_csv_records", "run_all",
 ]

@@ -105,6 +105,9 @@ def define_common_flags(defaults: Any, sparsity_help: str) -> None:
     flags.DEFINE_float("ray_gpus_per_run", d.ray_gpus_per_run, "--launcher=ray: GPUs a run asks "
                        "(the configs name no device: 1 for the GPU protocols, e.g. ResNet-18 on "
                        "split_cifar10; 0 runs JAX on the CPU).")
+    flags.DEFINE_bool("group_seeds", d.group_seeds, "Train the seeds of a cell still to do as "
+                      "one seed group (one process, one vmapped program; --config.seeds); "
+                      "--nogroup_seeds: one run per seed.")
     flags.DEFINE_bool("dry_run", False, "Only list the planned runs.")
 
 
@@ -117,7 +120,7 @@ def common_settings(f: Any) -> dict[str, Any]:
         epochs=f.epochs, buffer_size=f.buffer_size, data_dir=f.data_dir, force=f.force,
         isolate=f.isolate, overrides=tuple(f.set), launcher=f.launcher,
         ray_address=f.ray_address, ray_cpus_per_run=f.ray_cpus_per_run,
-        ray_gpus_per_run=f.ray_gpus_per_run)
+        ray_gpus_per_run=f.ray_gpus_per_run, group_seeds=f.group_seeds)
 
 
 def launcher_args(settings: Any, defaults: Any) -> list[str]:
@@ -130,6 +133,8 @@ def launcher_args(settings: Any, defaults: Any) -> list[str]:
     for name in ("ray_cpus_per_run", "ray_gpus_per_run"):
         if getattr(settings, name) != getattr(defaults, name):
             args.append(f"--{name}={getattr(settings, name):g}")
+    if settings.group_seeds != defaults.group_seeds:
+        args.append("--group_seeds" if settings.group_seeds else "--nogroup_seeds")
     return args
 
 
@@ -137,4 +142,4 @@ def launcher_kwargs(settings: Any) -> dict[str, Any]:
     """`run_all`'s launcher arguments from a sweep's Settings."""
     return dict(launcher=settings.launcher, ray_address=settings.ray_address or None,
                 ray_cpus_per_run=settings.ray_cpus_per_run,
-                ray_gpus_per_run=settings.ray_gpus_per_run)
+                ray_gpus_per_run=settings.ray_gpus_per_run, group=settings.group_seeds)

@@ -16,11 +16,17 @@
   `SweepResult.exit_code` is non-zero when any run failed.
 - every finished run records where it ran in its results.json (``"node"``: launcher, host and,
   with Ray, the node's ip and id).
+- by default (`group=True`) the runs still to do of one cell (same benchmark, method,
+  overrides and row, workdirs ``DIR/seed<N>``) run as one seed group (`group_seeds`,
+  `esacl_jax.harness.seed_group`): one process, one compiled program, each seed's results.json
+  where its own run would write it; skipping and resuming stay per seed.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import json
 import multiprocessing
 import pathlib
 import sys
@@ -33,6 +39,61 @@ from esacl_jax.harness.sweep.reuse import check_existing
 from esacl_jax.harness.sweep.run_one import execute
 
 LAUNCHERS = ("local", "ray")
+
+
+def group_seeds(todo: Sequence[tuple[int, Run]]) -> list[tuple[tuple[int, ...], Run]]:
+    """The units a sweep executes: the runs of one cell that differ only in their seed and
+    write to sibling ``DIR/seed<N>`` workdirs become one seed-group run (``seeds`` set,
+    workdir DIR); every other run stays alone.
+
+    Args:
+      todo: (position in the sweep, run) of the runs to do.
+
+    Returns:
+      (the positions a unit stands for, the unit's run), in the order of first appearance.
+    """
+    cells: dict[tuple, list[tuple[int, Run]]] = {}
+    alone = 0
+    for i, run in todo:
+        path = pathlib.Path(run.workdir)
+        if path.name == f"seed{run.seed}" and not run.seeds:
+            key: tuple = (run.benchmark, run.method, repr(sorted(run.overrides.items())),
+                          run.group, str(path.parent))
+        else:
+            key, alone = ("alone", alone), alone + 1
+        cells.setdefault(key, []).append((i, run))
+    units = []
+    for members in cells.values():
+        if len(members) == 1:
+            units.append(((members[0][0],), members[0][1]))
+            continue
+        first = members[0][1]
+        seeds = tuple(run.seed for _, run in members)
+        units.append((tuple(i for i, _ in members), dataclasses.replace(
+            first, workdir=pathlib.Path(first.workdir).parent, seeds=seeds)))
+    return units
+
+
+def _member_outcomes(unit: Run, outcome: Outcome, members: Sequence[tuple[int, Run]],
+                     ) -> dict[int, Outcome]:
+    """A seed group's outcome as its seeds' own: each seed's accuracies from the results.json
+    it wrote; a failed group fails each of its seeds with the group's error."""
+    outcomes = {}
+    for i, run in members:
+        if outcome.status != "done":
+            outcomes[i] = dataclasses.replace(outcome, run=run,
+                                              error=f"seed group {unit.name}: {outcome.error}")
+            continue
+        try:
+            stored = json.loads(run.results_path.read_text(encoding="utf-8"))
+            outcomes[i] = dataclasses.replace(
+                Outcome.from_metrics(run, "done", stored.get("metrics") or {},
+                                     stored.get("wall_time_s"), stored.get("node")),
+                attempts=outcome.attempts)
+        except (OSError, ValueError) as err:
+            outcomes[i] = Outcome(run, "failed", error=f"seed group {unit.name} left no "
+                                  f"readable {run.results_path}: {one_line(err)}")
+    return outcomes
 
 
 def _init_worker() -> None:
@@ -139,7 +200,7 @@ def run_all(runs: Sequence[Run], jobs: int = 1, data_dir: str | None = None,
             progress: bool = True, force: bool = False, isolate: bool = False,
             stream: TextIO | None = None, launcher: str = "local",
             ray_address: str | None = None, ray_cpus_per_run: float = 1.0,
-            ray_gpus_per_run: float = 0.0) -> SweepResult:
+            ray_gpus_per_run: float = 0.0, group: bool = True) -> SweepResult:
     """Runs every run not already done; returns all outcomes (see the module docstring).
 
     Args:
@@ -162,6 +223,9 @@ def run_all(runs: Sequence[Run], jobs: int = 1, data_dir: str | None = None,
         Ray instance (or use this process's Ray session when one is initialized).
       ray_cpus_per_run, ray_gpus_per_run: each Ray task's resource needs. A task asking no GPU
         runs JAX on the CPU (``JAX_PLATFORMS=cpu``), so CPU runs never take GPU memory.
+      group: run the seeds of a cell still to do as one seed group (`group_seeds`; the
+        progress lines then show one line per group, with its seeds' mean accuracies); False:
+        one run per seed.
 
     Raises:
       ValueError: bad launcher settings, Ray missing, two runs sharing a workdir.
@@ -180,28 +244,38 @@ def run_all(runs: Sequence[Run], jobs: int = 1, data_dir: str | None = None,
     check_data((runs[i] for i in todo), data_dir)
     skipped = sum(o.status == "skipped" for o in outcomes.values())
     note = f"; skipping {skipped} with results.json (--force redoes them)" if skipped else ""
+    units = group_seeds([(i, runs[i]) for i in todo]) if group else \
+        [((i,), runs[i]) for i in todo]
+    groups = sum(len(members) > 1 for members, _ in units)
+    if groups:
+        note += f"; as {len(units)} units ({groups} seed groups: --nogroup_seeds runs each alone)"
 
     def announce(workers: int, how: str) -> _Printer:
         if stream:
             print(f"sweep: {len(runs)} runs, {len(todo)} to run, {workers} at a time ({how})"
                   f"{note}", file=stream, flush=True)
-        return _Printer(len(todo), stream, time.perf_counter(), show_node=launcher == "ray")
+        return _Printer(len(units), stream, time.perf_counter(), show_node=launcher == "ray")
 
+    indexed = list(enumerate(unit for _, unit in units))
     if launcher == "ray" and todo:
         from esacl_jax.harness.sweep import ray_launcher
 
         with ray_launcher.RaySession(ray_address or None, jobs, ray_cpus_per_run,
                                      ray_gpus_per_run, isolate, data_dir) as session:
-            printer = announce(min(session.concurrency, len(todo)), session.describe())
-            outcomes.update(session.run([(i, runs[i]) for i in todo], printer))
+            printer = announce(min(session.concurrency, len(units)), session.describe())
+            done = session.run(indexed, printer)
     else:
-        workers = min(jobs, max(1, len(todo)))
+        workers = min(jobs, max(1, len(units)))
         how = "a fresh process per run" if isolate else "in this process" if workers == 1 \
             else "worker processes"
         printer = announce(workers, how)
-        if todo:
-            outcomes.update(_run_local([(i, runs[i]) for i in todo], workers, isolate, data_dir,
-                                       printer))
+        done = _run_local(indexed, workers, isolate, data_dir, printer) if todo else {}
+    for u, outcome in done.items():
+        members, unit = units[u]
+        if unit.seeds:
+            outcomes.update(_member_outcomes(unit, outcome, [(i, runs[i]) for i in members]))
+        else:
+            outcomes[members[0]] = outcome
 
     result = SweepResult(tuple(outcomes[i] for i in range(len(runs))),
                          time.perf_counter() - start)

@@ -29,6 +29,8 @@ class Run:
       seed: ``config.seed``.
       workdir: where results.json is written.
       group: the table row the run belongs to (e.g. an ablation variant); free text.
+      seeds: a seed group (`execute.group_seeds`): these seeds trained as one program
+        (``config.seeds``), each writing ``workdir/seed<N>/results.json``; empty: one run.
     """
 
     benchmark: str
@@ -37,6 +39,7 @@ class Run:
     seed: int
     workdir: pathlib.Path
     group: str = ""
+    seeds: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
@@ -45,7 +48,8 @@ class Run:
         parts = [self.benchmark, self.group or self.method]
         if sparsity is not None:
             parts.append(f"s{sparsity:g}")
-        parts.append(f"seed{self.seed}")
+        parts.append(f"seeds{','.join(map(str, self.seeds))}" if self.seeds
+                     else f"seed{self.seed}")
         return "/".join(parts)
 
     @property
@@ -192,6 +196,8 @@ def build_config(run: Run, data_dir: str | None = None) -> ml_collections.Config
     config = protocol_config(run.benchmark, run.method)
     apply_overrides(config, run.overrides)
     config.seed = run.seed
+    if run.seeds:
+        config.seeds = ",".join(str(seed) for seed in run.seeds)
     config.progress = False
     config.tensorboard = False
     if data_dir:
