@@ -27,8 +27,9 @@ $(STAMP): setup.cfg pyproject.toml
 run: install
 	$(PY) -m experiments.main --config=experiments/configs/$(EXP).py:$(METHOD) --workdir=$(WORKDIR) $(ARGS)
 ifneq ($(BASELINE),)
-	$(PY) -m experiments.main --config=experiments/configs/$(EXP).py:$(BASELINE) --workdir=runs/$(EXP)_$(BASELINE) --config.progress=False $(ARGS) > runs/$(EXP)_$(BASELINE).log
-	$(PY) -m experiments.side_by_side --latest $(WORKDIR) runs/$(EXP)_$(BASELINE)
+	mkdir -p $(RUNS)
+	$(PY) -m experiments.main --config=experiments/configs/$(EXP).py:$(BASELINE) --workdir=$(RUNS)/$(EXP)_$(BASELINE) --config.progress=False $(ARGS) > $(RUNS)/$(EXP)_$(BASELINE).log
+	$(PY) -m experiments.side_by_side --latest $(WORKDIR) $(RUNS)/$(EXP)_$(BASELINE)
 endif
 
 test: install
