@@ -9,8 +9,10 @@ MultiSteps, apply_if_finite, inject_hyperparams). Nothing here runs inside the c
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -178,62 +180,58 @@ def _code_objects(fn: Any) -> set[types.CodeType]:
     return seen
 
 
-_ENCLOSING: list[tuple[set[types.CodeType], str]] = []
+@functools.cache
+def _optax_codes(name: str) -> frozenset[types.CodeType]:
+    """The code objects of the optax functions a guard looks for above it (computed once):
+    "multisteps", "if_finite", "chain" (the update of chain / named_chain) or "inject"."""
+    functions = {
+        "multisteps": [optax.MultiSteps.update],
+        "if_finite": [optax.apply_if_finite],
+        "chain": [optax.chain, optax.named_chain],
+        "inject": [getattr(optax, n) for n in ("inject_hyperparams",
+                                                "inject_stateful_hyperparams")
+                   if hasattr(optax, n)],
+    }[name]
+    codes = set().union(*(_code_objects(fn) for fn in functions))
+    if name == "chain":
+        codes = {c for c in codes if c.co_name == "update_fn"}
+    return frozenset(codes)
+
+
+def _frames_in(codes: frozenset[types.CodeType]) -> Iterator[types.FrameType]:
+    """The frames above the guard's caller (innermost first) running one of `codes`."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code in codes:
+            yield frame
+        frame = frame.f_back
 
 
 def check_enclosing() -> None:
     """Raise when called (at trace time) from inside optax.MultiSteps or optax.apply_if_finite."""
-    if not _ENCLOSING:
-        _ENCLOSING.extend([
-            (_code_objects(optax.MultiSteps.update), MULTISTEPS),
-            (_code_objects(optax.apply_if_finite), IF_FINITE),
-        ])
-    frame = sys._getframe(1)
-    while frame is not None:
-        for codes, message in _ENCLOSING:
-            if frame.f_code in codes:
-                raise ValueError(message)
-        frame = frame.f_back
-
-
-_CHAIN_UPDATES: set[types.CodeType] = set()
-_INJECT_CODES: set[types.CodeType] = set()
+    for name, message in (("multisteps", MULTISTEPS), ("if_finite", IF_FINITE)):
+        if next(_frames_in(_optax_codes(name)), None) is not None:
+            raise ValueError(message)
 
 
 def check_chain_position() -> None:
     """Raise when `keep_sparse.update` runs inside an `optax.chain` / `optax.named_chain` with
     another transform before it (its output would be dropped) or after it (it would move pruned
     weights off zero). Reads the enclosing chain's progress from its frame at trace time."""
-    if not _CHAIN_UPDATES:
-        _CHAIN_UPDATES.update(c for fn in (optax.chain, optax.named_chain)
-                              for c in _code_objects(fn) if c.co_name == "update_fn")
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code in _CHAIN_UPDATES:
-            local = frame.f_locals
-            done = local.get("new_state")
-            members = local.get("update_fns", local.get("transforms"))
-            if done is not None and members is not None:
-                if len(done) > 0:
-                    raise ValueError(BEFORE_KEEP_SPARSE)
-                if len(done) < len(members) - 1:
-                    raise ValueError(AFTER_KEEP_SPARSE)
-        frame = frame.f_back
+    for frame in _frames_in(_optax_codes("chain")):
+        local = frame.f_locals
+        done = local.get("new_state")
+        members = local.get("update_fns", local.get("transforms"))
+        if done is not None and members is not None:
+            if len(done) > 0:
+                raise ValueError(BEFORE_KEEP_SPARSE)
+            if len(done) < len(members) - 1:
+                raise ValueError(AFTER_KEEP_SPARSE)
 
 
 def _inside_inject_hyperparams() -> bool:
-    """Whether the caller's caller runs inside `optax.inject_hyperparams`'s init or update."""
-    if not _INJECT_CODES:
-        for name in ("inject_hyperparams", "inject_stateful_hyperparams"):
-            fn = getattr(optax, name, None)
-            if fn is not None:
-                _INJECT_CODES.update(_code_objects(fn))
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code in _INJECT_CODES:
-            return True
-        frame = frame.f_back
-    return False
+    """Whether the guard's caller runs inside `optax.inject_hyperparams`'s init or update."""
+    return next(_frames_in(_optax_codes("inject")), None) is not None
 
 
 def is_masked_node(x: Any) -> bool:
