@@ -340,17 +340,16 @@ def table_positions(stats: ExampleStats, idx: jax.Array, *, check: bool = True) 
     capacity = stats.loss.shape[0]
     idx = jnp.asarray(idx, jnp.int32)
     if check:
-        outside = idx >= capacity
         try:
             values = np.asarray(idx)
         except jax.errors.TracerArrayConversionError:
             values = None
         if values is not None:
-            if np.any(values >= capacity):
-                raise ValueError(_outside_message(capacity, int(np.sum(values >= capacity)),
-                                                  int(values.max())))
+            count = int(np.sum(values >= capacity))
+            if count:
+                raise ValueError(_outside_message(capacity, count, int(values.max())))
         else:
-            count, largest = jnp.sum(outside, dtype=jnp.int32), jnp.max(idx)
+            count, largest = jnp.sum(idx >= capacity, dtype=jnp.int32), jnp.max(idx)
             jax.lax.cond(
                 count > 0,
                 lambda c, m: jax.debug.callback(
