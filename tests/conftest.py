@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
+import jax
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -33,6 +37,20 @@ def shared_data_dir() -> pathlib.Path:
         pytest.skip("no MNIST copy found (set ESACL_DATA_DIR to a directory holding mnist/)")
     return path
 
+
+# One persistent XLA compilation cache for the whole test session, shared by the pytest-xdist
+# workers, the in-process runs and the subprocesses (`experiments.main` reads
+# ESACL_COMPILATION_CACHE): the suite compiles the same small programs in many tests, and a
+# cached executable is the one a fresh compilation makes, so results do not change. The process
+# that made the directory removes it; tests about cold compilation set the variable to "0".
+if not os.environ.get("ESACL_TEST_COMPILATION_CACHE"):
+    os.environ["ESACL_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="esacl_test_xla_")
+    atexit.register(shutil.rmtree, os.environ["ESACL_TEST_COMPILATION_CACHE"], True)
+if os.environ["ESACL_TEST_COMPILATION_CACHE"] != "0":  # "0": every compilation cold
+    os.environ["ESACL_COMPILATION_CACHE"] = os.environ["ESACL_TEST_COMPILATION_CACHE"]
+    jax.config.update("jax_compilation_cache_dir", os.environ["ESACL_TEST_COMPILATION_CACHE"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 # Nothing in `make test` may reach the internet: a dataset missing from a test's local
 # directory must not start a download from the canonical hosts (subprocesses inherit this).

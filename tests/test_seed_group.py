@@ -51,10 +51,8 @@ def assert_same_run(group_result: dict, separate: dict, ignore: tuple[str, ...] 
         {k: v for k, v in separate["config"].items() if k not in ignore}
 
 
-# DER++ on per-seed subsets (the task arrays stacked by seed) in several chunks an epoch; EsaCL
-# and SparCL-DER++ (host-side mask work per seed) on the shared arrays.
+# DER++ on per-seed subsets (the task arrays stacked by seed) in several chunks an epoch.
 DERPP = {"max_train_per_task": 200, "steps_per_call": 10}
-CASES = {"derpp": DERPP, "esacl": {}, "sparcl_derpp": {}}
 
 
 def run_group(workdir, method: str, overrides: dict) -> tuple[dict, object]:
@@ -67,45 +65,23 @@ def run_group(workdir, method: str, overrides: dict) -> tuple[dict, object]:
 
 @pytest.fixture(scope="module")
 def derpp_group(tmp_path_factory):
-    """DER++'s group, shared by its equality test and the resume test's reference."""
+    """DER++'s group of two seeds: the resume test's reference."""
     workdir = tmp_path_factory.mktemp("derpp_group")
     return workdir, *run_group(workdir, "derpp", DERPP)
 
 
-def group_and_separate(tmp_path, method: str, overrides: dict, group_run=None) -> None:
-    """Seed 1 of the group (0, 1), whose compiled step is seed 0's method vmapped and whose hooks
-    are its own, against its separate run: the same matrices, FLOPs, summaries and final
-    parameters, to the bit on CPU."""
-    workdir, group, stacked = group_run or (tmp_path / "group",
-                                            *run_group(tmp_path / "group", method, overrides))
-    states: dict = {"group": stacked}
-    separate = train_and_evaluate(config_for(method, seed=1, **overrides),
-                                  tmp_path / "separate", on_task_end=final_states(states, "one"))
-    assert group["seeds"] == [0, 1]
-    written = json.loads((workdir / "seed1" / "results.json").read_text())
-    assert written["seed"] == 1 and written["seed_group"] == [0, 1]
-    assert (workdir / "seed0" / "results.json").is_file()
-    assert not (workdir / "results.json").exists()
+def test_a_two_seed_group_is_its_separate_runs_to_the_bit(tmp_path, derpp_group):
+    """Seed 1 of DER++'s group (0, 1), on per-seed subsets in several chunks an epoch, against
+    its separate run: the same matrices, FLOPs, summaries and final parameters, to the bit (every
+    method as a five-seed group: tests/test_seed_group_methods.py)."""
+    _, group, stacked = derpp_group
+    states: dict = {}
+    separate = train_and_evaluate(config_for("derpp", seed=1, **DERPP), tmp_path / "separate",
+                                  on_task_end=final_states(states, "one"))
     assert_same_run(group["runs"][1], separate)
-    mine = jax.tree.map(lambda x: x[1], states["group"].params)
-    for a, b in zip(jax.tree.leaves(mine), jax.tree.leaves(states["one"].params), strict=True):
+    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[1], stacked.params)),
+                    jax.tree.leaves(states["one"].params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # The seeds trained differently (the seed axis is not one seed copied).
-    assert not all(np.array_equal(np.asarray(x[0]), np.asarray(x[1]))
-                   for x in jax.tree.leaves(states["group"].params))
-
-
-@pytest.mark.parametrize("method", sorted(CASES))
-def test_each_seed_of_a_group_is_its_separate_run(tmp_path, method, request):
-    shared = request.getfixturevalue("derpp_group") if method == "derpp" else None
-    group_and_separate(tmp_path, method, CASES[method], shared)
-
-
-@pytest.mark.slow
-def test_each_seed_of_a_group_is_its_separate_run_er_ewc(tmp_path):
-    """The same for the dense baselines ER and EWC (EWC's Fisher estimated per seed)."""
-    for method in ("er", "ewc"):
-        group_and_separate(tmp_path / method, method, {})
 
 
 def test_interrupted_group_resumes_to_the_same_bits(tmp_path, monkeypatch, derpp_group):

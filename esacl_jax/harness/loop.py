@@ -134,8 +134,22 @@ def make_predict(method: Method, benchmark: Benchmark):
     return predict
 
 
-def predict_logits(predict, params, batch_stats, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """Logits for a whole test set in fixed-size chunks (the last one padded): one compilation."""
+def predict_logits(predict, params, batch_stats, x: np.ndarray, batch_size: int,
+                   axis: int = 0) -> np.ndarray:
+    """Logits for a whole test set in fixed-size chunks (the last one padded): one compilation.
+
+    Args:
+      predict: the compiled forward pass, (params, batch_stats, x) -> logits.
+      params: the parameters `predict` reads.
+      batch_stats: the batch-norm statistics `predict` reads.
+      x: the test inputs, examples first.
+      batch_size: the chunk size (`predict`'s compiled batch).
+      axis: the axis of `predict`'s logits that holds the examples (1 for a seed group's
+        vmapped predict, whose logits are seeds x examples x classes).
+
+    Returns:
+      The logits of every example of `x`, concatenated along `axis`.
+    """
     n = x.shape[0]
     out = []
     for start in range(0, n, batch_size):
@@ -143,8 +157,9 @@ def predict_logits(predict, params, batch_stats, x: np.ndarray, batch_size: int)
         pad = batch_size - chunk.shape[0]
         if pad:
             chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(predict(params, batch_stats, chunk))[: batch_size - pad])
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+        logits = np.asarray(predict(params, batch_stats, chunk))
+        out.append(logits[(slice(None),) * axis + (slice(0, batch_size - pad),)])
+    return np.concatenate(out, axis=axis) if out else np.zeros((0, 0), np.float32)
 
 
 def masked_accuracy(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> float:
@@ -162,11 +177,28 @@ def evaluate(method: Method, predict, state: TrainState, benchmark: Benchmark, t
     classes. Domain-IL: both are the argmax over all classes.
     """
     params, batch_stats = method.eval_variables(state)
+    return task_accuracies(
+        benchmark, trained_up_to,
+        [predict_logits(predict, params, batch_stats, task.x_test, batch_size)
+         for task in benchmark.tasks])
+
+
+def task_accuracies(benchmark: Benchmark, trained_up_to: int,
+                    logits_by_task: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Class-IL and task-IL accuracy of each task's test logits (`evaluate`'s rule).
+
+    Args:
+      benchmark: the benchmark whose tasks' test labels and classes score the logits.
+      trained_up_to: the last task trained (its classes and those before are "seen").
+      logits_by_task: each task's test-set logits, in task order.
+
+    Returns:
+      (class_il, task_il): one accuracy per task.
+    """
     k = benchmark.num_classes
     seen = class_mask(benchmark.classes_up_to(trained_up_to), k)
     class_il, task_il = [], []
-    for task in benchmark.tasks:
-        logits = predict_logits(predict, params, batch_stats, task.x_test, batch_size)
+    for task, logits in zip(benchmark.tasks, logits_by_task, strict=True):
         if benchmark.scenario == "domain_il":
             acc = masked_accuracy(logits, task.y_test, np.ones((k,), bool))
             class_il.append(acc)

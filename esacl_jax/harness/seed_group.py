@@ -238,6 +238,20 @@ def build_group(config: ml_collections.ConfigDict, seeds: tuple[int, ...],
     return runs
 
 
+def shared_test_sets(benchmarks: list[Any]) -> bool:
+    """Whether every benchmark holds the first one's test arrays and scenario (a group's seeds
+    then evaluate in one vmapped pass)."""
+    first = benchmarks[0]
+
+    def same(b: Any) -> bool:
+        return b is first or (
+            b.scenario == first.scenario and len(b.tasks) == len(first.tasks) and
+            all(np.array_equal(t.x_test, u.x_test) and np.array_equal(t.y_test, u.y_test)
+                for t, u in zip(b.tasks, first.tasks, strict=True)))
+
+    return all(same(b) for b in benchmarks[1:])
+
+
 def init_states(runs: list[SeedRun]) -> list[TrainState]:
     """Each seed's initial state, as its run computes it; one compilation for seeds whose
     initialisation programs are the same (their jaxprs print alike)."""
@@ -330,6 +344,9 @@ class _Group:
         self.run_chunk = make_train_chunk(self.lead)
         self.chunks: dict[bool, Callable] = {}
         self.predict = loop.make_predict(self.lead, runs[0].benchmark)
+        # Evaluation: the seeds' forward passes as one vmapped program (`_evaluate`).
+        self.predict_seeds = jax.jit(jax.vmap(self.predict, in_axes=(0, 0, None)))
+        self.shared_tests = shared_test_sets([run.benchmark for run in runs])
         # The group's chunk compiles in a thread, from the shapes of its arguments, while the
         # states are initialised (as a single run's does, `loop._compile_in_background`).
         self.chunk_compile = self._compile_in_background()
@@ -548,7 +565,7 @@ class _Group:
             run.examples_seen += count * config.batch_size
 
     def _finish_task(self, task_id: int, host, task_start: float) -> None:
-        config, loop = self.config, self.loop
+        loop = self.loop
 
         def end(i: int, run: SeedRun, one: TrainState) -> TrainState:
             x_np, y_np = host[i]
@@ -563,9 +580,9 @@ class _Group:
         self.train_times.append(time.perf_counter() - task_start)
         eval_start = time.perf_counter()
         slices = unstack(self.state, len(self.runs))
-        for run, one in zip(self.runs, slices, strict=True):
-            run.class_il[task_id], run.task_il[task_id] = loop.evaluate(
-                run.method, self.predict, one, run.benchmark, task_id, config.eval_batch_size)
+        for run, (class_il, task_il) in zip(
+                self.runs, self._evaluate(slices, task_id), strict=True):
+            run.class_il[task_id], run.task_il[task_id] = class_il, task_il
         self.eval_times.append(time.perf_counter() - eval_start)
         for run, one in zip(self.runs, slices, strict=True):
             run.per_task.append({"task": task_id,
@@ -584,6 +601,22 @@ class _Group:
             accs = " ".join(f"{100 * np.nanmean(r.class_il[task_id, seen]):.2f}"
                             for r in self.runs)
             print(f"  after task {task_id + 1}: class-IL by seed {accs}", flush=True)
+
+    def _evaluate(self, slices: list[TrainState], task_id: int,
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each seed's class-IL and task-IL row after `task_id`: one vmapped forward pass over
+        the seeds' evaluation variables when they share their test sets, else seed by seed."""
+        loop, batch = self.loop, self.config.eval_batch_size
+        if not self.shared_tests:
+            return [loop.evaluate(run.method, self.predict, one, run.benchmark, task_id, batch)
+                    for run, one in zip(self.runs, slices, strict=True)]
+        params, batch_stats = stack([run.method.eval_variables(one)
+                                     for run, one in zip(self.runs, slices, strict=True)])
+        benchmark = self.runs[0].benchmark
+        logits = [loop.predict_logits(self.predict_seeds, params, batch_stats, task.x_test,
+                                      batch, axis=1) for task in benchmark.tasks]
+        return [loop.task_accuracies(run.benchmark, task_id, [t[i] for t in logits])
+                for i, run in enumerate(self.runs)]
 
     # ----- results -----
     def results(self) -> list[dict[str, Any]]:
