@@ -39,10 +39,10 @@ _EARLY = early_signals.install_if_main(__name__)
 
 from esacl_jax.harness import sweep  # noqa: E402
 from esacl_jax.harness.atomic_io import write_bytes_atomic, write_text_atomic  # noqa: E402
+from esacl_jax.harness.methods import registry  # noqa: E402
 
-DENSE_METHODS = ("finetune", "joint", "ewc", "er", "derpp", "co2l")
-DEFAULT_METHODS = (*DENSE_METHODS, "esacl", "sparcl_ewc", "sparcl_er", "sparcl_derpp",
-                   "sparcl_co2l", "prune_retrain")
+# Every registered method but those whose base comes from the config (`sparcl`).
+DEFAULT_METHODS = registry.sweep_methods()
 HEATMAP = dict(method="esacl", benchmark="split_mnist", sparsity=0.9, seed=0)
 CIFAR10_COMMAND = ("python -m experiments.compare --benchmarks=split_cifar10 "
                    "--data_dir=/path/to/cifar --out=runs/compare_cifar10 --jobs=1")
@@ -106,9 +106,7 @@ class Settings:
 
 def unavailable_reason(benchmark: str, method: str) -> str | None:
     """Why `method` cannot run on `benchmark` here (not registered / no protocol row), or None."""
-    from esacl_jax.harness.methods import METHODS
-
-    if method not in METHODS:
+    if method not in registry.METHODS:
         return "not registered in esacl_jax.harness.methods.METHODS"
     try:
         sweep.protocol_config(benchmark, method)
@@ -120,9 +118,7 @@ def unavailable_reason(benchmark: str, method: str) -> str | None:
 def sparsity_key(method: str) -> str | None:
     """The config field holding the method's target sparsity (``esacl.sparsity``); None for
     dense methods and for methods the registry does not know."""
-    from esacl_jax.harness import methods
-
-    return methods.sparsity_key(method) if method in methods.METHODS else None
+    return registry.known_sparsity_key(method)
 
 
 def resolve_methods(settings: Settings) -> tuple[list[str], list[str]]:

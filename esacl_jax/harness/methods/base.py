@@ -23,6 +23,7 @@ from esacl_jax.harness import flops as flops_lib
 from esacl_jax.harness import losses
 from esacl_jax.harness.data.augment import augment_batch
 from esacl_jax.harness.data.base import Benchmark, preprocess
+from esacl_jax.harness.methods.registry import method_class
 from esacl_jax.harness.models import forward, init_variables
 
 
@@ -395,8 +396,6 @@ class SparseWrapperMethod(Method):
         if base_name not in self.allowed_bases:
             raise ValueError(f"{self.name} base must be one of {self.allowed_bases}, "
                              f"got {base_name!r}")
-        from esacl_jax.harness.methods import method_class  # the registry imports this module
-
         self.base = method_class(base_name)(config, model, benchmark)
         self.scenarios = self.base.scenarios
         super().__init__(config, model, benchmark)
