@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import shlex
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from experiments import early_signals
 
@@ -51,57 +50,25 @@ OUTPUT_FILES = ("comparison.md", "comparison.csv", "accuracy_vs_flops.png",
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    """Everything the comparison depends on (the CLI flags, one to one)."""
+class Settings(sweep.SweepSettings):
+    """Everything the comparison depends on (the CLI flags, one to one): the shared sweep
+    settings (`sweep.SweepSettings`) and the comparison's own."""
 
-    benchmarks: tuple[str, ...] = ("split_mnist", "split_fashion_mnist")
-    methods: tuple[str, ...] = ()  # empty: DEFAULT_METHODS that are available
-    sparsities: tuple[float, ...] = (0.75, 0.9, 0.95)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    jobs: int = 2
+    program: ClassVar[str] = "experiments.compare"
+    dir_fields: ClassVar[tuple[str, ...]] = ("data_dir", "docs_dir")
+
     out: str = "runs/compare"
-    validation_fraction: float = 0.0
-    max_train_per_task: int = 0
-    epochs: int = 0  # 0: the protocol's
+    methods: tuple[str, ...] = ()  # empty: DEFAULT_METHODS that are available
     model: str = ""  # "": the protocol's
     resnet_nf: int = 0  # 0: the protocol's
-    buffer_size: int = 500
-    data_dir: str = ""
     docs_dir: str = ""
-    force: bool = False
-    isolate: bool = True  # a fresh process per run (clean measured peak memory)
-    overrides: tuple[str, ...] = ()  # KEY=VALUE applied to every run (--set)
-    launcher: str = "local"  # or "ray": a Ray task per run (esacl_jax.harness.sweep.ray_launcher)
-    ray_address: str = ""  # "": a local Ray instance; "auto" / "HOST:PORT": a cluster
-    ray_cpus_per_run: float = 1.0
-    ray_gpus_per_run: float = 0.0
-    group_seeds: bool = True  # a cell's seeds as one seed group (harness.seed_group)
 
-    def command(self) -> str:
-        """The equivalent explicit command line."""
-        args = ["python", "-m", "experiments.compare",
-                f"--benchmarks={sweep.format_list(self.benchmarks)}"]
-        if self.methods:
-            args.append(f"--methods={sweep.format_list(self.methods)}")
-        args += [f"--sparsities={sweep.format_list(self.sparsities)}",
-                 f"--seeds={sweep.format_list(self.seeds)}", f"--jobs={self.jobs}",
-                 f"--out={self.out}", f"--validation_fraction={self.validation_fraction:g}",
-                 f"--max_train_per_task={self.max_train_per_task}", f"--epochs={self.epochs}",
-                 f"--buffer_size={self.buffer_size}"]
-        if self.model:
-            args.append(f"--model={self.model}")
-        if self.resnet_nf:
-            args.append(f"--resnet_nf={self.resnet_nf}")
-        for name in ("data_dir", "docs_dir"):
-            if getattr(self, name):
-                args.append(f"--{name}={getattr(self, name)}")
-        if self.force:
-            args.append("--force")
-        if self.isolate != Settings.isolate:
-            args.append("--isolate" if self.isolate else "--noisolate")
-        args += [f"--set={item}" for item in self.overrides]
-        args += sweep.launcher_args(self, Settings)
-        return shlex.join(args)
+    def selection_args(self) -> list[str]:
+        return [f"--methods={sweep.format_list(self.methods)}"] if self.methods else []
+
+    def model_args(self) -> list[str]:
+        return [*([f"--model={self.model}"] if self.model else []),
+                *([f"--resnet_nf={self.resnet_nf}"] if self.resnet_nf else [])]
 
 
 def unavailable_reason(benchmark: str, method: str) -> str | None:

@@ -28,6 +28,7 @@ their run lists with this package. It reads no flags.
 """
 
 from esacl_jax.harness.sweep.cli import (
+    SweepSettings,
     common_settings,
     define_common_flags,
     exit_with,
@@ -72,7 +73,7 @@ from esacl_jax.harness.sweep.provenance import (
 from esacl_jax.harness.sweep.reuse import check_existing, config_differences
 
 __all__ = [
-    "LAUNCHERS", "Outcome", "Run", "SweepResult", "accuracy", "apply_overrides",
+    "LAUNCHERS", "Outcome", "Run", "SweepResult", "SweepSettings", "accuracy", "apply_overrides",
     "available_benchmarks", "build_config", "check_data", "check_existing", "check_launcher",
     "common_settings", "config_differences", "check_benchmark", "protocol_config",
     "define_common_flags", "describe_node", "evaluation_split", "execute", "exit_with",
