@@ -36,6 +36,7 @@ from esacl_jax.harness.methods import (
     build_method,
     method_class,
 )
+from esacl_jax.harness.methods import state as method_state_lib
 from esacl_jax.harness.methods.base import make_train_chunk
 from esacl_jax.harness.models import MODELS, build_model, forward
 from esacl_jax.harness.run_logger import make_logger
@@ -274,10 +275,10 @@ def memory_footprint(method: Method, state: TrainState, benchmark: Benchmark,
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
     activations = memory_lib.activation_bytes_per_example(method.model, variables, sample)
-    buffer = state.method_state.get("buffer") if isinstance(state.method_state, dict) else None
     stored = method.stored_method_state(state)
     analytic = memory_lib.analytic_footprint(
-        state.params, masks=method.sparse_masks(state), opt_state=state.opt_state, buffer=buffer,
+        state.params, masks=method.sparse_masks(state), opt_state=state.opt_state,
+        buffer=method_state_lib.replay_buffer(state.method_state),
         activation_bytes=method.step_activation_bytes(state, activations, batch_size),
         method_state=stored)
     counted = sorted(stored) if isinstance(stored, dict) else []

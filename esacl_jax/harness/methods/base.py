@@ -23,6 +23,7 @@ from esacl_jax.harness import flops as flops_lib
 from esacl_jax.harness import losses
 from esacl_jax.harness.data.augment import augment_batch
 from esacl_jax.harness.data.base import Benchmark, preprocess
+from esacl_jax.harness.methods import state as state_lib
 from esacl_jax.harness.methods.registry import method_class
 from esacl_jax.harness.models import forward, init_variables
 
@@ -35,7 +36,7 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     batch_stats: Any  # {} for models without BatchNorm
     opt_state: Any
-    method_state: Any  # replay buffer, per-example statistics, Fisher, ... ({} if none)
+    method_state: Any  # a `methods.state` NamedTuple: replay buffer, Fisher, masks, ...
     rng: jax.Array  # typed PRNG key of the run
 
 
@@ -153,8 +154,9 @@ class Method:
         return make_optimizer(self.config)
 
     def init_method_state(self, params: Any) -> Any:
+        """The method's state at initialisation (`methods.state`: a NamedTuple per family)."""
         del params
-        return {}
+        return state_lib.NoState()
 
     def init_params(self, key: jax.Array) -> tuple[Any, Any]:
         """(params, batch_stats) at initialisation: the model's; methods that train more than the
@@ -284,10 +286,7 @@ class Method:
         state and the replay buffer: every other array the method keeps between steps (EWC's
         Fisher and anchor, SparCL's masks and last gradient, the IDS and DDR tables, CO2L's
         past-model copy), so that state kept here and state kept in an optimizer count alike."""
-        ms = state.method_state
-        if not isinstance(ms, dict):
-            return ms
-        return {k: v for k, v in ms.items() if k != "buffer"}
+        return state_lib.stored_entries(state.method_state)
 
     def step_activation_bytes(self, state: TrainState, per_example: int, batch_size: int) -> int:
         """Activation bytes one step keeps for its backward pass, given the model's per-example
@@ -384,7 +383,8 @@ class SparseWrapperMethod(Method):
     `replay_loss` (replay terms or the EWC penalty), `after_step` (reservoir insertion), `end_task`
     (EWC's Fisher), `step_passes` and `end_task_passes`, and, for bases that train more than the
     model or evaluate with other weights (CO2L), `init_params`, `eval_variables`, `flops_layers`
-    and the memory hooks; its method_state entries are merged into this method's dict.
+    and the memory hooks; its state's fields are fields of this method's state too
+    (`methods.state`), so the base's hooks run on this method's state as they are.
     """
 
     allowed_bases: tuple[str, ...] = ()

@@ -38,6 +38,7 @@ from esacl_jax.harness.methods.base import (
     TrainState,
     make_train_chunk,
 )
+from esacl_jax.harness.methods.state import PruneRetrainState, widen
 
 PRUNE_RETRAIN_BASES = ("finetune", "ewc", "er", "derpp")
 
@@ -69,8 +70,8 @@ class PruneRetrain(SparseWrapperMethod):
                             params, prunable)
 
     def init_method_state(self, params: Any) -> Any:
-        return {**self.base.init_method_state(params), "masks": self.dense_masks(params),
-                "pruned": jnp.zeros((), bool)}
+        return widen(PruneRetrainState, self.base.init_method_state(params),
+                     masks=self.dense_masks(params), pruned=jnp.zeros((), bool))
 
     # ----- the compiled step (dense while masks are all True, masked while retraining) -----
     def train_step(self, state: TrainState, batch: Batch, ctx: TaskContext,
@@ -78,7 +79,7 @@ class PruneRetrain(SparseWrapperMethod):
         replay_key, after_key = jax.random.split(key)
         loss, (logits, new_stats, per_example), grads = self.loss_and_grads(state, batch, ctx,
                                                                             replay_key)
-        weight_masks = state.method_state["masks"]
+        weight_masks = state.method_state.masks
         params, opt_state = self.masked_update(
             state, masks_lib.apply_masks(grads, weight_masks), weight_masks)
         method_state = self.base.after_step(state, batch, ctx, logits, per_example, after_key)
@@ -88,8 +89,8 @@ class PruneRetrain(SparseWrapperMethod):
     # ----- host-side hooks -----
     def begin_task(self, state: TrainState, task_id: int) -> TrainState:
         state = self.base.begin_task(state, task_id)
-        ms = {**state.method_state, "masks": self.dense_masks(state.params),
-              "pruned": jnp.zeros((), bool)}
+        ms = state.method_state._replace(masks=self.dense_masks(state.params),
+                                         pruned=jnp.zeros((), bool))
         return state.replace(method_state=ms)
 
     def task_context(self, task_id: int) -> TaskContext:
@@ -106,8 +107,8 @@ class PruneRetrain(SparseWrapperMethod):
                                                 self.pr.distribution, prunable)
         weight_masks = masks_lib.magnitude_masks(state.params, sparsities, prunable)
         return state.replace(params=masks_lib.apply_masks(state.params, weight_masks),
-                             method_state={**state.method_state, "masks": weight_masks,
-                                           "pruned": jnp.ones((), bool)})
+                             method_state=state.method_state._replace(
+                                 masks=weight_masks, pruned=jnp.ones((), bool)))
 
     def retrain_steps(self, num_examples: int) -> int:
         return (num_examples // self.config.batch_size) * int(self.pr.retrain_epochs)
@@ -130,14 +131,14 @@ class PruneRetrain(SparseWrapperMethod):
 
     # ----- accounting -----
     def sparse_masks(self, state: TrainState) -> Any:
-        """The weight masks (method_state["masks"]): the memory footprint and the compact export
+        """The weight masks (method_state.masks): the memory footprint and the compact export
         of the trained model (sparse_model.npz) read them."""
-        return state.method_state["masks"]
+        return state.method_state.masks
 
     def flops_densities(self, state: TrainState) -> tuple[dict | None, dict | None]:
-        if not bool(state.method_state["pruned"]):
+        if not bool(state.method_state.pruned):
             return None, None
-        weight = flops_lib.densities_from_masks(state.method_state["masks"])
+        weight = flops_lib.densities_from_masks(state.method_state.masks)
         return weight, weight
 
     def end_task_passes(self, num_examples: int) -> list[Pass]:
@@ -146,7 +147,7 @@ class PruneRetrain(SparseWrapperMethod):
         return [p for p in retrain if p.examples > 0] + self.base.end_task_passes(num_examples)
 
     def summary(self, state: TrainState) -> dict:
-        return {"sparsity": masks_lib.sparsity_summary(state.method_state["masks"]),
+        return {"sparsity": masks_lib.sparsity_summary(state.method_state.masks),
                 **self.base.summary(state)}
 
 
