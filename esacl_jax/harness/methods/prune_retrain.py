@@ -28,7 +28,6 @@ import numpy as np
 
 from esacl_jax import masks as masks_lib
 from esacl_jax.harness import flops as flops_lib
-from esacl_jax.harness.data.base import class_mask
 from esacl_jax.harness.methods.base import (
     Batch,
     Pass,
@@ -37,6 +36,7 @@ from esacl_jax.harness.methods.base import (
     TaskContext,
     TrainState,
     make_train_chunk,
+    task_context,
 )
 from esacl_jax.harness.methods.state import PruneRetrainState, widen
 
@@ -93,13 +93,6 @@ class PruneRetrain(SparseWrapperMethod):
                                          pruned=jnp.zeros((), bool))
         return state.replace(method_state=ms)
 
-    def task_context(self, task_id: int) -> TaskContext:
-        b = self.benchmark
-        return TaskContext(
-            task_id=jnp.asarray(task_id, jnp.int32),
-            task_classes=jnp.asarray(class_mask(b.tasks[task_id].classes, b.num_classes)),
-            seen_classes=jnp.asarray(class_mask(b.classes_up_to(task_id), b.num_classes)))
-
     def prune(self, state: TrainState) -> TrainState:
         """Per-layer magnitude pruning of the current weights to `prune_retrain.sparsity`."""
         prunable = masks_lib.prunable_tree(state.params, self.prunable)
@@ -117,7 +110,7 @@ class PruneRetrain(SparseWrapperMethod):
         state = self.prune(state)
         steps = x.shape[0] // self.config.batch_size
         if self.pr.retrain_epochs > 0 and steps > 0:
-            ctx = self.task_context(task_id)
+            ctx = task_context(self.benchmark, task_id)
             if self._retrain_chunk is None:
                 self._retrain_chunk = make_train_chunk(self)
             x_dev, y_dev = jax.device_put(x), jax.device_put(np.asarray(y, np.int32))
