@@ -151,13 +151,7 @@ def check(settings: Settings) -> None:
         raise ValueError("need at least one variant, benchmark and seed")
     if any(VARIANTS[v].sparse for v in settings.variants) and not settings.sparsities:
         raise ValueError("sparse variants need at least one --sparsities value")
-    for s in settings.sparsities:
-        if not 0.0 <= s < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {s}")
-    if not 0.0 <= settings.validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1), got "
-                         f"{settings.validation_fraction}")
-    sweep.parse_overrides(settings.overrides)
+    settings.check_values()
 
 
 def _common_overrides(settings: Settings) -> dict[str, Any]:
@@ -365,17 +359,12 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    from absl import app, flags
+    from absl import app
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    f = flags.FLAGS
-
-    def run() -> int:
-        settings = Settings(**sweep.common_settings(f), variants=tuple(f.variants))
-        return run_ablation(settings, dry_run=f.dry_run)
-
-    sweep.exit_with(run, early=_EARLY)
+    sweep.run_program(lambda f: Settings(**sweep.common_settings(f), variants=tuple(f.variants)),
+                      run_ablation, early=_EARLY)
 
 
 if __name__ == "__main__":

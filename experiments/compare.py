@@ -112,13 +112,7 @@ def check(settings: Settings) -> None:
         raise ValueError("need at least one benchmark and seed")
     for bench in settings.benchmarks:
         sweep.check_benchmark(bench)
-    for s in settings.sparsities:
-        if not 0.0 <= s < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {s}")
-    if not 0.0 <= settings.validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1), got "
-                         f"{settings.validation_fraction}")
-    sweep.parse_overrides(settings.overrides)
+    settings.check_values()
 
 
 def plan(settings: Settings, methods: Sequence[str]) -> list[sweep.Run]:
@@ -266,18 +260,14 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    from absl import app, flags
+    from absl import app
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    f = flags.FLAGS
-
-    def run() -> int:
-        settings = Settings(**sweep.common_settings(f), methods=tuple(f.methods), model=f.model,
-                            resnet_nf=f.resnet_nf, docs_dir=f.docs_dir)
-        return run_comparison(settings, dry_run=f.dry_run)
-
-    sweep.exit_with(run, early=_EARLY)
+    sweep.run_program(lambda f: Settings(**sweep.common_settings(f), methods=tuple(f.methods),
+                                         model=f.model, resnet_nf=f.resnet_nf,
+                                         docs_dir=f.docs_dir),
+                      run_comparison, early=_EARLY)
 
 
 if __name__ == "__main__":

@@ -385,6 +385,11 @@ class SparseWrapperMethod(Method):
     def step_activation_bytes(self, state: TrainState, per_example: int, batch_size: int) -> int:
         return self.base.step_activation_bytes(state, per_example, batch_size)
 
+    def sparse_masks(self, state: TrainState) -> Any:
+        """The weight masks (method_state.masks, every wrapper's state has them): the memory
+        footprint and the compact export of the trained model (sparse_model.npz) read them."""
+        return state.method_state.masks
+
     def loss_and_grads(self, state: TrainState, batch: Batch, ctx: TaskContext,
                        key: jax.Array) -> tuple[jax.Array, tuple, Any]:
         """The base method's loss (current-task CE + base terms) and its dense gradient."""

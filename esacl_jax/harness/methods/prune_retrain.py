@@ -123,11 +123,6 @@ class PruneRetrain(SparseWrapperMethod):
         return self.base.end_task(state, task_id, x, y)
 
     # ----- accounting -----
-    def sparse_masks(self, state: TrainState) -> Any:
-        """The weight masks (method_state.masks): the memory footprint and the compact export
-        of the trained model (sparse_model.npz) read them."""
-        return state.method_state.masks
-
     def flops_densities(self, state: TrainState) -> tuple[dict | None, dict | None]:
         if not bool(state.method_state.pruned):
             return None, None

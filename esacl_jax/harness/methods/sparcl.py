@@ -360,11 +360,6 @@ class SparCL(SparseWrapperMethod):
         return self.base.end_task(state, task_id, x, y)
 
     # ----- accounting -----
-    def sparse_masks(self, state: TrainState) -> Any:
-        """The weight masks (method_state.masks): the memory footprint and the compact export
-        of the trained model (sparse_model.npz) read them."""
-        return state.method_state.masks
-
     def flops_densities(self, state: TrainState) -> tuple[dict | None, dict | None]:
         """Weight densities from the masks; gradient densities min(weight density, dgm_keep)
         on prunable layers (DGM keeps round(dgm_keep * size) of the active gradients), the

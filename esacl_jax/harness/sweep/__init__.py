@@ -35,6 +35,7 @@ from esacl_jax.harness.sweep.cli import (
     format_list,
     launcher_args,
     launcher_kwargs,
+    run_program,
 )
 from esacl_jax.harness.sweep.execute import (
     LAUNCHERS,
@@ -80,5 +81,5 @@ __all__ = [
     "format_duration", "format_list", "group_seeds", "launcher_args", "launcher_kwargs",
     "load_results",
     "nodes_summary", "one_line", "parse_overrides", "parse_value", "plain_config", "provenance",
-    "provenance_csv", "provenance_markdown", "read_csv_records", "run_all",
+    "provenance_csv", "provenance_markdown", "read_csv_records", "run_all", "run_program",
 ]

@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
+from esacl_jax.harness.sweep.plan import parse_overrides
+
 
 def format_list(values: Iterable[Any]) -> str:
     """Comma-separated flag value: ``0.75,0.9,0.95``."""
@@ -53,6 +55,21 @@ class SweepSettings:
     ray_cpus_per_run: float = 1.0
     ray_gpus_per_run: float = 0.0
     group_seeds: bool = True  # a cell's seeds as one seed group (harness.seed_group)
+
+    def check_values(self) -> None:
+        """Raises ValueError for a shared setting out of range (sparsities, validation
+        fraction) or a malformed ``--set`` override.
+
+        Raises:
+          ValueError: one line saying which value.
+        """
+        for s in self.sparsities:
+            if not 0.0 <= s < 1.0:
+                raise ValueError(f"sparsity must be in [0, 1), got {s}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got "
+                             f"{self.validation_fraction}")
+        parse_overrides(self.overrides)
 
     def selection_args(self) -> list[str]:
         """The sweep's own selection flags (``--methods=...``, ``--variants=...``)."""
@@ -138,6 +155,26 @@ def exit_with(run: Callable[[], int], early: Any = None) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     sys.exit(code)
+
+
+def run_program(make_settings: Callable[[Any], SweepSettings],
+                run_sweep: Callable[..., int], early: Any = None) -> None:
+    """A sweep program's main: its settings from the parsed flags, then the sweep (or its
+    ``--dry_run`` listing), under `exit_with`'s exit codes.
+
+    Args:
+      make_settings: the sweep's Settings from `absl.flags.FLAGS`.
+      run_sweep: ``run_sweep(settings, dry_run=...)`` -> the exit status.
+      early: the program's `experiments.early_signals.EarlySignals`, or None.
+    """
+    from absl import flags
+
+    f = flags.FLAGS
+
+    def run() -> int:
+        return run_sweep(make_settings(f), dry_run=f.dry_run)
+
+    exit_with(run, early=early)
 
 
 def define_common_flags(defaults: Any, sparsity_help: str) -> None:
