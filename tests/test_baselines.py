@@ -226,17 +226,17 @@ def test_tdm_update_prunes_regrows_and_freezes_at_exact_sparsity():
     assert new.sum() == size - round(s * size)
     # the 20 lowest-scoring active weights were pruned, then 20 inactive ones (the just-pruned
     # included, as in the official code) regrown at random, at zero
-    score = np.abs(np.asarray(params.k)) + 0.5 * np.abs(np.asarray(g))
+    score = np.abs(np.asarray(params["k"])) + 0.5 * np.abs(np.asarray(g))
     n_kept = size - round((s + 0.01) * size)
     kept = np.zeros(size, bool)
     kept[np.argsort(-np.where(old, score, -np.inf).reshape(-1), kind="stable")[:n_kept]] = True
     kept = kept.reshape(old.shape)
     assert np.all(new[kept]) and np.all(old[kept])
     regrown = new & ~kept
-    assert regrown.sum() == 20 and np.all(np.asarray(new_params.k)[regrown] == 0)
-    np.testing.assert_array_equal(np.asarray(new_params.k)[kept], np.asarray(params.k)[kept])
+    assert regrown.sum() == 20 and np.all(np.asarray(new_params["k"])[regrown] == 0)
+    np.testing.assert_array_equal(np.asarray(new_params["k"])[kept], np.asarray(params["k"])[kept])
     assert_pruned_weights_zero(new_params, new_masks)
-    np.testing.assert_array_equal(new_params.b, params.b)
+    np.testing.assert_array_equal(new_params["b"], params["b"])
     # freeze: prune to s without regrowth, from a mask already at s -> unchanged
     frozen, _ = tdm_update(new_masks, new_params, grads, jax.random.key(1), regrow=False, **kw)
     np.testing.assert_array_equal(frozen["k"], new)

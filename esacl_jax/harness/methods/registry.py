@@ -87,20 +87,41 @@ def build_method(config: Any, model: Any, benchmark: Any) -> Any:
 
 
 def config_section(name: str) -> str | None:
-    """The config sub-dict holding the method's own knobs (None: it has none)."""
+    """The config sub-dict holding the method's own knobs.
+
+    Args:
+      name: a registered method name.
+
+    Returns:
+      The section's name, or None when the method has none.
+    """
     return method_class(name).config_section
 
 
 def config_sections(name: str) -> tuple[str, ...]:
     """Every method-specific config sub-dict the method reads: its own and, for a wrapper,
-    its base's (SparCL-CO2L reads `sparcl` and `co2l`)."""
+    its base's (SparCL-CO2L reads `sparcl` and `co2l`).
+
+    Args:
+      name: a registered method name.
+
+    Returns:
+      The sections' names, its own first.
+    """
     cls = method_class(name)
     own = () if cls.config_section is None else (cls.config_section,)
     return own + tuple(s for s in cls.extra_config_sections if s not in own)
 
 
 def sparsity_key(name: str) -> str | None:
-    """The dotted config field of the method's target sparsity; None for dense methods."""
+    """The dotted config field of the method's target sparsity.
+
+    Args:
+      name: a registered method name.
+
+    Returns:
+      E.g. "esacl.sparsity"; None for dense methods.
+    """
     cls = method_class(name)
     return f"{cls.config_section}.sparsity" if cls.sparse else None
 
@@ -119,12 +140,23 @@ def known_sparsity_key(name: str) -> str | None:
 
 
 def uses_buffer(name: str) -> bool:
-    """Whether the method (with its default base) trains with the replay buffer."""
+    """Whether the method (with its default base) trains with the replay buffer.
+
+    Args:
+      name: a registered method name.
+
+    Returns:
+      The class's `uses_buffer`.
+    """
     return method_class(name).uses_buffer
 
 
 def section_readers() -> dict[str, frozenset[str]]:
-    """Method-specific config sections -> the methods that read them."""
+    """Method-specific config sections and the methods that read them.
+
+    Returns:
+      {section: the names of the methods reading it}.
+    """
     readers: dict[str, set[str]] = {}
     for name in METHODS:
         for section in config_sections(name):
