@@ -50,9 +50,8 @@ import dataclasses
 import io
 import math
 import pathlib
-import shlex
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from experiments import early_signals
 
@@ -124,49 +123,20 @@ REFERENCE = "derpp"
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    """Everything the ablation depends on (the CLI flags, one to one)."""
+class Settings(sweep.SweepSettings):
+    """Everything the ablation depends on (the CLI flags, one to one): the shared sweep
+    settings (`sweep.SweepSettings`) and the ablation's rows."""
 
-    benchmarks: tuple[str, ...] = ("split_mnist", "split_fashion_mnist")
-    sparsities: tuple[float, ...] = (0.75, 0.9, 0.95)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    program: ClassVar[str] = "experiments.ablation"
+    selection_after_seeds: ClassVar[bool] = True
+
     variants: tuple[str, ...] = tuple(VARIANTS)
-    jobs: int = 2
     out: str = "runs/ablation"
     validation_fraction: float = 0.1
-    max_train_per_task: int = 0
-    epochs: int = 0  # 0: the protocol's
-    buffer_size: int = 500
-    data_dir: str = ""
-    force: bool = False
     isolate: bool = False  # a fresh process per run (clean measured peak memory)
-    overrides: tuple[str, ...] = ()  # KEY=VALUE applied to every run (--set)
-    launcher: str = "local"  # or "ray": a Ray task per run (esacl_jax.harness.sweep.ray_launcher)
-    ray_address: str = ""  # "": a local Ray instance; "auto" / "HOST:PORT": a cluster
-    ray_cpus_per_run: float = 1.0
-    ray_gpus_per_run: float = 0.0
-    group_seeds: bool = True  # a cell's seeds as one seed group (harness.seed_group)
 
-    def command(self) -> str:
-        """The equivalent explicit command line."""
-        args = ["python", "-m", "experiments.ablation",
-                f"--benchmarks={sweep.format_list(self.benchmarks)}",
-                f"--sparsities={sweep.format_list(self.sparsities)}",
-                f"--seeds={sweep.format_list(self.seeds)}",
-                f"--variants={sweep.format_list(self.variants)}",
-                f"--jobs={self.jobs}", f"--out={self.out}",
-                f"--validation_fraction={self.validation_fraction:g}",
-                f"--max_train_per_task={self.max_train_per_task}", f"--epochs={self.epochs}",
-                f"--buffer_size={self.buffer_size}"]
-        if self.data_dir:
-            args.append(f"--data_dir={self.data_dir}")
-        if self.force:
-            args.append("--force")
-        if self.isolate != Settings.isolate:
-            args.append("--isolate" if self.isolate else "--noisolate")
-        args += [f"--set={item}" for item in self.overrides]
-        args += sweep.launcher_args(self, Settings)
-        return shlex.join(args)
+    def selection_args(self) -> list[str]:
+        return [f"--variants={sweep.format_list(self.variants)}"]
 
 
 def check(settings: Settings) -> None:
@@ -181,13 +151,7 @@ def check(settings: Settings) -> None:
         raise ValueError("need at least one variant, benchmark and seed")
     if any(VARIANTS[v].sparse for v in settings.variants) and not settings.sparsities:
         raise ValueError("sparse variants need at least one --sparsities value")
-    for s in settings.sparsities:
-        if not 0.0 <= s < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {s}")
-    if not 0.0 <= settings.validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1), got "
-                         f"{settings.validation_fraction}")
-    sweep.parse_overrides(settings.overrides)
+    settings.check_values()
 
 
 def _common_overrides(settings: Settings) -> dict[str, Any]:
@@ -395,17 +359,12 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    from absl import app, flags
+    from absl import app
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    f = flags.FLAGS
-
-    def run() -> int:
-        settings = Settings(**sweep.common_settings(f), variants=tuple(f.variants))
-        return run_ablation(settings, dry_run=f.dry_run)
-
-    sweep.exit_with(run, early=_EARLY)
+    sweep.run_program(lambda f: Settings(**sweep.common_settings(f), variants=tuple(f.variants)),
+                      run_ablation, early=_EARLY)
 
 
 if __name__ == "__main__":

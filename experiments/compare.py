@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import shlex
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from experiments import early_signals
 
@@ -39,10 +38,10 @@ _EARLY = early_signals.install_if_main(__name__)
 
 from esacl_jax.harness import sweep  # noqa: E402
 from esacl_jax.harness.atomic_io import write_bytes_atomic, write_text_atomic  # noqa: E402
+from esacl_jax.harness.methods import registry  # noqa: E402
 
-DENSE_METHODS = ("finetune", "joint", "ewc", "er", "derpp", "co2l")
-DEFAULT_METHODS = (*DENSE_METHODS, "esacl", "sparcl_ewc", "sparcl_er", "sparcl_derpp",
-                   "sparcl_co2l", "prune_retrain")
+# Every registered method but those whose base comes from the config (`sparcl`).
+DEFAULT_METHODS = registry.sweep_methods()
 HEATMAP = dict(method="esacl", benchmark="split_mnist", sparsity=0.9, seed=0)
 CIFAR10_COMMAND = ("python -m experiments.compare --benchmarks=split_cifar10 "
                    "--data_dir=/path/to/cifar --out=runs/compare_cifar10 --jobs=1")
@@ -51,64 +50,30 @@ OUTPUT_FILES = ("comparison.md", "comparison.csv", "accuracy_vs_flops.png",
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings:
-    """Everything the comparison depends on (the CLI flags, one to one)."""
+class Settings(sweep.SweepSettings):
+    """Everything the comparison depends on (the CLI flags, one to one): the shared sweep
+    settings (`sweep.SweepSettings`) and the comparison's own."""
 
-    benchmarks: tuple[str, ...] = ("split_mnist", "split_fashion_mnist")
-    methods: tuple[str, ...] = ()  # empty: DEFAULT_METHODS that are available
-    sparsities: tuple[float, ...] = (0.75, 0.9, 0.95)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    jobs: int = 2
+    program: ClassVar[str] = "experiments.compare"
+    dir_fields: ClassVar[tuple[str, ...]] = ("data_dir", "docs_dir")
+
     out: str = "runs/compare"
-    validation_fraction: float = 0.0
-    max_train_per_task: int = 0
-    epochs: int = 0  # 0: the protocol's
+    methods: tuple[str, ...] = ()  # empty: DEFAULT_METHODS that are available
     model: str = ""  # "": the protocol's
     resnet_nf: int = 0  # 0: the protocol's
-    buffer_size: int = 500
-    data_dir: str = ""
     docs_dir: str = ""
-    force: bool = False
-    isolate: bool = True  # a fresh process per run (clean measured peak memory)
-    overrides: tuple[str, ...] = ()  # KEY=VALUE applied to every run (--set)
-    launcher: str = "local"  # or "ray": a Ray task per run (esacl_jax.harness.sweep.ray_launcher)
-    ray_address: str = ""  # "": a local Ray instance; "auto" / "HOST:PORT": a cluster
-    ray_cpus_per_run: float = 1.0
-    ray_gpus_per_run: float = 0.0
-    group_seeds: bool = True  # a cell's seeds as one seed group (harness.seed_group)
 
-    def command(self) -> str:
-        """The equivalent explicit command line."""
-        args = ["python", "-m", "experiments.compare",
-                f"--benchmarks={sweep.format_list(self.benchmarks)}"]
-        if self.methods:
-            args.append(f"--methods={sweep.format_list(self.methods)}")
-        args += [f"--sparsities={sweep.format_list(self.sparsities)}",
-                 f"--seeds={sweep.format_list(self.seeds)}", f"--jobs={self.jobs}",
-                 f"--out={self.out}", f"--validation_fraction={self.validation_fraction:g}",
-                 f"--max_train_per_task={self.max_train_per_task}", f"--epochs={self.epochs}",
-                 f"--buffer_size={self.buffer_size}"]
-        if self.model:
-            args.append(f"--model={self.model}")
-        if self.resnet_nf:
-            args.append(f"--resnet_nf={self.resnet_nf}")
-        for name in ("data_dir", "docs_dir"):
-            if getattr(self, name):
-                args.append(f"--{name}={getattr(self, name)}")
-        if self.force:
-            args.append("--force")
-        if self.isolate != Settings.isolate:
-            args.append("--isolate" if self.isolate else "--noisolate")
-        args += [f"--set={item}" for item in self.overrides]
-        args += sweep.launcher_args(self, Settings)
-        return shlex.join(args)
+    def selection_args(self) -> list[str]:
+        return [f"--methods={sweep.format_list(self.methods)}"] if self.methods else []
+
+    def model_args(self) -> list[str]:
+        return [*([f"--model={self.model}"] if self.model else []),
+                *([f"--resnet_nf={self.resnet_nf}"] if self.resnet_nf else [])]
 
 
 def unavailable_reason(benchmark: str, method: str) -> str | None:
     """Why `method` cannot run on `benchmark` here (not registered / no protocol row), or None."""
-    from esacl_jax.harness.methods import METHODS
-
-    if method not in METHODS:
+    if method not in registry.METHODS:
         return "not registered in esacl_jax.harness.methods.METHODS"
     try:
         sweep.protocol_config(benchmark, method)
@@ -120,9 +85,7 @@ def unavailable_reason(benchmark: str, method: str) -> str | None:
 def sparsity_key(method: str) -> str | None:
     """The config field holding the method's target sparsity (``esacl.sparsity``); None for
     dense methods and for methods the registry does not know."""
-    from esacl_jax.harness import methods
-
-    return methods.sparsity_key(method) if method in methods.METHODS else None
+    return registry.known_sparsity_key(method)
 
 
 def resolve_methods(settings: Settings) -> tuple[list[str], list[str]]:
@@ -149,13 +112,7 @@ def check(settings: Settings) -> None:
         raise ValueError("need at least one benchmark and seed")
     for bench in settings.benchmarks:
         sweep.check_benchmark(bench)
-    for s in settings.sparsities:
-        if not 0.0 <= s < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {s}")
-    if not 0.0 <= settings.validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1), got "
-                         f"{settings.validation_fraction}")
-    sweep.parse_overrides(settings.overrides)
+    settings.check_values()
 
 
 def plan(settings: Settings, methods: Sequence[str]) -> list[sweep.Run]:
@@ -303,18 +260,14 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    from absl import app, flags
+    from absl import app
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    f = flags.FLAGS
-
-    def run() -> int:
-        settings = Settings(**sweep.common_settings(f), methods=tuple(f.methods), model=f.model,
-                            resnet_nf=f.resnet_nf, docs_dir=f.docs_dir)
-        return run_comparison(settings, dry_run=f.dry_run)
-
-    sweep.exit_with(run, early=_EARLY)
+    sweep.run_program(lambda f: Settings(**sweep.common_settings(f), methods=tuple(f.methods),
+                                         model=f.model, resnet_nf=f.resnet_nf,
+                                         docs_dir=f.docs_dir),
+                      run_comparison, early=_EARLY)
 
 
 if __name__ == "__main__":

@@ -279,10 +279,10 @@ def test_ewc_penalty_is_zero_on_the_first_task_and_positive_after(tmp_path):
     result, method, records = probe_run(digits_config("ewc", epochs=2, num_tasks=3), tmp_path)
     for r in select(records, "epoch", task=0) + select(records, "before_end", task=0):
         ms = r["state"]["method_state"]
-        assert all(np.all(f == 0) for f in jax.tree.leaves(ms["fisher"]))
+        assert all(np.all(f == 0) for f in jax.tree.leaves(ms.fisher))
         assert float(method.penalty(r["state"]["params"], ms)) == 0.0
     end0 = select(records, "end", task=0)[0]["state"]
-    assert sum(float(f.sum()) for f in jax.tree.leaves(end0["method_state"]["fisher"])) > 0
+    assert sum(float(f.sum()) for f in jax.tree.leaves(end0["method_state"].fisher)) > 0
     for task in (1, 2):
         moved = select(records, "before_end", task=task)[0]["state"]
         assert float(method.penalty(moved["params"], moved["method_state"])) > 0.0
@@ -304,7 +304,7 @@ def test_sparcl_state_is_counted_in_the_footprint(sparcl_run):
     assert "buffer" not in counted
     assert {"masks", "grad_masks", "last_grad", "example_stats"} <= set(counted)
     expected = sum(np.asarray(leaf).nbytes for key in counted
-                   for leaf in jax.tree.leaves(state["method_state"][key]))
+                   for leaf in jax.tree.leaves(getattr(state["method_state"], key)))
     assert memory["analytic"]["method_state"] == expected
     assert memory["analytic"]["buffer"] > 0
 
@@ -324,13 +324,13 @@ def test_sparcl_masks_exact_sparsity_frozen_tail_and_zero_pruned_weights(sparcl_
         epochs = select(records, "epoch", task=task)
         ends = select(records, "before_end", task=task) + select(records, "end", task=task)
         for r in epochs + ends:
-            masks = r["state"]["method_state"]["masks"]
+            masks = r["state"]["method_state"].masks
             layers = sparse_leaves(masks)
             assert layers  # hidden_1 of the MLP
             for _, m in layers:
                 assert m.sum() == m.size - round(s * m.size)
             assert_pruned_weights_zero(r["state"]["params"], masks)
-        masks_at = [sparse_leaves(r["state"]["method_state"]["masks"]) for r in epochs + ends]
+        masks_at = [sparse_leaves(r["state"]["method_state"].masks) for r in epochs + ends]
         for e in (1, 2):  # regrowth epochs change the mask
             pairs = zip(masks_at[e - 1], masks_at[e], strict=True)
             assert any(np.any(a != b) for (_, a), (_, b) in pairs)
@@ -346,7 +346,7 @@ def test_sparcl_dgm_keeps_exactly_the_top_fraction_of_gradients(sparcl_run):
     keep = method.sp.dgm_keep
     for r in select(records, "before_end"):  # after a task's last step, no mask change since
         ms = r["state"]["method_state"]
-        for (_, gm), (_, wm) in zip(sparse_leaves(ms["grad_masks"]), sparse_leaves(ms["masks"]),
+        for (_, gm), (_, wm) in zip(sparse_leaves(ms.grad_masks), sparse_leaves(ms.masks),
                                     strict=True):
             assert gm.sum() == round(keep * gm.size)  # exactly 20% of the layer's entries
             assert not np.any(gm & ~wm)
@@ -381,11 +381,11 @@ def test_prune_retrain_final_sparsity_exact_and_learns(tmp_path):
     for task in range(3):
         before = select(records, "before_end", task=task)[0]["state"]
         after = select(records, "end", task=task)[0]["state"]
-        assert all(np.all(m) for _, m in sparse_leaves(before["method_state"]["masks"]))  # dense
+        assert all(np.all(m) for _, m in sparse_leaves(before["method_state"].masks))  # dense
         assert int(after["step"]) == int(before["step"]) + steps  # the retraining ran
-        for _, m in sparse_leaves(after["method_state"]["masks"]):
+        for _, m in sparse_leaves(after["method_state"].masks):
             assert m.sum() == m.size - round(s * m.size)
-        assert_pruned_weights_zero(after["params"], after["method_state"]["masks"])
+        assert_pruned_weights_zero(after["params"], after["method_state"].masks)
     layers = result["per_task"][-1]["sparsity"]["layers"]
     assert layers and all(v["sparsity"] == pytest.approx(s, abs=1e-9) for v in layers.values())
     assert result["metrics"]["class_il"]["average_accuracy"] > 0.6  # chance: 1/2 .. 1/6

@@ -95,8 +95,8 @@ def test_ird_is_zero_on_the_first_task_through_the_step(digits_method):
     state = method.init(jax.random.key(0))
     # A past model unlike the current one: IRD would be far from 0 if it were applied.
     past = jax.tree.map(lambda w: w + 0.5 * jax.random.normal(jax.random.key(3), w.shape),
-                        state.method_state["past_params"])
-    state = state.replace(method_state={**state.method_state, "past_params": past})
+                        state.method_state.past_params)
+    state = state.replace(method_state=state.method_state._replace(past_params=past))
     x, y, _ = train.task_arrays(benchmark, 0)
     idx = jnp.arange(10)
     batch = Batch(x=x[idx].astype(jnp.float32), x_raw=x[idx], y=y[idx], index=idx)
@@ -163,7 +163,7 @@ def test_sparcl_co2l_holds_exact_sparsity_across_steps_and_a_task_boundary(tmp_p
     states = [r for r in records if r[0] != "indices"]
     assert len(states) == 8  # 2 tasks x (2 epochs + before/after the task end)
     for kind, task, epoch, st in states:
-        layers = sparse_layers(st["method_state"]["masks"])
+        layers = sparse_layers(st["method_state"].masks)
         # The encoder's kernels and the projection head's; never the (linear) classifier.
         assert sorted(layers) == ["['hidden_1']['kernel']",
                                   "['projection_head']['hidden']['kernel']",
@@ -171,15 +171,15 @@ def test_sparcl_co2l_holds_exact_sparsity_across_steps_and_a_task_boundary(tmp_p
         for path, m in layers.items():
             assert m.sum() == m.size - round(s * m.size), (kind, task, epoch, path)
         for w, m in zip(jax.tree.leaves(st["params"]),
-                        jax.tree.leaves(st["method_state"]["masks"]), strict=True):
+                        jax.tree.leaves(st["method_state"].masks), strict=True):
             if np.ndim(m):
                 assert np.all(np.asarray(w)[~np.asarray(m)] == 0.0), (kind, task, epoch)
     # The masks moved (TDM) and the past model of task 1 is the sparse model task 0 ended with.
-    first, second = (sparse_layers(states[i][3]["method_state"]["masks"]) for i in (0, 1))
+    first, second = (sparse_layers(states[i][3]["method_state"].masks) for i in (0, 1))
     assert any(np.any(first[k] != second[k]) for k in first)
     end0 = next(st for kind, task, _, st in states if kind == "end" and task == 0)
     task1 = next(st for kind, task, epoch, st in states if kind == "epoch" and task == 1)
-    for name, tree in task1["method_state"]["past_params"].items():
+    for name, tree in task1["method_state"].past_params.items():
         for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(end0["params"][name]),
                         strict=True):
             np.testing.assert_array_equal(a, b)

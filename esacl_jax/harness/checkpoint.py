@@ -192,8 +192,16 @@ class RunCheckpointer:
             raise CheckpointError(f"{self.directory} holds checkpoints of a run with another "
                                   "config: use a new --workdir or delete that directory")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _keys_to_data(template))
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))["state"]
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))["state"]
+        except ValueError as err:
+            if "structures do not match" not in str(err):  # orbax's words for another tree
+                raise
+            raise CheckpointError(
+                f"{self.directory} holds checkpoints whose train state is laid out differently "
+                "(written by another version of esacl_jax): use a new --workdir or delete that "
+                "directory") from err
         if tree_checksum(restored) != progress.get("state_sha256"):
             raise ValueError("its content checksum does not match (the files were altered)")
         return _data_to_keys(restored, template), progress

@@ -7,6 +7,7 @@ The loop knows nothing about which method it runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import pathlib
 import signal
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,13 +31,13 @@ from esacl_jax.harness import results as results_lib
 from esacl_jax.harness.data import Benchmark, class_mask, load_benchmark, preprocess
 from esacl_jax.harness.methods import (
     Method,
-    Pass,
     TaskContext,
     TrainState,
     build_method,
     method_class,
 )
-from esacl_jax.harness.methods.base import make_train_chunk
+from esacl_jax.harness.methods.base import make_train_chunk, task_context
+from esacl_jax.harness.methods.costs import count_passes, memory_footprint, weight_counts
 from esacl_jax.harness.models import MODELS, build_model, forward
 from esacl_jax.harness.run_logger import make_logger
 
@@ -111,15 +112,6 @@ def task_arrays(benchmark: Benchmark, task_id: int) -> tuple[jax.Array, jax.Arra
     task = benchmark.tasks[task_id]
     return (jax.device_put(task.x_train), jax.device_put(task.y_train.astype(np.int32)),
             task_context(benchmark, task_id))
-
-
-def task_context(benchmark: Benchmark, task_id: int) -> TaskContext:
-    k = benchmark.num_classes
-    return TaskContext(
-        task_id=jnp.asarray(task_id, jnp.int32),
-        task_classes=jnp.asarray(class_mask(benchmark.tasks[task_id].classes, k)),
-        seen_classes=jnp.asarray(class_mask(benchmark.classes_up_to(task_id), k)),
-    )
 
 
 def make_predict(method: Method, benchmark: Benchmark):
@@ -273,15 +265,6 @@ def epoch_batches(key: jax.Array, indices: np.ndarray, batch_size: int, steps_pe
     return batch_idx.astype(np.int32), valid, steps
 
 
-def count_passes(counter: flops_lib.FlopsCounter, passes: list[Pass], repeats: int) -> None:
-    """Adds `repeats` executions of `passes` to the training-FLOPs counter."""
-    for p in passes:
-        if p.kind == "fwd":
-            counter.forward(p.examples * repeats, p.layers)
-        else:
-            counter.forward_backward(p.examples * repeats, p.layers)
-
-
 def log_task(logger, summary: dict, class_il_row: np.ndarray, task_il_row: np.ndarray,
              flops: float) -> None:
     """TensorBoard scalars after a task: accuracy on each task so far, sparsity, FLOPs."""
@@ -295,26 +278,6 @@ def log_task(logger, summary: dict, class_il_row: np.ndarray, task_il_row: np.nd
     if "sparsity" in summary:
         values["sparsity/global"] = summary["sparsity"]["prunable_sparsity"]
     logger.scalars(values, task_id)
-
-
-def memory_footprint(method: Method, state: TrainState, benchmark: Benchmark,
-                     batch_size: int) -> dict[str, Any]:
-    """Analytic bytes (sparse weights + mask bits, optimizer state, buffer, one step's
-    activations) and the measured peak (host RSS; device memory statistics on GPU/TPU)."""
-    sample = jnp.zeros((1, *benchmark.input_shape), jnp.float32)
-    variables = {"params": state.params}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-    activations = memory_lib.activation_bytes_per_example(method.model, variables, sample)
-    buffer = state.method_state.get("buffer") if isinstance(state.method_state, dict) else None
-    stored = method.stored_method_state(state)
-    analytic = memory_lib.analytic_footprint(
-        state.params, masks=method.sparse_masks(state), opt_state=state.opt_state, buffer=buffer,
-        activation_bytes=method.step_activation_bytes(state, activations, batch_size),
-        method_state=stored)
-    counted = sorted(stored) if isinstance(stored, dict) else []
-    return {"analytic": analytic, "measured": memory_lib.peak_memory(),
-            "method_state_counted": counted}
 
 
 def make_data_mesh(num_devices: int, batch_size: int) -> jax.sharding.Mesh | None:
@@ -370,15 +333,6 @@ def format_summary(result: dict) -> str:
     lines.append(f"wall time {result['wall_time_s']:.1f} s "
                  f"(train {sum(result['train_time_per_task_s']):.1f} s)")
     return "\n".join(lines)
-
-
-def weight_counts(params: Any) -> dict[str, Any]:
-    """Nonzero and total counts over ALL parameters (every kernel, bias and norm scale)."""
-    leaves = [np.asarray(x) for x in jax.tree.leaves(params)]
-    total = int(sum(x.size for x in leaves))
-    nonzero = int(sum(np.count_nonzero(x) for x in leaves))
-    return {"total": total, "nonzero": nonzero,
-            "sparsity": 1.0 - nonzero / total if total else 0.0}
 
 
 TaskEndCallback = Callable[[int, Any, Any], None]
@@ -533,17 +487,171 @@ def _compile_in_background(method: Method, run_chunk: Callable, predict: Callabl
     return chunk, prediction
 
 
+@dataclasses.dataclass
+class RunRecord:
+    """What a run carries from task to task beside the train state, and what a checkpoint keeps
+    of it: `snapshot` (the checkpoint's progress record) and `restore` (back from one)."""
+
+    class_il: np.ndarray  # [tasks, tasks] class-IL accuracy; row i: after task i (NaN: not yet)
+    task_il: np.ndarray  # [tasks, tasks] task-IL accuracy
+    counter: flops_lib.FlopsCounter  # the training FLOPs so far
+    train_times: list[float] = dataclasses.field(default_factory=list)  # seconds, per task
+    eval_times: list[float] = dataclasses.field(default_factory=list)  # seconds, per task
+    per_task: list[dict] = dataclasses.field(default_factory=list)  # each task's summary
+    flops_per_task: list[float] = dataclasses.field(default_factory=list)  # cumulative FLOPs
+    earlier_wall_time: float = 0.0  # seconds of the processes before a resumption
+
+    @classmethod
+    def empty(cls, num_tasks: int, counter: flops_lib.FlopsCounter) -> RunRecord:
+        """The record of a run before its first task.
+
+        Args:
+          num_tasks: the benchmark's tasks.
+          counter: the run's FLOPs counter.
+
+        Returns:
+          A record with NaN accuracy matrices and empty lists.
+        """
+        return cls(np.full((num_tasks, num_tasks), np.nan),
+                   np.full((num_tasks, num_tasks), np.nan), counter)
+
+    def wall_time(self, start: float) -> float:
+        """The run's wall time across resumptions (this process's began at `start`)."""
+        return self.earlier_wall_time + time.perf_counter() - start
+
+    def snapshot(self, tasks_done: int, in_task: dict | None, start: float) -> dict:
+        """Everything the loop needs to go on from here (beside the train state).
+
+        Args:
+          tasks_done: tasks trained and evaluated.
+          in_task: where in the next task the run stands (None: at the task boundary).
+          start: when this process's run began (`time.perf_counter`).
+
+        Returns:
+          A JSON-able dict (the checkpoint's progress record).
+        """
+        return atomic_io.to_jsonable({
+            "tasks_done": tasks_done, "class_il": self.class_il[:tasks_done],
+            "task_il": self.task_il[:tasks_done], "train_times": self.train_times,
+            "eval_times": self.eval_times, "per_task": self.per_task,
+            "flops_per_task": self.flops_per_task, "flops_total": self.counter.total,
+            "wall_time_s": self.wall_time(start), "in_task": in_task})
+
+    def restore(self, done: dict) -> tuple[int, dict | None]:
+        """Takes back a `snapshot`.
+
+        Args:
+          done: the progress record of a checkpoint.
+
+        Returns:
+          (tasks done, where in the next task the run stands: None at a task boundary).
+        """
+        first_task, t_count = done["tasks_done"], self.class_il.shape[1]
+        self.class_il[:first_task] = np.asarray(done["class_il"], dtype=float).reshape(-1, t_count)
+        self.task_il[:first_task] = np.asarray(done["task_il"], dtype=float).reshape(-1, t_count)
+        self.train_times, self.eval_times = done["train_times"], done["eval_times"]
+        self.per_task, self.flops_per_task = done["per_task"], done["flops_per_task"]
+        self.counter.total = done["flops_total"]
+        self.earlier_wall_time = done["wall_time_s"]
+        return first_task, done["in_task"]
+
+
+@dataclasses.dataclass
+class _Run:
+    """A run's fixed parts (`_set_up`), its record and the little mutable state of the loop
+    (the background compilations not yet waited for, the steps since the last save)."""
+
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    benchmark: Benchmark
+    method: Method
+    run_chunk: Callable
+    predict: Callable
+    mesh: jax.sharding.Mesh | None
+    replicated: Any  # the replicated sharding on the mesh (None: one device)
+    batch_sharding: Any  # a chunk's batch indices split over the mesh (None: one device)
+    capacity: int  # the largest task's training examples (every task is padded to it)
+    multiprocess: bool
+    primary: bool  # several processes: only process 0 writes and prints
+    progress: bool
+    stop: _StopSignals
+    start: float  # time.perf_counter() at the run's start
+    logger: Any
+    on_task_end: TaskEndCallback | None
+    record: RunRecord
+    every: int = 0  # save every this many steps (0: at task ends only)
+    checkpointer: Any = None
+    chunk_compile: compilation.BackgroundCompile | None = None
+    predict_compile: compilation.BackgroundCompile | None = None
+    steps_since_save: int = 0
+
+    def settle(self, state: TrainState) -> TrainState:
+        """Several processes: every leaf a global array replicated on the mesh (host hooks may
+        put process-local arrays in the state; checkpoints and host reads need global ones)."""
+        return distributed.ensure_replicated(state, self.replicated) if self.multiprocess \
+            else state
+
+    def stop_now(self, signum: int, where: str) -> RunInterrupted:
+        """The exception that ends the run for signal `signum` (`where`: in which task)."""
+        name = signal.Signals(signum).name
+        if self.checkpointer is not None:
+            return RunInterrupted(signum, f"interrupted by {name} {where}: state saved in "
+                                  f"{self.checkpointer.directory}; the same command resumes there")
+        return RunInterrupted(signum, f"interrupted by {name} {where}: nothing was saved "
+                              "(with --config.checkpoint=True the same command resumes)")
+
+
+@dataclasses.dataclass
+class _Task:
+    """The task being trained: its data (host, and devices padded to the capacity), its context,
+    when its training began (earlier processes' part included) and the examples seen so far."""
+
+    task_id: int
+    x: np.ndarray
+    y: np.ndarray
+    x_dev: jax.Array
+    y_dev: jax.Array
+    ctx: TaskContext
+    start: float
+    examples_seen: int = 0
+
+
+class _Epoch(NamedTuple):
+    """An epoch's batches: indices [chunks * steps_per_call, B], their valid flags, and the
+    examples it trains on (None: all; what a mid-epoch checkpoint keeps)."""
+
+    epoch: int
+    batch_idx: np.ndarray
+    valid: np.ndarray
+    indices: np.ndarray | None
+
+
 def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: bool,
          on_task_end: TaskEndCallback | None, make_method: Callable[..., Any],
          stop: _StopSignals, start: float, resources: contextlib.ExitStack) -> dict[str, Any]:
-    """The run itself (`train_and_evaluate`); writers it opens are closed by `resources` on
-    every way out."""
+    """The run itself (`train_and_evaluate`), phase by phase: set up, resume, train and finish
+    each task, results. Writers it opens are closed by `resources` on every way out."""
     if stop.signum is not None and not distributed.is_multiprocess():  # before the run began
         raise RunInterrupted(stop.signum, f"interrupted by {signal.Signals(stop.signum).name} "
                              "before training started: nothing was written")
+    run, state = _set_up(config, workdir, progress, on_task_end, make_method, stop, start,
+                         resources)
+    state, first_task, resume = _open_checkpoints(run, state, resources)
+    for task_id in range(first_task, run.benchmark.num_tasks):
+        mid = resume if resume is not None and resume["task"] == task_id else None
+        state, task = _train_task(run, state, task_id, mid)
+        state = _finish_task(run, state, task)
+    return _results(run, state)
+
+
+def _set_up(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: bool,
+            on_task_end: TaskEndCallback | None, make_method: Callable[..., Any],
+            stop: _StopSignals, start: float,
+            resources: contextlib.ExitStack) -> tuple[_Run, TrainState]:
+    """The run's method, mesh, compiled functions (compiling in the background), initial state,
+    FLOPs counter and logger."""
     multiprocess = distributed.is_multiprocess()
-    primary = distributed.is_primary()  # several processes: only process 0 writes and prints
-    progress = progress and primary
+    primary = distributed.is_primary()
     benchmark, method = build_config_method(config, make_method=make_method)
     mesh = make_data_mesh(config.num_devices, config.batch_size)
     key = jax.random.key(config.seed)
@@ -553,9 +661,7 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
         batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
     run_chunk = make_train_chunk(method)
     predict = make_predict(method, benchmark)
-    t_count = benchmark.num_tasks
-    spc = config.steps_per_call
-    capacity = max(method.training_data(t)[1].shape[0] for t in range(t_count))
+    capacity = max(method.training_data(t)[1].shape[0] for t in range(benchmark.num_tasks))
     # The training chunk and the prediction compile in threads, from the shapes of their
     # arguments, while the state is initialised and the first task set up (and, for the
     # prediction, trained): their first calls find them compiled (`compilation`).
@@ -565,189 +671,204 @@ def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: boo
     state = compilation.call_once(method.init, key)
     if mesh is not None:
         state = distributed.replicate(state, replicated)
-
-    def settle(state: TrainState) -> TrainState:
-        """Several processes: every leaf a global array replicated on the mesh (host hooks may
-        put process-local arrays in the state; checkpoints and host reads need global ones)."""
-        return distributed.ensure_replicated(state, replicated) if multiprocess else state
-
     counter = flops_lib.FlopsCounter(method.flops_layers(state.params, state.batch_stats))
-    flops_per_task = []
-
     logger = resources.enter_context(make_logger(workdir, bool(config.tensorboard) and primary))
-    class_il = np.full((t_count, t_count), np.nan)
-    task_il = np.full((t_count, t_count), np.nan)
-    train_times, eval_times, per_task = [], [], []
-    checkpointer = None
-    every = int(config.get("checkpoint_every_steps", 0)) if config.checkpoint else 0
-    first_task, resume, earlier_wall_time = 0, None, 0.0
-    if config.checkpoint:
-        from esacl_jax.harness.checkpoint import RunCheckpointer
+    run = _Run(config=config, workdir=workdir, benchmark=benchmark, method=method,
+               run_chunk=run_chunk, predict=predict, mesh=mesh, replicated=replicated,
+               batch_sharding=batch_sharding, capacity=capacity, multiprocess=multiprocess,
+               primary=primary, progress=progress and primary, stop=stop, start=start,
+               logger=logger, on_task_end=on_task_end,
+               record=RunRecord.empty(benchmark.num_tasks, counter),
+               every=int(config.get("checkpoint_every_steps", 0)) if config.checkpoint else 0,
+               chunk_compile=chunk_compile, predict_compile=predict_compile)
+    return run, state
 
-        checkpointer = RunCheckpointer(workdir / "checkpoints", config.to_dict())
-        resources.callback(checkpointer.close)
-        checkpointer.check_space(state)
-        restored = checkpointer.restore(state)
-        if restored is not None:
-            state, done = restored
-            first_task = done["tasks_done"]
-            class_il[:first_task] = np.asarray(done["class_il"], dtype=float).reshape(-1, t_count)
-            task_il[:first_task] = np.asarray(done["task_il"], dtype=float).reshape(-1, t_count)
-            train_times, eval_times = done["train_times"], done["eval_times"]
-            per_task, flops_per_task = done["per_task"], done["flops_per_task"]
-            counter.total = done["flops_total"]
-            earlier_wall_time = done["wall_time_s"]
-            resume = done["in_task"]  # None: at a task boundary
-            if progress:
-                where = (f"task {first_task + 1}" if resume is None else
-                         f"task {resume['task'] + 1}, epoch {resume['epoch'] + 1}, "
-                         f"step {int(state.step)}")
-                print(f"resuming at {where} from {checkpointer.directory}", flush=True)
 
-    def snapshot(tasks_done: int, in_task: dict | None) -> dict:
-        """Everything the loop needs to go on from here (beside the train state)."""
-        return atomic_io.to_jsonable({
-            "tasks_done": tasks_done, "class_il": class_il[:tasks_done],
-            "task_il": task_il[:tasks_done], "train_times": train_times,
-            "eval_times": eval_times, "per_task": per_task, "flops_per_task": flops_per_task,
-            "flops_total": counter.total,
-            "wall_time_s": earlier_wall_time + time.perf_counter() - start,
-            "in_task": in_task})
+def _open_checkpoints(run: _Run, state: TrainState, resources: contextlib.ExitStack,
+                      ) -> tuple[TrainState, int, dict | None]:
+    """With config.checkpoint: the run's checkpointer, and the state and record of its latest
+    good checkpoint. Returns (state, first task to train, where in it the run stands)."""
+    if not run.config.checkpoint:
+        return state, 0, None
+    from esacl_jax.harness.checkpoint import RunCheckpointer
 
-    def stop_now(signum: int, saved: bool, where: str) -> RunInterrupted:
-        name = signal.Signals(signum).name
-        if saved:
-            return RunInterrupted(signum, f"interrupted by {name} {where}: state saved in "
-                                  f"{checkpointer.directory}; the same command resumes there")
-        return RunInterrupted(signum, f"interrupted by {name} {where}: nothing was saved "
-                              "(with --config.checkpoint=True the same command resumes)")
+    run.checkpointer = RunCheckpointer(run.workdir / "checkpoints", run.config.to_dict())
+    resources.callback(run.checkpointer.close)
+    run.checkpointer.check_space(state)
+    restored = run.checkpointer.restore(state)
+    if restored is None:
+        return state, 0, None
+    state, done = restored
+    first_task, resume = run.record.restore(done)
+    if run.progress:
+        where = (f"task {first_task + 1}" if resume is None else
+                 f"task {resume['task'] + 1}, epoch {resume['epoch'] + 1}, "
+                 f"step {int(state.step)}")
+        print(f"resuming at {where} from {run.checkpointer.directory}", flush=True)
+    return state, first_task, resume
 
-    steps_since_save = 0
-    for task_id in range(first_task, t_count):
-        mid = resume if resume is not None and resume["task"] == task_id else None
-        task_start = time.perf_counter() - (mid["train_time_s"] if mid else 0.0)
-        x_np, y_np = method.training_data(task_id)
-        x_dev = distributed.global_array(pad_to(x_np, capacity), replicated)
-        y_dev = distributed.global_array(pad_to(y_np.astype(np.int32), capacity), replicated)
-        ctx = task_context(benchmark, task_id)
-        if mid is None:
-            state = state.replace(task_id=jnp.asarray(task_id, jnp.int32))
-            state = method.begin_task(state, task_id)
-            examples_seen, first_epoch = 0, 0
-        else:  # the restored state is past begin_task (and the epoch's begin_epoch)
-            examples_seen, first_epoch = mid["examples_seen"], mid["epoch"]
-        bar = tqdm.tqdm(desc=f"task {task_id + 1}/{t_count}", unit="step", disable=not progress,
-                        file=sys.stdout, leave=True, dynamic_ncols=True)
-        for epoch in range(first_epoch, config.epochs):
-            if mid is not None and epoch == mid["epoch"]:
-                custom = mid["indices"]
-                custom = None if custom is None else np.asarray(custom, np.int32)
-                # The densities of partial passes (`Pass.layers`) from the state; the whole
-                # network's costs as the checkpoint recorded them.
-                counter.set_densities(*method.flops_densities(state))
-                counter.f_fwd, counter.f_wgrad = mid["f_fwd"], mid["f_wgrad"]
-                first_chunk = mid["chunk"]
-            else:
-                custom = method.epoch_indices(state, task_id, epoch, x_np.shape[0])
-                state = method.begin_epoch(state, task_id, epoch)
-                counter.set_densities(*method.flops_densities(state))
-                first_chunk = 0
-            indices = custom if custom is not None else np.arange(x_np.shape[0], dtype=np.int32)
-            # The epoch's key: the run key with the task and the epoch folded in.
-            batch_idx, valid, steps = epoch_batches(state.rng, indices, config.batch_size, spc,
-                                                    folds=(1_000_003 + task_id, epoch))
-            if epoch == first_epoch:
-                bar.reset(total=steps * config.epochs)
-                bar.update(min(steps, first_chunk * spc) + steps * (epoch))
-            losses_, accs = [], []
-            for c in range(first_chunk * spc, batch_idx.shape[0], spc):
-                sl = slice(c, c + spc)
-                # Several processes: each feeds only its own devices' columns of the batch.
-                chunk_idx = distributed.global_array(batch_idx[sl], batch_sharding)
-                state = settle(state)
-                if chunk_compile is not None:  # the first chunk: wait for its compilation
-                    chunk_compile.wait()
-                    chunk_compile = None
-                state, step_metrics = run_chunk(state, x_dev, y_dev, chunk_idx, valid[sl], ctx)
-                state = settle(state)
-                ok = valid[sl]
-                chunk_loss = np.asarray(step_metrics.loss)[ok]
-                if not np.all(np.isfinite(chunk_loss)):
-                    raise TrainingError(
-                        f"loss became NaN/inf in task {task_id} epoch {epoch}: lower "
-                        f"--config.learning_rate (now {config.learning_rate}) or check the data")
-                losses_.append(chunk_loss)
-                accs.append(np.asarray(step_metrics.accuracy)[ok])
-                bar.set_postfix(loss=f"{np.mean(chunk_loss):.3f}",
-                                acc=f"{100 * np.mean(accs[-1]):.1f}%", refresh=False)
-                bar.update(int(ok.sum()))
-                count_passes(counter, method.step_passes_for_task(task_id), int(ok.sum()))
-                global_step = int(state.step)
-                logger.scalars({"train/loss": float(np.mean(chunk_loss)),
-                                "train/accuracy": float(np.mean(accs[-1])),
-                                "train/flops": counter.total}, global_step)
-                steps_since_save += int(ok.sum())
-                due = every > 0 and steps_since_save >= every
-                signum = stop.pending()
-                if checkpointer is not None and (due or signum is not None):
-                    checkpointer.save(state, snapshot(task_id, {
-                        "task": task_id, "epoch": epoch, "chunk": c // spc + 1,
-                        "examples_seen": examples_seen, "indices": custom,
-                        "f_fwd": counter.f_fwd, "f_wgrad": counter.f_wgrad,
-                        "train_time_s": time.perf_counter() - task_start}))
-                    steps_since_save = 0
-                if signum is not None:
-                    bar.close()
-                    raise stop_now(signum, checkpointer is not None,
-                                   f"in task {task_id + 1}, epoch {epoch + 1}")
-            examples_seen += steps * config.batch_size
+
+def _train_task(run: _Run, state: TrainState, task_id: int,
+                mid: dict | None) -> tuple[TrainState, _Task]:
+    """Trains task `task_id`'s epochs (from where a mid-task checkpoint `mid` stood)."""
+    task_start = time.perf_counter() - (mid["train_time_s"] if mid else 0.0)
+    x_np, y_np = run.method.training_data(task_id)
+    x_dev = distributed.global_array(pad_to(x_np, run.capacity), run.replicated)
+    y_dev = distributed.global_array(pad_to(y_np.astype(np.int32), run.capacity), run.replicated)
+    task = _Task(task_id, x_np, y_np, x_dev, y_dev, task_context(run.benchmark, task_id),
+                 task_start)
+    if mid is None:
+        state = state.replace(task_id=jnp.asarray(task_id, jnp.int32))
+        state = run.method.begin_task(state, task_id)
+        first_epoch = 0
+    else:  # the restored state is past begin_task (and the epoch's begin_epoch)
+        task.examples_seen, first_epoch = mid["examples_seen"], mid["epoch"]
+    bar = tqdm.tqdm(desc=f"task {task_id + 1}/{run.benchmark.num_tasks}", unit="step",
+                    disable=not run.progress, file=sys.stdout, leave=True, dynamic_ncols=True)
+    for epoch in range(first_epoch, run.config.epochs):
+        first = epoch == first_epoch
+        state = _train_epoch(run, state, task, epoch, mid if first else None, bar, first)
+    bar.close()
+    return state, task
+
+
+def _train_epoch(run: _Run, state: TrainState, task: _Task, epoch: int, mid: dict | None,
+                 bar: tqdm.tqdm, first: bool) -> TrainState:
+    """Trains one epoch of `task` chunk by chunk; `mid`: the checkpoint of a resumed epoch
+    (else None); `bar` is set up at the task's `first` epoch trained here."""
+    method, config, counter = run.method, run.config, run.record.counter
+    spc = config.steps_per_call
+    if mid is not None:
+        custom = mid["indices"]
+        custom = None if custom is None else np.asarray(custom, np.int32)
+        # The densities of partial passes (`Pass.layers`) from the state; the whole
+        # network's costs as the checkpoint recorded them.
+        counter.set_densities(*method.flops_densities(state))
+        counter.f_fwd, counter.f_wgrad = mid["f_fwd"], mid["f_wgrad"]
+        first_chunk = mid["chunk"]
+    else:
+        custom = method.epoch_indices(state, task.task_id, epoch, task.x.shape[0])
+        state = method.begin_epoch(state, task.task_id, epoch)
+        counter.set_densities(*method.flops_densities(state))
+        first_chunk = 0
+    indices = custom if custom is not None else np.arange(task.x.shape[0], dtype=np.int32)
+    # The epoch's key: the run key with the task and the epoch folded in.
+    batch_idx, valid, steps = epoch_batches(state.rng, indices, config.batch_size, spc,
+                                            folds=(1_000_003 + task.task_id, epoch))
+    if first:
+        bar.reset(total=steps * config.epochs)
+        bar.update(min(steps, first_chunk * spc) + steps * (epoch))
+    batches = _Epoch(epoch, batch_idx, valid, custom)
+    for c in range(first_chunk * spc, batch_idx.shape[0], spc):
+        state = _train_chunk(run, state, task, batches, c, bar)
+    task.examples_seen += steps * config.batch_size
+    return state
+
+
+def _train_chunk(run: _Run, state: TrainState, task: _Task, batches: _Epoch, c: int,
+                 bar: tqdm.tqdm) -> TrainState:
+    """Runs the compiled chunk of steps starting at step `c` of the epoch; counts, logs, saves
+    when a save is due or a signal came (and then stops)."""
+    config, counter, spc = run.config, run.record.counter, run.config.steps_per_call
+    sl = slice(c, c + spc)
+    # Several processes: each feeds only its own devices' columns of the batch.
+    chunk_idx = distributed.global_array(batches.batch_idx[sl], run.batch_sharding)
+    state = run.settle(state)
+    if run.chunk_compile is not None:  # the first chunk: wait for its compilation
+        run.chunk_compile.wait()
+        run.chunk_compile = None
+    state, step_metrics = run.run_chunk(state, task.x_dev, task.y_dev, chunk_idx,
+                                        batches.valid[sl], task.ctx)
+    state = run.settle(state)
+    ok = batches.valid[sl]
+    chunk_loss = np.asarray(step_metrics.loss)[ok]
+    if not np.all(np.isfinite(chunk_loss)):
+        raise TrainingError(
+            f"loss became NaN/inf in task {task.task_id} epoch {batches.epoch}: lower "
+            f"--config.learning_rate (now {config.learning_rate}) or check the data")
+    chunk_acc = np.asarray(step_metrics.accuracy)[ok]
+    bar.set_postfix(loss=f"{np.mean(chunk_loss):.3f}", acc=f"{100 * np.mean(chunk_acc):.1f}%",
+                    refresh=False)
+    bar.update(int(ok.sum()))
+    count_passes(counter, run.method.step_passes_for_task(task.task_id), int(ok.sum()))
+    run.logger.scalars({"train/loss": float(np.mean(chunk_loss)),
+                        "train/accuracy": float(np.mean(chunk_acc)),
+                        "train/flops": counter.total}, int(state.step))
+    run.steps_since_save += int(ok.sum())
+    due = run.every > 0 and run.steps_since_save >= run.every
+    signum = run.stop.pending()
+    if run.checkpointer is not None and (due or signum is not None):
+        run.checkpointer.save(state, run.record.snapshot(task.task_id, {
+            "task": task.task_id, "epoch": batches.epoch, "chunk": c // spc + 1,
+            "examples_seen": task.examples_seen, "indices": batches.indices,
+            "f_fwd": counter.f_fwd, "f_wgrad": counter.f_wgrad,
+            "train_time_s": time.perf_counter() - task.start}, run.start))
+        run.steps_since_save = 0
+    if signum is not None:
         bar.close()
-        state = settle(method.end_task(state, task_id, x_np, y_np))
-        counter.set_densities(*method.flops_densities(state))  # e.g. retraining after pruning
-        count_passes(counter, method.end_task_passes(x_np.shape[0]), 1)
-        flops_per_task.append(counter.total)
-        jax.block_until_ready(state)
-        train_times.append(time.perf_counter() - task_start)
-        eval_start = time.perf_counter()
-        if predict_compile is not None:
-            predict_compile.wait()
-            predict_compile = None
-        class_il[task_id], task_il[task_id] = evaluate(method, predict, state, benchmark, task_id,
-                                                       config.eval_batch_size)
-        eval_times.append(time.perf_counter() - eval_start)
-        per_task.append({"task": task_id, "classes": list(benchmark.tasks[task_id].classes),
-                         "train_examples_seen": examples_seen,
-                         "host_rss_bytes": memory_lib.current_rss_bytes(),
-                         **method.summary(state)})
-        log_task(logger, per_task[-1], class_il[task_id], task_il[task_id], counter.total)
-        if checkpointer is not None:
-            checkpointer.save(state, snapshot(task_id + 1, None))
-            steps_since_save = 0
-        if progress:
-            seen = slice(0, task_id + 1)
-            print(f"  after task {task_id + 1}: class-IL "
-                  f"{100 * np.nanmean(class_il[task_id, seen]):.2f}% "
-                  f"task-IL {100 * np.nanmean(task_il[task_id, seen]):.2f}%", flush=True)
-        if on_task_end is not None:
-            on_task_end(task_id, method, state)
-        signum = stop.pending()
-        if signum is not None and task_id + 1 < t_count:
-            raise stop_now(signum, checkpointer is not None, f"after task {task_id + 1}")
+        raise run.stop_now(signum, f"in task {task.task_id + 1}, epoch {batches.epoch + 1}")
+    return state
 
-    logger.close()
-    if checkpointer is not None:
-        checkpointer.close()
-    result = run_result(config, benchmark, method, state, class_il, task_il,
-                        train_times=train_times, eval_times=eval_times, per_task=per_task,
-                        counter=counter, flops_per_task=flops_per_task,
-                        num_devices=1 if mesh is None else mesh.size,
+
+def _finish_task(run: _Run, state: TrainState, task: _Task) -> TrainState:
+    """The task's end: the method's end-of-task hook, its FLOPs, evaluation on every task, the
+    task's summary, a checkpoint, the progress line, the `on_task_end` hook; then a pending
+    signal stops the run (unless the task was the last)."""
+    method, record, task_id = run.method, run.record, task.task_id
+    state = run.settle(method.end_task(state, task_id, task.x, task.y))
+    record.counter.set_densities(*method.flops_densities(state))  # e.g. retraining after pruning
+    count_passes(record.counter, method.end_task_passes(task.x.shape[0]), 1)
+    record.flops_per_task.append(record.counter.total)
+    jax.block_until_ready(state)
+    record.train_times.append(time.perf_counter() - task.start)
+    eval_start = time.perf_counter()
+    if run.predict_compile is not None:
+        run.predict_compile.wait()
+        run.predict_compile = None
+    record.class_il[task_id], record.task_il[task_id] = evaluate(
+        method, run.predict, state, run.benchmark, task_id, run.config.eval_batch_size)
+    record.eval_times.append(time.perf_counter() - eval_start)
+    record.per_task.append({"task": task_id,
+                            "classes": list(run.benchmark.tasks[task_id].classes),
+                            "train_examples_seen": task.examples_seen,
+                            "host_rss_bytes": memory_lib.current_rss_bytes(),
+                            **method.summary(state)})
+    log_task(run.logger, record.per_task[-1], record.class_il[task_id], record.task_il[task_id],
+             record.counter.total)
+    if run.checkpointer is not None:
+        run.checkpointer.save(state, record.snapshot(task_id + 1, None, run.start))
+        run.steps_since_save = 0
+    if run.progress:
+        seen = slice(0, task_id + 1)
+        print(f"  after task {task_id + 1}: class-IL "
+              f"{100 * np.nanmean(record.class_il[task_id, seen]):.2f}% "
+              f"task-IL {100 * np.nanmean(record.task_il[task_id, seen]):.2f}%", flush=True)
+    if run.on_task_end is not None:
+        run.on_task_end(task_id, method, state)
+    signum = run.stop.pending()
+    if signum is not None and task_id + 1 < run.benchmark.num_tasks:
+        raise run.stop_now(signum, f"after task {task_id + 1}")
+    return state
+
+
+def _results(run: _Run, state: TrainState) -> dict[str, Any]:
+    """Closes the run's writers and writes its results (process 0); returns the results."""
+    run.logger.close()
+    if run.checkpointer is not None:
+        run.checkpointer.close()
+    record = run.record
+    result = run_result(run.config, run.benchmark, run.method, state, record.class_il,
+                        record.task_il, train_times=record.train_times,
+                        eval_times=record.eval_times, per_task=record.per_task,
+                        counter=record.counter, flops_per_task=record.flops_per_task,
+                        num_devices=1 if run.mesh is None else run.mesh.size,
                         # across resumptions: the time of every process up to its last checkpoint
-                        wall_time_s=earlier_wall_time + time.perf_counter() - start)
-    if multiprocess:
+                        wall_time_s=record.wall_time(run.start))
+    if run.multiprocess:
         result["num_processes"] = jax.process_count()
-    if not primary:
+    if not run.primary:
         return result
-    return write_results(workdir, method, state, result)
+    return write_results(run.workdir, run.method, state, result)
 
 
 def run_result(config: ml_collections.ConfigDict, benchmark: Benchmark, method: Method,

@@ -2,8 +2,8 @@
 
 Analytic (docs/METHOD.md "Memory footprint"): nonzero weights of the masked (prunable) leaves plus
 one bit per mask entry, every other parameter dense, the optimizer state, the replay buffer, every
-other array the method keeps between steps (`Method.stored_method_state`) and the activations of
-one step.
+other array the method keeps between steps (`costs.CostHooks.stored_method_state`) and the
+activations of one step.
 Measured: the process's peak RSS and, on GPU/TPU, the device allocator's ``peak_bytes_in_use``.
 """
 

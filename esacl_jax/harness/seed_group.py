@@ -39,6 +39,7 @@ from esacl_jax.harness import flops as flops_lib
 from esacl_jax.harness import memory as memory_lib
 from esacl_jax.harness.methods import TrainState
 from esacl_jax.harness.methods.base import make_train_chunk
+from esacl_jax.harness.methods.costs import count_passes
 from esacl_jax.harness.run_logger import make_logger
 
 
@@ -543,8 +544,8 @@ class _Group:
                         f"loss became NaN/inf in task {task_id} epoch {epoch} of seed "
                         f"{run.seed}: lower --config.learning_rate (now "
                         f"{config.learning_rate}) or check the data")
-                self.loop.count_passes(run.counter, run.method.step_passes_for_task(task_id),
-                                       int(ok.sum()))
+                count_passes(run.counter, run.method.step_passes_for_task(task_id),
+                             int(ok.sum()))
                 if ok.any():
                     run.logger.scalars({"train/loss": float(np.mean(chunk_loss)),
                                         "train/accuracy": float(np.mean(accuracies[i][ok])),
@@ -571,7 +572,7 @@ class _Group:
             x_np, y_np = host[i]
             one = run.method.end_task(one, task_id, x_np, y_np)
             run.counter.set_densities(*run.method.flops_densities(one))
-            loop.count_passes(run.counter, run.method.end_task_passes(x_np.shape[0]), 1)
+            count_passes(run.counter, run.method.end_task_passes(x_np.shape[0]), 1)
             run.flops_per_task.append(run.counter.total)
             return one
 

@@ -22,7 +22,10 @@ from esacl_jax import masks as masks_lib
 from esacl_jax.harness import flops as flops_lib
 from esacl_jax.harness import losses
 from esacl_jax.harness.data.augment import augment_batch
-from esacl_jax.harness.data.base import Benchmark, preprocess
+from esacl_jax.harness.data.base import Benchmark, class_mask, preprocess
+from esacl_jax.harness.methods import state as state_lib
+from esacl_jax.harness.methods.costs import CostHooks, Pass
+from esacl_jax.harness.methods.registry import method_class
 from esacl_jax.harness.models import forward, init_variables
 
 
@@ -34,7 +37,7 @@ class TrainState(flax.struct.PyTreeNode):
     params: Any
     batch_stats: Any  # {} for models without BatchNorm
     opt_state: Any
-    method_state: Any  # replay buffer, per-example statistics, Fisher, ... ({} if none)
+    method_state: Any  # a `methods.state` NamedTuple: replay buffer, Fisher, masks, ...
     rng: jax.Array  # typed PRNG key of the run
 
 
@@ -55,19 +58,27 @@ class TaskContext(NamedTuple):
     seen_classes: jax.Array  # bool [num_classes]: classes of tasks 0..task_id
 
 
+def task_context(benchmark: Benchmark, task_id: int) -> TaskContext:
+    """Task `task_id`'s context: what the compiled step takes of the task.
+
+    Args:
+      benchmark: the run's benchmark.
+      task_id: the task's position.
+
+    Returns:
+      Its `TaskContext`.
+    """
+    k = benchmark.num_classes
+    return TaskContext(
+        task_id=jnp.asarray(task_id, jnp.int32),
+        task_classes=jnp.asarray(class_mask(benchmark.tasks[task_id].classes, k)),
+        seen_classes=jnp.asarray(class_mask(benchmark.classes_up_to(task_id), k)),
+    )
+
+
 class StepMetrics(NamedTuple):
     loss: jax.Array
     accuracy: jax.Array
-
-
-class Pass(NamedTuple):
-    """One pass a step executes, for the training-FLOPs count (METHOD.md accounting)."""
-
-    kind: str  # "fwd" (forward only) or "fwd_bwd" (forward + activation and weight gradients)
-    examples: int  # examples the pass touches
-    # The top-level modules (first component of a kernel path, e.g. "stem", "classifier",
-    # "projection_head") the pass runs through; None: every layer of `Method.flops_layers`.
-    layers: tuple[str, ...] | None = None
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -118,12 +129,13 @@ def prunable_set(config: ml_collections.ConfigDict) -> str:
     return new
 
 
-class Method:
+class Method(CostHooks):
     """Base class: plain SGD on the current task (finetune). Subclasses override the hooks.
 
     Hooks, in the order the loop calls them:
       init -> per task: training_data, begin_task, per epoch: [epoch_indices, begin_epoch,
       train_step (compiled, scanned over the epoch)], end_task -> eval_variables for evaluation.
+    The cost hooks (training-FLOPs passes, memory) are `costs.CostHooks`'.
     """
 
     name = "finetune"
@@ -152,8 +164,9 @@ class Method:
         return make_optimizer(self.config)
 
     def init_method_state(self, params: Any) -> Any:
+        """The method's state at initialisation (`methods.state`: a NamedTuple per family)."""
         del params
-        return {}
+        return state_lib.NoState()
 
     def init_params(self, key: jax.Array) -> tuple[Any, Any]:
         """(params, batch_stats) at initialisation: the model's; methods that train more than the
@@ -259,62 +272,7 @@ class Method:
         """(params, batch_stats) used for evaluation."""
         return state.params, state.batch_stats
 
-    # ----- training-FLOPs accounting (host-side, counted as the run executes) -----
-    def step_passes(self) -> list[Pass]:
-        """The passes one train step executes. Finetune: one forward+backward on the batch."""
-        return [Pass("fwd_bwd", self.config.batch_size)]
-
-    def step_passes_for_task(self, task_id: int) -> list[Pass]:
-        """The passes one train step of task `task_id` executes (what the loop counts): the same
-        for every task unless a method overrides it (CO2L: no past-model forward on task 0)."""
-        del task_id
-        return self.step_passes()
-
-    def flops_layers(self, params: Any, batch_stats: Any) -> list[flops_lib.LayerFlops]:
-        """The conv/dense layers the FLOPs counter knows: the model's, from an abstract forward
-        pass. Methods with layers of their own (CO2L's projection head) add them."""
-        sample = jnp.zeros((1, *self.benchmark.input_shape), jnp.float32)
-        variables = {"params": params, "batch_stats": batch_stats} if batch_stats else \
-            {"params": params}
-        return flops_lib.layer_forward_flops(self.model, variables, sample)
-
-    def stored_method_state(self, state: TrainState) -> Any:
-        """Method state the analytic memory footprint counts beside the params, the optimizer
-        state and the replay buffer: every other array the method keeps between steps (EWC's
-        Fisher and anchor, SparCL's masks and last gradient, the IDS and DDR tables, CO2L's
-        past-model copy), so that state kept here and state kept in an optimizer count alike."""
-        ms = state.method_state
-        if not isinstance(ms, dict):
-            return ms
-        return {k: v for k, v in ms.items() if k != "buffer"}
-
-    def step_activation_bytes(self, state: TrainState, per_example: int, batch_size: int) -> int:
-        """Activation bytes one step keeps for its backward pass, given the model's per-example
-        bytes: the current batch's by default (CO2L: two views of batch + replay, head too)."""
-        del state
-        return per_example * batch_size
-
-    def sparse_masks(self, state: TrainState) -> Any | None:
-        """The weight masks of a sparse method (bool pytree like params), None for dense ones."""
-        del state
-        return None
-
-    def flops_densities(self, state: TrainState) -> tuple[dict | None, dict | None]:
-        """(weight densities, gradient densities) by kernel path for the FLOPs count.
-
-        None means dense. By default both follow `sparse_masks` (gradients masked by weights,
-        g = s in METHOD.md's accounting); DGM-style methods override the gradient densities.
-        """
-        weight_masks = self.sparse_masks(state)
-        if weight_masks is None:
-            return None, None
-        densities = flops_lib.densities_from_masks(weight_masks)
-        return densities, densities
-
-    def end_task_passes(self, num_examples: int) -> list[Pass]:
-        """Extra passes at the end of a task (e.g. EWC's Fisher estimate). None by default."""
-        del num_examples
-        return []
+    # ----- cost accounting: the hooks of `costs.CostHooks` (step_passes, flops_layers, ...)
 
     def summary(self, state: TrainState) -> dict:
         """Extra per-task facts for results.json (e.g. sparsity). Host-side."""
@@ -383,7 +341,8 @@ class SparseWrapperMethod(Method):
     `replay_loss` (replay terms or the EWC penalty), `after_step` (reservoir insertion), `end_task`
     (EWC's Fisher), `step_passes` and `end_task_passes`, and, for bases that train more than the
     model or evaluate with other weights (CO2L), `init_params`, `eval_variables`, `flops_layers`
-    and the memory hooks; its method_state entries are merged into this method's dict.
+    and the memory hooks; its state's fields are fields of this method's state too
+    (`methods.state`), so the base's hooks run on this method's state as they are.
     """
 
     allowed_bases: tuple[str, ...] = ()
@@ -395,8 +354,6 @@ class SparseWrapperMethod(Method):
         if base_name not in self.allowed_bases:
             raise ValueError(f"{self.name} base must be one of {self.allowed_bases}, "
                              f"got {base_name!r}")
-        from esacl_jax.harness.methods import method_class  # the registry imports this module
-
         self.base = method_class(base_name)(config, model, benchmark)
         self.scenarios = self.base.scenarios
         super().__init__(config, model, benchmark)
@@ -427,6 +384,11 @@ class SparseWrapperMethod(Method):
 
     def step_activation_bytes(self, state: TrainState, per_example: int, batch_size: int) -> int:
         return self.base.step_activation_bytes(state, per_example, batch_size)
+
+    def sparse_masks(self, state: TrainState) -> Any:
+        """The weight masks (method_state.masks, every wrapper's state has them): the memory
+        footprint and the compact export of the trained model (sparse_model.npz) read them."""
+        return state.method_state.masks
 
     def loss_and_grads(self, state: TrainState, batch: Batch, ctx: TaskContext,
                        key: jax.Array) -> tuple[jax.Array, tuple, Any]:

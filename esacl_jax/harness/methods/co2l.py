@@ -59,6 +59,7 @@ from esacl_jax.harness.methods.base import (
     TrainState,
 )
 from esacl_jax.harness.methods.er import ReplayMethod
+from esacl_jax.harness.methods.state import CO2LState
 from esacl_jax.harness.models import forward, init_variables
 
 HEAD = "projection_head"  # the params entry of the projection head
@@ -262,13 +263,13 @@ class CO2L(ReplayMethod):
         buffer = replay.init_buffer(self.buffer_size, self.benchmark.input_shape,
                                     np.dtype(x_dtype), 0)  # no logits to store
         past = jax.tree.map(lambda w: jnp.array(w, copy=True), self.trained(params))
-        return {"buffer": buffer, "past_params": past}
+        return CO2LState(buffer=buffer, past_params=past)
 
     def begin_task(self, state: TrainState, task_id: int) -> TrainState:
         """The official `model2 = copy.deepcopy(model)` at every task start."""
         state = super().begin_task(state, task_id)
         past = jax.tree.map(lambda w: jnp.array(w, copy=True), self.trained(state.params))
-        return state.replace(method_state={**state.method_state, "past_params": past})
+        return state.replace(method_state=state.method_state._replace(past_params=past))
 
     def prunable_tree(self, params: Any, prunable: Any) -> Any:
         """Prunable flags of params with the head (for SparCL-CO2L): the model's set from
@@ -311,7 +312,7 @@ class CO2L(ReplayMethod):
         gradient with respect to state.params, and `Co2LAux`."""
         c = self.co
         draw_key, key1, key2 = jax.random.split(key, 3)
-        rx, ry, _, rtask, rvalid = replay.sample(state.method_state["buffer"], draw_key,
+        rx, ry, _, rtask, rvalid = replay.sample(state.method_state.buffer, draw_key,
                                                  self.replay_batch_size)
         b = batch.y.shape[0]
         x_raw = jnp.concatenate([batch.x_raw, rx.astype(batch.x_raw.dtype)])
@@ -323,7 +324,7 @@ class CO2L(ReplayMethod):
         x = jnp.concatenate([self.view(key1, x_raw), self.view(key2, x_raw)])
 
         def past_projections():
-            z, _ = self.project(state.method_state["past_params"], state.batch_stats, x,
+            z, _ = self.project(state.method_state.past_params, state.batch_stats, x,
                                 train=True)  # the official copy runs in train mode, no grad
             return jax.lax.stop_gradient(z)
 
@@ -350,9 +351,9 @@ class CO2L(ReplayMethod):
                    per_example_loss: Any, key: jax.Array) -> Any:
         """Reservoir insertion of the un-augmented batch (no logits: CO2L has none)."""
         del logits, per_example_loss
-        buffer = replay.add_reservoir(state.method_state["buffer"], key, batch.x_raw, batch.y,
+        buffer = replay.add_reservoir(state.method_state.buffer, key, batch.x_raw, batch.y,
                                       None, ctx.task_id)
-        return {**state.method_state, "buffer": buffer}
+        return state.method_state._replace(buffer=buffer)
 
     def train_step(self, state: TrainState, batch: Batch, ctx: TaskContext,
                    key: jax.Array) -> tuple[TrainState, StepMetrics]:
@@ -371,7 +372,7 @@ class CO2L(ReplayMethod):
                    y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The classifier's training set: the task's data and the buffer's examples of earlier
         tasks (the official replay samples of the task: previous tasks only)."""
-        buffer = jax.device_get(state.method_state["buffer"])
+        buffer = jax.device_get(state.method_state.buffer)
         filled = min(int(buffer.num_seen), replay.capacity(buffer))
         keep = np.flatnonzero(np.asarray(buffer.task_id)[:filled] < task_id)
         xb = np.asarray(buffer.x)[keep].astype(x.dtype)

@@ -27,5 +27,5 @@ class DERPP(ReplayMethod):
         return [Pass("fwd_bwd", self.config.batch_size), replay_pass, replay_pass]
 
     def replay_loss(self, params, batch_stats, state, key):
-        return derpp_replay_loss(self, params, batch_stats, state.method_state["buffer"], key,
+        return derpp_replay_loss(self, params, batch_stats, state.method_state.buffer, key,
                                  self.config.der_alpha, self.config.der_beta)

@@ -10,11 +10,13 @@ import numpy as np
 
 from esacl_jax import replay
 from esacl_jax.harness.methods.base import Batch, Method, Pass, TaskContext, TrainState
+from esacl_jax.harness.methods.state import ReplayState
 from esacl_jax.harness.models import forward
 
 
 class ReplayMethod(Method):
-    """A method whose method_state holds a reservoir buffer filled with every example seen."""
+    """A method whose method_state holds a reservoir buffer (its `buffer` field) filled with
+    every example seen."""
 
     uses_buffer = True
 
@@ -28,8 +30,8 @@ class ReplayMethod(Method):
 
     def init_method_state(self, params: Any) -> Any:
         x_dtype = self.benchmark.tasks[0].x_train.dtype
-        return {"buffer": replay.init_buffer(self.buffer_size, self.benchmark.input_shape,
-                                             np.dtype(x_dtype), self.num_classes)}
+        return ReplayState(buffer=replay.init_buffer(
+            self.buffer_size, self.benchmark.input_shape, np.dtype(x_dtype), self.num_classes))
 
     def replay_logits(self, params: Any, batch_stats: Any, key: jax.Array, buffer) -> tuple:
         """Draws a replay minibatch and returns (logits, sample) for it."""
@@ -41,10 +43,10 @@ class ReplayMethod(Method):
 
     def after_step(self, state: TrainState, batch: Batch, ctx: TaskContext, logits: jax.Array,
                    per_example_loss: jax.Array, key: jax.Array) -> Any:
-        buffer = replay.add_reservoir(state.method_state["buffer"], key, batch.x_raw, batch.y,
+        buffer = replay.add_reservoir(state.method_state.buffer, key, batch.x_raw, batch.y,
                                       jax.lax.stop_gradient(logits).astype(jnp.float32),
                                       ctx.task_id)
-        return {**state.method_state, "buffer": buffer}
+        return state.method_state._replace(buffer=buffer)
 
 
 class ER(ReplayMethod):
@@ -58,11 +60,11 @@ class ER(ReplayMethod):
 
     def objective(self, current_per_example, params, batch_stats, state, key):
         logits, (_, y, _, _, valid) = self.replay_logits(params, batch_stats, key,
-                                                         state.method_state["buffer"])
+                                                         state.method_state.buffer)
         return replay.joint_ce(current_per_example, logits, y, valid)
 
     def replay_loss(self, params, batch_stats, state, key):
         """The replay CE alone (mean over valid rows); ER's step loss is `objective`."""
         logits, (_, y, _, _, valid) = self.replay_logits(params, batch_stats, key,
-                                                         state.method_state["buffer"])
+                                                         state.method_state.buffer)
         return replay.er_loss(logits, y, valid)

@@ -41,6 +41,7 @@ from esacl_jax.harness.methods.base import (
 )
 from esacl_jax.harness.methods.derpp import derpp_replay_loss
 from esacl_jax.harness.methods.er import ReplayMethod
+from esacl_jax.harness.methods.state import EsaCLState
 from esacl_jax.harness.models import forward
 
 STEP_VARIANTS = ("A", "B", "C")
@@ -124,10 +125,10 @@ class EsaCL(ReplayMethod):
             seed=self.config.seed, prunable=self.prunable, **self.mask_kwargs())
 
     def init_method_state(self, params: Any) -> Any:
-        state = super().init_method_state(params)
+        state = EsaCLState(buffer=super().init_method_state(params).buffer)
         if self.esacl.step_variant == "C":
             capacity = max(t.num_train for t in self.benchmark.tasks)
-            state["example_stats"] = ids.init_example_stats(capacity)
+            state = state._replace(example_stats=ids.init_example_stats(capacity))
         return state
 
     def init(self, key: jax.Array) -> TrainState:
@@ -138,7 +139,7 @@ class EsaCL(ReplayMethod):
 
     # ----- replay -----
     def replay_loss(self, params, batch_stats, state, key):
-        buffer = state.method_state["buffer"]
+        buffer = state.method_state.buffer
         if self.esacl.replay == "derpp":
             return derpp_replay_loss(self, params, batch_stats, buffer, key,
                                      self.config.der_alpha, self.config.der_beta)
@@ -172,7 +173,7 @@ class EsaCL(ReplayMethod):
         table_c = e.step_variant == "C"
         g = esacl_lib.esacl_gradients(
             loss_fn, state.params, (batch.x, batch.y), state.opt_state,
-            table=state.method_state["example_stats"] if table_c else None,
+            table=state.method_state.example_stats if table_c else None,
             example_index=batch.index if table_c else None,
             gamma=e.gamma, ids_score=e.ids_score, unseen=e.ids_unseen, check_index=False,
             replay_loss_fn=lambda p: self.replay_loss(p, state.batch_stats, state, replay_key),
@@ -180,7 +181,7 @@ class EsaCL(ReplayMethod):
             replay_in_ascent=e.step_variant == "A",
             correct_fn=lambda aux: losses.correct(aux[0], batch.y, mask), key=select_key)
         if table_c:
-            state = state.replace(method_state={**state.method_state, "example_stats": g.table})
+            state = state.replace(method_state=state.method_state._replace(example_stats=g.table))
             logits = g.aux[0]
         else:  # the buffer stores the clean pass's logits of the whole batch
             logits = g.ascent_aux[0]
@@ -240,9 +241,9 @@ class EsaCL(ReplayMethod):
         """Reservoir insertion with the step's logits, and the step's metrics."""
         if self.buffer_size > 0:
             buffer = replay.add_reservoir(
-                state.method_state["buffer"], insert_key, batch.x_raw, batch.y,
+                state.method_state.buffer, insert_key, batch.x_raw, batch.y,
                 jax.lax.stop_gradient(logits).astype(jnp.float32), ctx.task_id)
-            state = state.replace(method_state={**state.method_state, "buffer": buffer})
+            state = state.replace(method_state=state.method_state._replace(buffer=buffer))
         accuracy = losses.correct(logits, batch.y, self.current_loss_mask(ctx)).mean()
         return state, StepMetrics(loss, accuracy)
 
@@ -284,8 +285,8 @@ class EsaCL(ReplayMethod):
         if task_id > 0:  # at task 0 there is no sharpness-aware gradient history to score with
             state = self._refresh(state)
         if self.esacl.step_variant == "C":
-            stats = self._reset_table(state.method_state["example_stats"])
-            state = state.replace(method_state={**state.method_state, "example_stats": stats})
+            stats = self._reset_table(state.method_state.example_stats)
+            state = state.replace(method_state=state.method_state._replace(example_stats=stats))
         return state
 
     def begin_epoch(self, state: TrainState, task_id: int, epoch: int) -> TrainState:

@@ -26,6 +26,7 @@ import numpy as np
 
 from esacl_jax.harness.data.base import preprocess
 from esacl_jax.harness.methods.base import Method, Pass, TrainState
+from esacl_jax.harness.methods.state import EWCState
 from esacl_jax.harness.models import forward
 
 FISHER_CHUNKS_PER_CALL = 8
@@ -67,11 +68,11 @@ class EWC(Method):
     # ----- state -----
     def init_method_state(self, params: Any) -> Any:
         zeros = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), params)
-        return {"fisher": zeros, "checkpoint": jax.tree.map(jnp.array, params)}
+        return EWCState(checkpoint=jax.tree.map(jnp.array, params), fisher=zeros)
 
     def penalty(self, params: Any, method_state: Any) -> jax.Array:
         """The EWC term for `params` (exactly 0 until the first task end fills the Fisher)."""
-        return ewc_penalty(params, method_state["fisher"], method_state["checkpoint"],
+        return ewc_penalty(params, method_state.fisher, method_state.checkpoint,
                            self.ewc_lambda)
 
     def replay_loss(self, params, batch_stats, state, key):
@@ -125,11 +126,9 @@ class EWC(Method):
     def end_task(self, state: TrainState, task_id: int, x: np.ndarray, y: np.ndarray) -> TrainState:
         del task_id
         new = self.estimate_fisher(state.params, state.batch_stats, x, y)
-        method_state = {
-            **state.method_state,
-            "fisher": accumulate_fisher(state.method_state["fisher"], new, self.gamma),
-            "checkpoint": jax.tree.map(jnp.array, state.params),
-        }
+        method_state = state.method_state._replace(
+            fisher=accumulate_fisher(state.method_state.fisher, new, self.gamma),
+            checkpoint=jax.tree.map(jnp.array, state.params))
         return state.replace(method_state=method_state)
 
     # ----- accounting -----
@@ -138,7 +137,7 @@ class EWC(Method):
         return [Pass("fwd_bwd", num_examples)]
 
     def summary(self, state: TrainState) -> dict:
-        fisher = jax.tree.leaves(state.method_state["fisher"])
+        fisher = jax.tree.leaves(state.method_state.fisher)
         return {"ewc_fisher_sum": float(sum(float(jnp.sum(f)) for f in fisher))}
 
 

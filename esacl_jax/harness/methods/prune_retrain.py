@@ -28,7 +28,6 @@ import numpy as np
 
 from esacl_jax import masks as masks_lib
 from esacl_jax.harness import flops as flops_lib
-from esacl_jax.harness.data.base import class_mask
 from esacl_jax.harness.methods.base import (
     Batch,
     Pass,
@@ -37,7 +36,9 @@ from esacl_jax.harness.methods.base import (
     TaskContext,
     TrainState,
     make_train_chunk,
+    task_context,
 )
+from esacl_jax.harness.methods.state import PruneRetrainState, widen
 
 PRUNE_RETRAIN_BASES = ("finetune", "ewc", "er", "derpp")
 
@@ -69,8 +70,8 @@ class PruneRetrain(SparseWrapperMethod):
                             params, prunable)
 
     def init_method_state(self, params: Any) -> Any:
-        return {**self.base.init_method_state(params), "masks": self.dense_masks(params),
-                "pruned": jnp.zeros((), bool)}
+        return widen(PruneRetrainState, self.base.init_method_state(params),
+                     masks=self.dense_masks(params), pruned=jnp.zeros((), bool))
 
     # ----- the compiled step (dense while masks are all True, masked while retraining) -----
     def train_step(self, state: TrainState, batch: Batch, ctx: TaskContext,
@@ -78,7 +79,7 @@ class PruneRetrain(SparseWrapperMethod):
         replay_key, after_key = jax.random.split(key)
         loss, (logits, new_stats, per_example), grads = self.loss_and_grads(state, batch, ctx,
                                                                             replay_key)
-        weight_masks = state.method_state["masks"]
+        weight_masks = state.method_state.masks
         params, opt_state = self.masked_update(
             state, masks_lib.apply_masks(grads, weight_masks), weight_masks)
         method_state = self.base.after_step(state, batch, ctx, logits, per_example, after_key)
@@ -88,16 +89,9 @@ class PruneRetrain(SparseWrapperMethod):
     # ----- host-side hooks -----
     def begin_task(self, state: TrainState, task_id: int) -> TrainState:
         state = self.base.begin_task(state, task_id)
-        ms = {**state.method_state, "masks": self.dense_masks(state.params),
-              "pruned": jnp.zeros((), bool)}
+        ms = state.method_state._replace(masks=self.dense_masks(state.params),
+                                         pruned=jnp.zeros((), bool))
         return state.replace(method_state=ms)
-
-    def task_context(self, task_id: int) -> TaskContext:
-        b = self.benchmark
-        return TaskContext(
-            task_id=jnp.asarray(task_id, jnp.int32),
-            task_classes=jnp.asarray(class_mask(b.tasks[task_id].classes, b.num_classes)),
-            seen_classes=jnp.asarray(class_mask(b.classes_up_to(task_id), b.num_classes)))
 
     def prune(self, state: TrainState) -> TrainState:
         """Per-layer magnitude pruning of the current weights to `prune_retrain.sparsity`."""
@@ -106,8 +100,8 @@ class PruneRetrain(SparseWrapperMethod):
                                                 self.pr.distribution, prunable)
         weight_masks = masks_lib.magnitude_masks(state.params, sparsities, prunable)
         return state.replace(params=masks_lib.apply_masks(state.params, weight_masks),
-                             method_state={**state.method_state, "masks": weight_masks,
-                                           "pruned": jnp.ones((), bool)})
+                             method_state=state.method_state._replace(
+                                 masks=weight_masks, pruned=jnp.ones((), bool)))
 
     def retrain_steps(self, num_examples: int) -> int:
         return (num_examples // self.config.batch_size) * int(self.pr.retrain_epochs)
@@ -116,7 +110,7 @@ class PruneRetrain(SparseWrapperMethod):
         state = self.prune(state)
         steps = x.shape[0] // self.config.batch_size
         if self.pr.retrain_epochs > 0 and steps > 0:
-            ctx = self.task_context(task_id)
+            ctx = task_context(self.benchmark, task_id)
             if self._retrain_chunk is None:
                 self._retrain_chunk = make_train_chunk(self)
             x_dev, y_dev = jax.device_put(x), jax.device_put(np.asarray(y, np.int32))
@@ -129,15 +123,10 @@ class PruneRetrain(SparseWrapperMethod):
         return self.base.end_task(state, task_id, x, y)
 
     # ----- accounting -----
-    def sparse_masks(self, state: TrainState) -> Any:
-        """The weight masks (method_state["masks"]): the memory footprint and the compact export
-        of the trained model (sparse_model.npz) read them."""
-        return state.method_state["masks"]
-
     def flops_densities(self, state: TrainState) -> tuple[dict | None, dict | None]:
-        if not bool(state.method_state["pruned"]):
+        if not bool(state.method_state.pruned):
             return None, None
-        weight = flops_lib.densities_from_masks(state.method_state["masks"])
+        weight = flops_lib.densities_from_masks(state.method_state.masks)
         return weight, weight
 
     def end_task_passes(self, num_examples: int) -> list[Pass]:
@@ -146,7 +135,7 @@ class PruneRetrain(SparseWrapperMethod):
         return [p for p in retrain if p.examples > 0] + self.base.end_task_passes(num_examples)
 
     def summary(self, state: TrainState) -> dict:
-        return {"sparsity": masks_lib.sparsity_summary(state.method_state["masks"]),
+        return {"sparsity": masks_lib.sparsity_summary(state.method_state.masks),
                 **self.base.summary(state)}
 
 

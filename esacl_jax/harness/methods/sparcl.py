@@ -5,10 +5,10 @@ SparCL = a base continual method (online EWC, ER or DER++, `config.sparcl.base`;
 the prunable set, and DDR's correctness from nearest class means) trained with three efficiency
 mechanisms (METHOD.md "SparCL"):
 
-- TDM, task-aware dynamic masking. Weight masks live in `method_state["masks"]` (bool, params
+- TDM, task-aware dynamic masking. Weight masks live in `method_state.masks` (bool, params
   structure, sparse only on `masks.default_prunable` leaves, scalar True elsewhere), initialised
   by per-layer magnitude pruning of the random init. Score |w| + score_lambda * |g|, g the dense
-  gradient of the last minibatch of the previous epoch (`method_state["last_grad"]`; zero before
+  gradient of the last minibatch of the previous epoch (`method_state.last_grad`; zero before
   the first step, so the first update of a run is by magnitude). At epochs 0, tdm_every, ... of
   each task, before the freeze epoch: prune the active weights to s + tdm_extra, then regrow at
   random (zero-initialised) to exactly s. At the freeze epoch F: prune to s without regrowth and
@@ -66,6 +66,7 @@ from esacl_jax.harness.methods.base import (
     TaskContext,
     TrainState,
 )
+from esacl_jax.harness.methods.state import SparCLState, widen
 
 SPARCL_BASES = ("ewc", "er", "derpp")
 _INF_BITS = 0x7F800000  # bit pattern of +inf in float32: the largest finite-or-inf |grad| key
@@ -247,39 +248,38 @@ class SparCL(SparseWrapperMethod):
         weight_masks = masks_lib.magnitude_masks(params, self.sparsities(params),
                                                  self.prunable_flags(params))
         sparse_params = masks_lib.apply_masks(params, weight_masks)
-        state = {**self.base.init_method_state(sparse_params), "masks": weight_masks}
-        state["last_grad"] = jax.tree.map(
+        state = widen(SparCLState, self.base.init_method_state(sparse_params), masks=weight_masks)
+        state = state._replace(last_grad=jax.tree.map(
             lambda w, m: jnp.zeros(w.shape, jnp.float32) if _is_sparse_leaf(m)
-            else jnp.zeros((), jnp.float32), params, weight_masks)
+            else jnp.zeros((), jnp.float32), params, weight_masks))
         if self.sp.dgm:
-            state["grad_masks"] = weight_masks
-            state["dgm_step"] = jnp.zeros((), jnp.int32)
+            state = state._replace(grad_masks=weight_masks, dgm_step=jnp.zeros((), jnp.int32))
         if self.sp.ddr:
-            state["example_stats"] = ids.init_example_stats(self.stats_capacity)
-            state["ddr_keep"] = jnp.ones((self.stats_capacity,), bool)
+            state = state._replace(example_stats=ids.init_example_stats(self.stats_capacity),
+                                   ddr_keep=jnp.ones((self.stats_capacity,), bool))
         return state
 
     def init(self, key: jax.Array) -> TrainState:
         state = super().init(key)
         return state.replace(params=masks_lib.apply_masks(state.params,
-                                                          state.method_state["masks"]))
+                                                          state.method_state.masks))
 
     # ----- the compiled step -----
     def sparse_update(self, state: TrainState, grads: Any) -> tuple[Any, Any, dict]:
         """The step's update from the base's dense gradient: weight masks, DGM's gradient masks,
         the optimizer. Returns (params, opt_state, method_state updates)."""
         ms = state.method_state
-        weight_masks = ms["masks"]
+        weight_masks = ms.masks
         masked = masks_lib.apply_masks(grads, weight_masks)
         updates = {}
         if self.sp.dgm:
-            refresh = ms["dgm_step"] % self.sp.dgm_every == 0
+            refresh = ms.dgm_step % self.sp.dgm_every == 0
             # lax.cond, not jnp.where: the top-k runs only on refresh steps (1 in dgm_every).
             grad_masks = jax.lax.cond(
                 refresh, lambda g: dgm_masks(g, weight_masks, self.sp.dgm_keep),
-                lambda _: ms["grad_masks"], masked)
+                lambda _: ms.grad_masks, masked)
             masked = masks_lib.apply_masks(masked, grad_masks)
-            updates.update(grad_masks=grad_masks, dgm_step=ms["dgm_step"] + 1)
+            updates.update(grad_masks=grad_masks, dgm_step=ms.dgm_step + 1)
         params, opt_state = self.masked_update(state, masked, weight_masks)
         updates["last_grad"] = jax.tree.map(
             lambda g, m: g.astype(jnp.float32) if _is_sparse_leaf(m)
@@ -295,19 +295,19 @@ class SparCL(SparseWrapperMethod):
         params, opt_state, updates = self.sparse_update(state, grads)
         if self.sp.ddr:  # official: argmax over the whole head, before the update
             updates["example_stats"] = ids.update_example_stats(
-                ms["example_stats"], batch.index, correct=losses.correct(logits, batch.y))
-        method_state = {**self.base.after_step(state, batch, ctx, logits, per_example, after_key),
-                        **updates}
+                ms.example_stats, batch.index, correct=losses.correct(logits, batch.y))
+        method_state = self.base.after_step(state, batch, ctx, logits, per_example,
+                                            after_key)._replace(**updates)
         return self.finish_step(state, batch, ctx, params, new_stats, opt_state, method_state,
                                 logits, loss)
 
     # ----- host-side hooks -----
     def begin_task(self, state: TrainState, task_id: int) -> TrainState:
         state = self.base.begin_task(state, task_id)
-        ms = dict(state.method_state)
+        ms = state.method_state
         if self.sp.ddr:
-            ms["example_stats"] = ids.reset_example_stats(ms["example_stats"])
-            ms["ddr_keep"] = jnp.ones_like(ms["ddr_keep"])
+            ms = ms._replace(example_stats=ids.reset_example_stats(ms.example_stats),
+                             ddr_keep=jnp.ones_like(ms.ddr_keep))
         self._pending_keep = None
         # SparCL re-creates its optimizer at every task start.
         return state.replace(opt_state=self.tx.init(state.params), method_state=ms)
@@ -316,9 +316,9 @@ class SparCL(SparseWrapperMethod):
                       num_examples: int) -> np.ndarray | None:
         if not self.ddr_plan:  # DDR off, or no removal epoch in this budget (1-epoch tasks)
             return None
-        alive = np.asarray(jax.device_get(state.method_state["ddr_keep"]))[:num_examples]
+        alive = np.asarray(jax.device_get(state.method_state.ddr_keep))[:num_examples]
         if epoch in self.ddr_plan:
-            stats = jax.device_get(state.method_state["example_stats"])
+            stats = jax.device_get(state.method_state.example_stats)
             count = int(round(self.ddr_plan[epoch] * num_examples))
             rng = np.random.default_rng([self.config.seed, task_id, epoch])
             alive = ddr_removal(np.asarray(stats.forgetting)[:num_examples],
@@ -337,47 +337,43 @@ class SparCL(SparseWrapperMethod):
         return self._tdm_fns[regrow]
 
     def begin_epoch(self, state: TrainState, task_id: int, epoch: int) -> TrainState:
-        ms = dict(state.method_state)
+        ms = state.method_state
         params = state.params
         if self._pending_keep is not None and self._pending_keep[:2] == (task_id, epoch):
             alive = self._pending_keep[2]
             keep = np.zeros((self.stats_capacity,), bool)
             keep[: alive.shape[0]] = alive
-            ms["ddr_keep"] = jnp.asarray(keep)
-            ms["example_stats"] = ids.reset_example_stats(ms["example_stats"])
+            ms = ms._replace(ddr_keep=jnp.asarray(keep),
+                             example_stats=ids.reset_example_stats(ms.example_stats))
             self._pending_keep = None
         action = self.tdm_plan.get(epoch)
         if action is not None:
             key = jax.random.fold_in(jax.random.fold_in(state.rng, 2_000_003 + task_id), epoch)
-            ms["masks"], params = self._tdm_fn(action == "regrow")(ms["masks"], params,
-                                                                   ms["last_grad"], key)
-        if self.sp.dgm:
-            ms["dgm_step"] = jnp.zeros((), jnp.int32)  # refresh at the epoch's first step
+            weight_masks, params = self._tdm_fn(action == "regrow")(ms.masks, params,
+                                                                    ms.last_grad, key)
+            ms = ms._replace(masks=weight_masks)
+        if self.sp.dgm:  # refresh at the epoch's first step
+            ms = ms._replace(dgm_step=jnp.zeros((), jnp.int32))
         return state.replace(params=params, method_state=ms)
 
     def end_task(self, state: TrainState, task_id: int, x: np.ndarray, y: np.ndarray) -> TrainState:
         return self.base.end_task(state, task_id, x, y)
 
     # ----- accounting -----
-    def sparse_masks(self, state: TrainState) -> Any:
-        """The weight masks (method_state["masks"]): the memory footprint and the compact export
-        of the trained model (sparse_model.npz) read them."""
-        return state.method_state["masks"]
-
     def flops_densities(self, state: TrainState) -> tuple[dict | None, dict | None]:
         """Weight densities from the masks; gradient densities min(weight density, dgm_keep)
         on prunable layers (DGM keeps round(dgm_keep * size) of the active gradients), the
         weight density elsewhere. SparCL's published g = 0.80 at s = 0.75 is this 0.20."""
-        weight = flops_lib.densities_from_masks(state.method_state["masks"])
+        weight = flops_lib.densities_from_masks(state.method_state.masks)
         prunable = {flops_lib.path_to_str(p) for p, m in
-                    jax.tree_util.tree_flatten_with_path(state.method_state["masks"])[0]
+                    jax.tree_util.tree_flatten_with_path(state.method_state.masks)[0]
                     if _is_sparse_leaf(m)}
         keep = self.sp.dgm_keep if self.sp.dgm else 1.0
         grad = {k: (min(v, keep) if k in prunable else v) for k, v in weight.items()}
         return weight, grad
 
     def summary(self, state: TrainState) -> dict:
-        out = {"sparsity": masks_lib.sparsity_summary(state.method_state["masks"])}
+        out = {"sparsity": masks_lib.sparsity_summary(state.method_state.masks)}
         out.update(self.base.summary(state))
         return out
 
@@ -458,9 +454,9 @@ class SparCLCO2L(SparCL):
     def init_method_state(self, params: Any) -> Any:
         state = super().init_method_state(params)
         if self.sp.ddr:
-            state["ncm_means"] = jnp.zeros((self.num_classes, self.config.co2l.head_dim),
-                                           jnp.float32)
-            state["ncm_seen"] = jnp.zeros((self.num_classes,), bool)
+            state = state._replace(
+                ncm_means=jnp.zeros((self.num_classes, self.config.co2l.head_dim), jnp.float32),
+                ncm_seen=jnp.zeros((self.num_classes,), bool))
         return state
 
     def train_step(self, state: TrainState, batch: Batch, ctx: TaskContext,
@@ -471,15 +467,15 @@ class SparCLCO2L(SparCL):
         params, opt_state, updates = self.sparse_update(state, grads)
         if self.sp.ddr:
             b = batch.y.shape[0]
-            correct = ncm_correct(aux.z[:b], aux.labels[:b], ms["ncm_means"],
-                                  ms["ncm_seen"] & ctx.seen_classes)
-            updates["example_stats"] = ids.update_example_stats(ms["example_stats"],
+            correct = ncm_correct(aux.z[:b], aux.labels[:b], ms.ncm_means,
+                                  ms.ncm_seen & ctx.seen_classes)
+            updates["example_stats"] = ids.update_example_stats(ms.example_stats,
                                                                 batch.index, correct=correct)
             updates["ncm_means"], updates["ncm_seen"] = ncm_update(
-                ms["ncm_means"], ms["ncm_seen"], aux.z, jnp.concatenate([aux.labels] * 2),
+                ms.ncm_means, ms.ncm_seen, aux.z, jnp.concatenate([aux.labels] * 2),
                 jnp.concatenate([aux.valid] * 2), self.config.co2l.ncm_momentum)
-        method_state = {**self.base.after_step(state, batch, ctx, None, None, after_key),
-                        **updates}
+        method_state = self.base.after_step(state, batch, ctx, None, None,
+                                            after_key)._replace(**updates)
         new_state = state.replace(step=state.step + 1, params=params,
                                   batch_stats=aux.batch_stats, opt_state=opt_state,
                                   method_state=method_state)

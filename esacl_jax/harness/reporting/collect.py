@@ -89,17 +89,17 @@ def load_runs(root: str | os.PathLike) -> list[dict[str, Any]]:
 @functools.cache
 def _sparsity_key(method: str) -> str | None:
     """The method's dotted sparsity field; None for dense and unregistered methods."""
-    from esacl_jax.harness import methods
+    from esacl_jax.harness.methods import registry
 
-    return methods.sparsity_key(method) if method in methods.METHODS else None
+    return registry.known_sparsity_key(method)
 
 
 @functools.cache
 def _uses_buffer(method: str) -> bool | None:
     """Whether the method trains with the replay buffer; None for unregistered methods."""
-    from esacl_jax.harness import methods
+    from esacl_jax.harness.methods import registry
 
-    return methods.uses_buffer(method) if method in methods.METHODS else None
+    return registry.uses_buffer(method) if method in registry.METHODS else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,13 +17,14 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from esacl_jax.harness.atomic_io import write_text_atomic
+from esacl_jax.harness.methods import registry
 from esacl_jax.harness.reporting.collect import METRICS, commit_of, method_of, run_key, seed_of
 
 log = logging.getLogger(__name__)
 
-# Methods in the order tables list them (unknown methods go last, alphabetically).
-METHOD_ORDER = ("finetune", "joint", "ewc", "er", "derpp", "co2l", "sparcl_ewc", "sparcl_er",
-                "sparcl_derpp", "sparcl_co2l", "sparcl", "prune_retrain", "esacl")
+# Methods in the order tables list them, the registry's (unknown methods go last,
+# alphabetically).
+METHOD_ORDER = registry.method_names()
 
 MiB = 1024**2
 

@@ -28,12 +28,14 @@ their run lists with this package. It reads no flags.
 """
 
 from esacl_jax.harness.sweep.cli import (
+    SweepSettings,
     common_settings,
     define_common_flags,
     exit_with,
     format_list,
     launcher_args,
     launcher_kwargs,
+    run_program,
 )
 from esacl_jax.harness.sweep.execute import (
     LAUNCHERS,
@@ -72,12 +74,12 @@ from esacl_jax.harness.sweep.provenance import (
 from esacl_jax.harness.sweep.reuse import check_existing, config_differences
 
 __all__ = [
-    "LAUNCHERS", "Outcome", "Run", "SweepResult", "accuracy", "apply_overrides",
+    "LAUNCHERS", "Outcome", "Run", "SweepResult", "SweepSettings", "accuracy", "apply_overrides",
     "available_benchmarks", "build_config", "check_data", "check_existing", "check_launcher",
     "common_settings", "config_differences", "check_benchmark", "protocol_config",
     "define_common_flags", "describe_node", "evaluation_split", "execute", "exit_with",
     "format_duration", "format_list", "group_seeds", "launcher_args", "launcher_kwargs",
     "load_results",
     "nodes_summary", "one_line", "parse_overrides", "parse_value", "plain_config", "provenance",
-    "provenance_csv", "provenance_markdown", "read_csv_records", "run_all",
+    "provenance_csv", "provenance_markdown", "read_csv_records", "run_all", "run_program",
 ]

@@ -1,21 +1,111 @@
 """The command line the sweeps share (`experiments.ablation`, `experiments.compare`).
 
-Flags are defined only when a sweep module runs as a program (`define_common_flags`), so
-importing several sweep modules (tests) never defines a flag twice.
+`SweepSettings` holds the settings every sweep has (one field per shared flag); each sweep's
+`Settings` subclasses it with its own fields and defaults. Flags are defined only when a sweep
+module runs as a program (`define_common_flags`), so importing several sweep modules (tests)
+never defines a flag twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import shlex
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
+
+from esacl_jax.harness.sweep.plan import parse_overrides
 
 
 def format_list(values: Iterable[Any]) -> str:
     """Comma-separated flag value: ``0.75,0.9,0.95``."""
     return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSettings:
+    """The settings every sweep shares: the flags of `define_common_flags`, one to one.
+
+    A sweep subclasses it (frozen too) with its own fields, defaults (`out`, `isolate`,
+    `validation_fraction`, ...) and the hooks `command` reads: `program`, `selection_args`,
+    `model_args` and `dir_fields`.
+    """
+
+    program: ClassVar[str] = ""  # the sweep's module, e.g. "experiments.compare"
+    selection_after_seeds: ClassVar[bool] = False  # where `selection_args` go in `command`
+    dir_fields: ClassVar[tuple[str, ...]] = ("data_dir",)  # directory flags `command` lists
+
+    benchmarks: tuple[str, ...] = ("split_mnist", "split_fashion_mnist")
+    sparsities: tuple[float, ...] = (0.75, 0.9, 0.95)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    jobs: int = 2
+    out: str = "runs/sweep"
+    validation_fraction: float = 0.0
+    max_train_per_task: int = 0
+    epochs: int = 0  # 0: the protocol's
+    buffer_size: int = 500
+    data_dir: str = ""
+    force: bool = False
+    isolate: bool = True  # a fresh process per run (clean measured peak memory)
+    overrides: tuple[str, ...] = ()  # KEY=VALUE applied to every run (--set)
+    launcher: str = "local"  # or "ray": a Ray task per run (esacl_jax.harness.sweep.ray_launcher)
+    ray_address: str = ""  # "": a local Ray instance; "auto" / "HOST:PORT": a cluster
+    ray_cpus_per_run: float = 1.0
+    ray_gpus_per_run: float = 0.0
+    group_seeds: bool = True  # a cell's seeds as one seed group (harness.seed_group)
+
+    def check_values(self) -> None:
+        """Raises ValueError for a shared setting out of range (sparsities, validation
+        fraction) or a malformed ``--set`` override.
+
+        Raises:
+          ValueError: one line saying which value.
+        """
+        for s in self.sparsities:
+            if not 0.0 <= s < 1.0:
+                raise ValueError(f"sparsity must be in [0, 1), got {s}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got "
+                             f"{self.validation_fraction}")
+        parse_overrides(self.overrides)
+
+    def selection_args(self) -> list[str]:
+        """The sweep's own selection flags (``--methods=...``, ``--variants=...``)."""
+        return []
+
+    def model_args(self) -> list[str]:
+        """The sweep's own model flags, listed after ``--buffer_size``."""
+        return []
+
+    def command(self) -> str:
+        """The equivalent explicit command line.
+
+        Returns:
+          The shell-quoted command.
+        """
+        selection = self.selection_args()
+        args = ["python", "-m", self.program, f"--benchmarks={format_list(self.benchmarks)}"]
+        if not self.selection_after_seeds:
+            args += selection
+        args += [f"--sparsities={format_list(self.sparsities)}",
+                 f"--seeds={format_list(self.seeds)}"]
+        if self.selection_after_seeds:
+            args += selection
+        args += [f"--jobs={self.jobs}", f"--out={self.out}",
+                 f"--validation_fraction={self.validation_fraction:g}",
+                 f"--max_train_per_task={self.max_train_per_task}", f"--epochs={self.epochs}",
+                 f"--buffer_size={self.buffer_size}", *self.model_args()]
+        args += [f"--{name}={getattr(self, name)}" for name in self.dir_fields
+                 if getattr(self, name)]
+        if self.force:
+            args.append("--force")
+        if self.isolate != type(self).isolate:
+            args.append("--isolate" if self.isolate else "--noisolate")
+        args += [f"--set={item}" for item in self.overrides]
+        args += launcher_args(self, type(self))
+        return shlex.join(args)
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -67,6 +157,26 @@ def exit_with(run: Callable[[], int], early: Any = None) -> None:
     sys.exit(code)
 
 
+def run_program(make_settings: Callable[[Any], SweepSettings],
+                run_sweep: Callable[..., int], early: Any = None) -> None:
+    """A sweep program's main: its settings from the parsed flags, then the sweep (or its
+    ``--dry_run`` listing), under `exit_with`'s exit codes.
+
+    Args:
+      make_settings: the sweep's Settings from `absl.flags.FLAGS`.
+      run_sweep: ``run_sweep(settings, dry_run=...)`` -> the exit status.
+      early: the program's `experiments.early_signals.EarlySignals`, or None.
+    """
+    from absl import flags
+
+    f = flags.FLAGS
+
+    def run() -> int:
+        return run_sweep(make_settings(f), dry_run=f.dry_run)
+
+    exit_with(run, early=early)
+
+
 def define_common_flags(defaults: Any, sparsity_help: str) -> None:
     """The absl flags every sweep shares, with `defaults` (a Settings instance) as defaults.
 
@@ -112,7 +222,8 @@ def define_common_flags(defaults: Any, sparsity_help: str) -> None:
 
 
 def common_settings(f: Any) -> dict[str, Any]:
-    """The Settings fields of the flags `define_common_flags` defines, read from parsed `f`."""
+    """The `SweepSettings` fields of the flags `define_common_flags` defines, read from
+    parsed `f`."""
     return dict(
         benchmarks=tuple(f.benchmarks), sparsities=tuple(float(s) for s in f.sparsities),
         seeds=tuple(int(s) for s in f.seeds), jobs=f.jobs, out=f.out,

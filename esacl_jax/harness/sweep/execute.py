@@ -242,13 +242,7 @@ def run_all(runs: Sequence[Run], jobs: int = 1, data_dir: str | None = None,
 
     outcomes, todo = _stored_outcomes(runs, data_dir, force, stream)
     check_data((runs[i] for i in todo), data_dir)
-    skipped = sum(o.status == "skipped" for o in outcomes.values())
-    note = f"; skipping {skipped} with results.json (--force redoes them)" if skipped else ""
-    units = group_seeds([(i, runs[i]) for i in todo]) if group else \
-        [((i,), runs[i]) for i in todo]
-    groups = sum(len(members) > 1 for members, _ in units)
-    if groups:
-        note += f"; as {len(units)} units ({groups} seed groups: --nogroup_seeds runs each alone)"
+    units, note = _units(runs, todo, outcomes, group)
 
     def announce(workers: int, how: str) -> _Printer:
         if stream:
@@ -282,6 +276,20 @@ def run_all(runs: Sequence[Run], jobs: int = 1, data_dir: str | None = None,
     if stream:
         _print_summary(result, stream)
     return result
+
+
+def _units(runs: Sequence[Run], todo: list[int], outcomes: dict[int, Outcome],
+           group: bool) -> tuple[list[tuple[tuple[int, ...], Run]], str]:
+    """What `run_all` runs: (positions in `runs`, the run or seed group) per unit, and the note
+    its first line gets (runs skipped, seed groups)."""
+    skipped = sum(o.status == "skipped" for o in outcomes.values())
+    note = f"; skipping {skipped} with results.json (--force redoes them)" if skipped else ""
+    units = group_seeds([(i, runs[i]) for i in todo]) if group else \
+        [((i,), runs[i]) for i in todo]
+    groups = sum(len(members) > 1 for members, _ in units)
+    if groups:
+        note += f"; as {len(units)} units ({groups} seed groups: --nogroup_seeds runs each alone)"
+    return units, note
 
 
 def _stored_outcomes(runs: Sequence[Run], data_dir: str | None, force: bool,
