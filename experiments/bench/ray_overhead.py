@@ -32,6 +32,7 @@ import time
 from absl import app, flags
 
 from esacl_jax.harness import sweep
+from esacl_jax.harness.sweep.provenance import portable_command
 
 _RUNS = flags.DEFINE_integer("runs", 20, "Runs in the sweep (methods x seeds 0, 1, ...).")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Runs at a time, each way.")
@@ -92,7 +93,7 @@ def report(pairs: list[dict], start_s: float, stop_s: float, identical: bool) ->
     lines = [
         "# Ray launcher overhead (split_digits sweep)", "",
         "- command: `python -m experiments.bench.ray_overhead "
-        f"{_portable(' '.join(sys.argv[1:]))}`",
+        f"{portable_command(' '.join(sys.argv[1:]))}`",
         f"- git commit: `{git_commit()}`",
         f"- machine: {platform.platform()}; {os.cpu_count()} CPU cores",
         f"- sweep: {n} runs ({', '.join(_METHODS.value)}; epochs {_EPOCHS.value}, "
@@ -144,13 +145,6 @@ def bench() -> int:
 
         write_text_atomic(_MARKDOWN.value, text)
     return 0 if identical else 1
-
-
-def _portable(command: str) -> str:
-    """The command as a report records it: absolute directories as placeholders."""
-    from esacl_jax.harness.sweep.provenance import portable_command
-
-    return portable_command(command)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import time
 
 from absl import app, flags
 
+from esacl_jax.harness.sweep.provenance import portable_command
+
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Directory with mnist/ (else $ESACL_DATA_DIR).")
 _OUT = flags.DEFINE_string("out", None, "Also write the markdown report to this file.")
 _RUNS = flags.DEFINE_list("runs", ["finetune", "derpp", "esacl"], "Methods for whole runs.")
@@ -157,7 +159,8 @@ def main(argv: list[str]) -> None:
 
     env = environment()
     lines = ["# Speed benchmark (split_mnist, batch 10, buffer 500, sparsity 0.9)", "",
-             f"- command: `python -m experiments.bench.runs {_portable(' '.join(sys.argv[1:]))}`",
+             "- command: `python -m experiments.bench.runs "
+             f"{portable_command(' '.join(sys.argv[1:]))}`",
              f"- commit: {env['git_commit']}",
              f"- machine: {env['platform']}, {env['cpu_count']} CPUs, jax {env['packages']['jax']}"
              f" on {env['backend']} ({', '.join(env['devices'])})", "",
@@ -199,13 +202,6 @@ def main(argv: list[str]) -> None:
         from esacl_jax.harness.atomic_io import write_text_atomic
 
         write_text_atomic(_OUT.value, report)
-
-
-def _portable(command: str) -> str:
-    """The command as a report records it: absolute directories as placeholders."""
-    from esacl_jax.harness.sweep.provenance import portable_command
-
-    return portable_command(command)
 
 
 if __name__ == "__main__":
