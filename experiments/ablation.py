@@ -38,10 +38,11 @@ Quick smoke run:
       --variants=esacl,no_sdp,derpp --epochs=1 --out=/tmp/ablation_smoke
 
 Writes <out>/ablation.md (one table per benchmark and sparsity) and <out>/ablation.csv, each
-headed by the command line, git commit, machine and evaluation split. Runs already done are
-skipped (--force redoes them); the exit status is 1 when any run failed. --launcher=ray runs
-each run as a Ray task, on a local Ray instance or a cluster (--ray_address;
-docs/sweeps.md).
+headed by the command line, git commit, machine and evaluation split, and <out>/records.jsonl
+(one record per run: `python -m experiments.report --records=...` rebuilds tables from it).
+Runs already done are skipped (--force redoes them); the exit status is 1 when any run failed.
+--launcher=ray runs each run as a Ray task, on a local Ray instance or a cluster
+(--ray_address; docs/sweeps.md).
 """
 
 from __future__ import annotations
@@ -348,8 +349,9 @@ def to_csv(lines: Sequence[Line], info: dict[str, str]) -> str:
 
 
 def write_report(settings: Settings, runs: Sequence[sweep.Run]) -> list[Line]:
-    """Writes <out>/ablation.md and <out>/ablation.csv from the results of `runs` (pass only
-    runs whose results match their config: `SweepResult.usable_runs`); returns the rows."""
+    """Writes <out>/ablation.md, <out>/ablation.csv and the runs' records
+    (<out>/records.jsonl) from the results of `runs` (pass only runs whose results match
+    their config: `SweepResult.usable_runs`); returns the rows."""
     loaded = sweep.load_results(runs)
     lines = summarize(settings, loaded)
     results = [r for _, r in loaded]
@@ -360,6 +362,7 @@ def write_report(settings: Settings, runs: Sequence[sweep.Run]) -> list[Line]:
     markdown = to_markdown(settings, lines, info, len(loaded), len(plan(settings)))
     write_text_atomic(out / "ablation.md", markdown)
     write_text_atomic(out / "ablation.csv", to_csv(lines, info))
+    sweep.write_records(results, out)
     return lines
 
 

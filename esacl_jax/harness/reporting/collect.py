@@ -128,8 +128,24 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+# A run loaded from a record (`records.load_records`) carries the facts the sweep recorded under
+# this key; the accessors below return those before deriving them from the config.
+RECORDED = "recorded"
+
+
+def _recorded(result: dict, name: str) -> tuple[bool, Any]:
+    """(True, value) when `result` is a loaded record holding `name`, else (False, None)."""
+    recorded = result.get(RECORDED)
+    if isinstance(recorded, dict) and name in recorded:
+        return True, recorded[name]
+    return False, None
+
+
 def benchmark_of(result: dict) -> str:
     """The benchmark's name (results.json stores a dict; hand-made files may hold a string)."""
+    found, value = _recorded(result, "benchmark")
+    if found:
+        return str(value)
     protocol = _config(result).get("protocol")
     if protocol:  # the protocol row (e.g. split_mnist_w400), finer than the dataset benchmark
         return str(protocol)
@@ -164,6 +180,9 @@ def commit_of(result: dict) -> str | None:
 
 def sparsity_of(result: dict) -> float:
     """Target sparsity from the method's sparsity field; 0.0 for dense methods."""
+    found, value = _recorded(result, "sparsity")
+    if found:
+        return float(value)
     key = _sparsity_key(method_of(result))
     if key is None:
         return 0.0
@@ -172,6 +191,9 @@ def sparsity_of(result: dict) -> float:
 
 def buffer_of(result: dict) -> int | None:
     """Replay-buffer size, or None for methods that use no buffer."""
+    found, value = _recorded(result, "buffer")
+    if found:
+        return None if value is None else int(value)
     method, config = method_of(result), _config(result)
     if _uses_buffer(method) is False:
         return None
@@ -209,6 +231,9 @@ def method_label(result: dict) -> str:
     its default. Knobs appear in `VARIANT_KNOBS` order, then a sparse method's start when it is
     not "magnitude" (``sparse_start=rescaled``), then the architecture fields.
     """
+    found, value = _recorded(result, "label")
+    if found:
+        return str(value)
     method = method_of(result)
     parts = []
     if method in VARIANT_KNOBS:
