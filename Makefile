@@ -10,7 +10,7 @@ WORKDIR ?= runs/$(EXP)_$(METHOD)
 ARGS ?=
 RUNS ?= runs
 
-.PHONY: install run test lint docs dist bench bench-seeds bench-gpu bench-step bench-sdp ablation compare report clean
+.PHONY: install run test lint docs dist bench bench-seeds bench-gpu bench-step bench-sdp ablation compare report report-runs clean
 
 install: $(STAMP)
 
@@ -79,7 +79,15 @@ ablation: install
 compare: install
 	$(PY) -m experiments.compare $(ARGS)
 
+# Rebuilds, in place, every study under docs/ that has records: each folder holding report.json
+# (the flags, and its records.jsonl relative to it), written by
+# `python -m experiments.report --records=FILE --out=FOLDER [flags]`. Deterministic, byte for
+# byte (tests/test_report_records.py checks the committed files against a rebuild).
 report: install
+	$(PY) -m experiments.report --rebuild=docs
+
+# A report of a directory of runs (every results.json under RUNS) into RUNS/report.
+report-runs: install
 	$(PY) -m experiments.report --runs=$(RUNS) $(ARGS)
 
 clean:

@@ -60,7 +60,8 @@ html_static_path: list[str] = []
 _PRIVATE = {"harness"}
 # The harness's public entry points: the package (its __all__) and the config schema; and the
 # command lines, documented by their module docstrings (their functions are not an API).
-HARNESS_MODULES = ("esacl_jax.harness", "esacl_jax.harness.config")
+HARNESS_MODULES = ("esacl_jax.harness", "esacl_jax.harness.config",
+                   "esacl_jax.harness.reporting.records")
 COMMAND_LINES = ("experiments.main", "experiments.compare", "experiments.ablation",
                  "experiments.report", "experiments.side_by_side")
 

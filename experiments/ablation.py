@@ -1,9 +1,10 @@
 """EsaCL ablation: which part of the method buys what (`make ablation ARGS=...`).
 
 Rows (``--variants``, comma-separated names; default all):
-  esacl               EsaCL as published: step variant C, rho 0.01, gamma 0.25, init rescaled
-                      to each unit's dense norm (chosen on this ablation's validation split)
-  no_rescale          the published default with the plain magnitude-pruned init
+  esacl               EsaCL's default: step variant C, rho 0.01, gamma 0.25 (chosen on this
+                      ablation's validation split), the magnitude-pruned start
+  rescaled_start      the default with each unit's kept weights rescaled to its dense norm
+                      (sparse_start=rescaled)
   gamma_half          the published default with gamma 0.5
   variant_b           METHOD.md's reference step: variant B, SDP, IDS gamma 0.5, rho 0.05,
                       plain magnitude-pruned init; the rows below change one knob of it
@@ -37,10 +38,11 @@ Quick smoke run:
       --variants=esacl,no_sdp,derpp --epochs=1 --out=/tmp/ablation_smoke
 
 Writes <out>/ablation.md (one table per benchmark and sparsity) and <out>/ablation.csv, each
-headed by the command line, git commit, machine and evaluation split. Runs already done are
-skipped (--force redoes them); the exit status is 1 when any run failed. --launcher=ray runs
-each run as a Ray task, on a local Ray instance or a cluster (--ray_address;
-docs/sweeps.md).
+headed by the command line, git commit, machine and evaluation split, and <out>/records.jsonl
+(one record per run: `python -m experiments.report --records=...` rebuilds tables from it).
+Runs already done are skipped (--force redoes them); the exit status is 1 when any run failed.
+--launcher=ray runs each run as a Ray task, on a local Ray instance or a cluster
+(--ray_address; docs/sweeps.md).
 """
 
 from __future__ import annotations
@@ -76,12 +78,12 @@ class Variant:
 # Every row but the published default spells out its knobs relative to METHOD.md's reference
 # step (variant B, rho 0.05), so the table does not change meaning when the defaults do.
 _REFERENCE = {"esacl.step_variant": "B", "esacl.rho": 0.05, "esacl.gamma": 0.5,
-              "esacl.init_rescale": False}
+              "sparse_start": "magnitude"}
 VARIANTS: dict[str, Variant] = {
-    "esacl": Variant("EsaCL (published default: C, rho 0.01, gamma 0.25, rescaled init)", "esacl",
+    "esacl": Variant("EsaCL (default: C, rho 0.01, gamma 0.25, magnitude-pruned start)", "esacl",
                      {}),
-    "no_rescale": Variant("published default, plain magnitude-pruned init", "esacl",
-                          {"esacl.init_rescale": False}),
+    "rescaled_start": Variant("default, kept weights rescaled to each unit's dense norm",
+                              "esacl", {"sparse_start": "rescaled"}),
     "gamma_half": Variant("published default with gamma 0.5", "esacl", {"esacl.gamma": 0.5}),
     "variant_b": Variant("variant B (METHOD.md reference, rho 0.05)", "esacl", _REFERENCE),
     "variant_a": Variant("variant A", "esacl", {**_REFERENCE, "esacl.step_variant": "A"}),
@@ -311,8 +313,9 @@ def to_csv(lines: Sequence[Line], info: dict[str, str]) -> str:
 
 
 def write_report(settings: Settings, runs: Sequence[sweep.Run]) -> list[Line]:
-    """Writes <out>/ablation.md and <out>/ablation.csv from the results of `runs` (pass only
-    runs whose results match their config: `SweepResult.usable_runs`); returns the rows."""
+    """Writes <out>/ablation.md, <out>/ablation.csv and the runs' records
+    (<out>/records.jsonl) from the results of `runs` (pass only runs whose results match
+    their config: `SweepResult.usable_runs`); returns the rows."""
     loaded = sweep.load_results(runs)
     lines = summarize(settings, loaded)
     results = [r for _, r in loaded]
@@ -323,6 +326,7 @@ def write_report(settings: Settings, runs: Sequence[sweep.Run]) -> list[Line]:
     markdown = to_markdown(settings, lines, info, len(loaded), len(plan(settings)))
     write_text_atomic(out / "ablation.md", markdown)
     write_text_atomic(out / "ablation.csv", to_csv(lines, info))
+    sweep.write_records(results, out)
     return lines
 
 

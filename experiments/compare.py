@@ -19,9 +19,11 @@ Split CIFAR-10 (ResNet-18, 50 epochs per task: a GPU job):
 Writes <out>/comparison.md (a table per benchmark), comparison.csv, accuracy_vs_flops.png and
 accuracy_matrix_esacl.png (class-IL, EsaCL at sparsity 0.9, seed 0, split_mnist; else the
 nearest available), each report headed by the command line, git commit, machine and evaluation
-split. --docs_dir copies them there. Runs already done are skipped (--force redoes them); the
-exit status is 1 when any run failed. --launcher=ray runs each run as a Ray task, on a local Ray
-instance or a cluster (--ray_address; docs/sweeps.md).
+split, and records.jsonl (one record per run: what `python -m experiments.report
+--records=OUT/records.jsonl` rebuilds the tables from). --docs_dir copies them there. Runs
+already done are skipped (--force redoes them); the exit status is 1 when any run failed.
+--launcher=ray runs each run as a Ray task, on a local Ray instance or a cluster (--ray_address;
+docs/sweeps.md).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ HEATMAP = dict(method="esacl", benchmark="split_mnist", sparsity=0.9, seed=0)
 CIFAR10_COMMAND = ("python -m experiments.compare --benchmarks=split_cifar10 "
                    "--data_dir=/path/to/cifar --out=runs/compare_cifar10 --jobs=1")
 OUTPUT_FILES = ("comparison.md", "comparison.csv", "accuracy_vs_flops.png",
-                "accuracy_matrix_esacl.png")
+                "accuracy_matrix_esacl.png", "records.jsonl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +207,7 @@ def write_report(settings: Settings, runs: Sequence[sweep.Run], usable: Sequence
     write_text_atomic(out / "comparison.md", "\n".join(parts))
     write_text_atomic(out / "comparison.csv",
                       sweep.provenance_csv(info) + reporting.csv_text(rows))
+    sweep.write_records(results, out)
 
     if settings.docs_dir:
         docs = pathlib.Path(settings.docs_dir)

@@ -220,7 +220,7 @@ def test_method_md_defaults_are_the_configs():
     fields = {field for field, _, _ in defaults}
     # The knobs METHOD.md describes must all be in the table (so none is quoted from memory).
     assert {"esacl.step_variant", "esacl.sparsity", "esacl.rho", "esacl.gamma", "esacl.ids_score",
-            "esacl.ids_unseen", "esacl.replay", "esacl.init_rescale",
+            "esacl.ids_unseen", "esacl.replay", "sparse_start",
             "esacl.mask_update_every_epochs", "esacl.mask_update_every_steps",
             "esacl.prune_fraction", "esacl.score", "esacl.score_lambda", "esacl.ema_decay",
             "esacl.regrow", "prunable", "buffer_size"} <= fields

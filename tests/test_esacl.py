@@ -19,10 +19,11 @@ from experiments.configs import split_digits, split_mnist
 DIGITS_TASK0 = 269  # training examples of split_digits' first task (classes 0 and 1)
 
 
-def esacl_config(**esacl_overrides):
+def esacl_config(sparse_start: str = "magnitude", **esacl_overrides):
     config = split_digits.get_config("esacl")
     config.progress = False
     config.tensorboard = False
+    config.sparse_start = sparse_start
     config.esacl.update(esacl_overrides)
     return config
 
@@ -89,9 +90,9 @@ def test_sdp_moves_the_mask_across_tasks(tmp_path):
     assert np.count_nonzero(moved != fixed) > 0
 
 
-def test_init_rescale_keeps_each_hidden_units_dense_norm():
-    """The sparse start keeps the dense init's incoming norm per unit (init_rescale=True)."""
-    config = esacl_config(init_rescale=True)
+def test_rescaled_start_keeps_each_hidden_units_dense_norm():
+    """The sparse start keeps the dense init's incoming norm per unit (sparse_start=rescaled)."""
+    config = esacl_config(sparse_start="rescaled")
     benchmark = load_config_benchmark(config)
     _, method = build_config_method(config, benchmark)
     key = jax.random.key(0)
@@ -104,7 +105,7 @@ def test_init_rescale_keeps_each_hidden_units_dense_norm():
     np.testing.assert_allclose((kernel**2).sum(0)[alive], (np.asarray(dense)**2).sum(0)[alive],
                                rtol=1e-5)
     # Without it, the kept weights are the dense init's own values (a smaller norm per unit).
-    plain_config = esacl_config(init_rescale=False)
+    plain_config = esacl_config(sparse_start="magnitude")
     plain = build_config_method(plain_config, benchmark)[1].init(key)
     plain_kernel = np.asarray(plain.params["hidden_1"]["kernel"])
     np.testing.assert_array_equal(plain_kernel, np.where(mask, dense, 0.0))
@@ -161,7 +162,7 @@ VARIANT_CHECKS = {
     "replay_clean": (dict(replay_at="clean"), lambda run, default: run[1]._replay_at_clean()),
     "B_replay_clean": (dict(step_variant="B", replay_at="clean"),
                        lambda run, default: run[1]._replay_at_clean()),
-    "plain_init": (dict(init_rescale=False), None),
+    "rescaled_start": (dict(sparse_start="rescaled"), None),
     "in_task_sdp": (dict(mask_update_every_steps=25),
                     lambda run, default: np.any(hidden_mask(run[2]) != hidden_mask(default[2]))),
     "er": (dict(replay="er"), None),

@@ -117,7 +117,7 @@ def test_labels_sparsity_and_buffer():
     assert reporting.sparsity_of(make_result("finetune")) == 0.0
     assert reporting.sparsity_of(make_result("derpp")) == 0.0
     assert reporting.sparsity_of(make_result("esacl", esacl__sparsity=0.95)) == 0.95
-    assert reporting.sparsity_of(make_result("sparcl_er")) == 0.75
+    assert reporting.sparsity_of(make_result("sparcl_er")) == 0.9
     assert reporting.sparsity_of(make_result("prune_retrain", prune_retrain__sparsity=0.5)) == 0.5
 
     assert reporting.buffer_of(make_result("finetune")) is None

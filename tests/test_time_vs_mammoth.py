@@ -58,7 +58,8 @@ def test_pairs_are_recorded_with_accuracies(tmp_path):
     assert [(r["class_il"], r["task_il"]) for r in rows] == [
         ("91.27", "99.12"), ("87.34", "98.73")] + [("91.27", "99.12")] * 3
     assert all(float(r["wall_s"]) >= 0 and r["rc"] == "0" for r in rows)
-    assert {r["setting"] for r in rows} == {"mammoth_threads=1;workers=default;pin=none"}
+    # mammoth's DataLoader without worker processes by default (its fastest on 2 cores)
+    assert {r["setting"] for r in rows} == {"mammoth_threads=1;workers=0;pin=none"}
 
 
 def test_current_mammoth_gets_the_der_settings_and_the_thread_cap(tmp_path):
@@ -66,7 +67,7 @@ def test_current_mammoth_gets_the_der_settings_and_the_thread_cap(tmp_path):
     paper's DER++ settings are passed explicitly, and torch's threads are capped through a
     sitecustomize on the path (a no-op here, where no torch is imported)."""
     proc = _run(tmp_path, "1", layout="current", WITH_CACHE="0", WITH_ESACL="0",
-                MAMMOTH_WORKERS="0", KEEP_LOGS="1")
+                KEEP_LOGS="1")
     assert proc.returncode == 0, proc.stderr
     kept = pathlib.Path(proc.stderr.split("logs kept in ")[1].split()[0])
     stdout = next(kept.glob("mammoth.s0.*/stdout")).read_text()
@@ -80,6 +81,22 @@ def test_current_mammoth_gets_the_der_settings_and_the_thread_cap(tmp_path):
     assert [r["impl"] for r in rows] == ["ours_derpp_cold", "mammoth"]
 
 
+def test_mammoth_workers_is_an_option(tmp_path):
+    """MAMMOTH_WORKERS=2 passes --num_workers 2; empty passes none (mammoth's default)."""
+    for workers, arg, setting in (("2", "--num_workers 2", "workers=2"),
+                                  ("", None, "workers=default")):
+        (tmp_path / (workers or "empty")).mkdir()
+        proc = _run(tmp_path / (workers or "empty"), "1", layout="current", WITH_CACHE="0",
+                    WITH_ESACL="0", MAMMOTH_WORKERS=workers, KEEP_LOGS="1")
+        assert proc.returncode == 0, proc.stderr
+        kept = pathlib.Path(proc.stderr.split("logs kept in ")[1].split()[0])
+        stdout = next(kept.glob("mammoth.s0.*/stdout")).read_text()
+        shutil.rmtree(kept)
+        assert (arg in stdout) if arg else ("--num_workers" not in stdout), stdout
+        rows = list(csv.DictReader(open(tmp_path / (workers or "empty") / "t.csv")))
+        assert setting in rows[-1]["setting"]
+
+
 def test_a_failed_run_is_recorded_and_fails_the_script(tmp_path):
     proc = _run(tmp_path, "1", SEED0="1", WITH_CACHE="0", WITH_ESACL="0")
     assert proc.returncode == 1
@@ -88,7 +105,7 @@ def test_a_failed_run_is_recorded_and_fails_the_script(tmp_path):
 
 
 def test_bad_settings_are_one_line_errors(tmp_path):
-    for env in ({"PIN_CPU": "first"}, {"MAMMOTH_THREADS": "two"}):
+    for env in ({"PIN_CPU": "first"}, {"MAMMOTH_THREADS": "two"}, {"MAMMOTH_WORKERS": "-1"}):
         proc = _run(tmp_path, "1", **env)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 

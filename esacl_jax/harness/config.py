@@ -11,8 +11,12 @@ overridable as `--config.field=value`.
 from __future__ import annotations
 
 import difflib
+import logging
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from esacl_jax import ESACL_DEFAULTS
 
@@ -28,6 +32,17 @@ NON_COMPUTATIONAL_FIELDS = frozenset(
      # Whether a seed trained in a group (`harness.seed_group`): its result is its separate
      # run's (a group's checkpoint checks its seeds itself).
      "seeds"})
+
+# Every sparse method's default target sparsity (esacl.sparsity, sparcl.sparsity,
+# prune_retrain.sparsity) on every protocol: the paper's headline 0.9, the library's default.
+# One value, so that a table of default runs compares the methods at the same sparsity.
+DEFAULT_SPARSITY: float = ESACL_DEFAULTS["sparsity"]
+
+# How every sparse method (esacl, the sparcl variants, prune_retrain) sets its first sparse
+# weights: "magnitude" keeps the kept weights as they are (plain magnitude pruning: the paper's
+# and SparCL's start), "rescaled" rescales each unit's kept weights to its dense incoming norm
+# (`esacl_jax.masks.masked_start(rescale=True)`).
+SPARSE_STARTS = ("magnitude", "rescaled")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -78,6 +93,10 @@ def _run_fields(c: ml_collections.ConfigDict) -> None:
     # Deprecated spelling of `prunable` ("all_but_classifier" -> "all_but_output", "sparcl" ->
     # "by_layer_name"): read with one warning line; "" (default) leaves `prunable` in charge.
     c.prune_scope = ""
+    # The sparse methods' start, one of SPARSE_STARTS: "magnitude" (default) or "rescaled". EsaCL
+    # and every SparCL variant apply it at initialisation; prune_retrain when it prunes (the
+    # kept weights of each task-end pruning). `sparse_start_of` reads it.
+    c.sparse_start = "magnitude"
     # method and optimisation
     c.method = "finetune"
     c.optimizer = "sgd"
@@ -105,7 +124,7 @@ def _esacl_section() -> ml_collections.ConfigDict:
         # (docs/hidden_layer_sparsity/ablation.md, against the reference step B with plain
         # magnitude-pruned init). The values below that esacl_jax.ESACL_DEFAULTS names come from
         # it (one source for the library and the harness; tests/test_esacl_lib.py checks it).
-        sparsity=ESACL_DEFAULTS["sparsity"], distribution=ESACL_DEFAULTS["distribution"],
+        sparsity=DEFAULT_SPARSITY, distribution=ESACL_DEFAULTS["distribution"],
         rho=ESACL_DEFAULTS["rho"], gamma=ESACL_DEFAULTS["gamma"],
         step_variant="C",  # A: clean pass on current+replay; B: current only; C: score table
         ids_score=ESACL_DEFAULTS["ids_score"],  # sharpness | perturbed_loss | clean_loss | random
@@ -116,8 +135,9 @@ def _esacl_section() -> ml_collections.ConfigDict:
         replay_at="perturbed",  # B, C: replay gradient at w + eps (METHOD.md) or at the clean w
         # masks also update at every task start
         mask_update_every_epochs=ESACL_DEFAULTS["mask_update_every_epochs"],
-        # kept weights rescaled to each unit's dense norm (masks.masked_start)
-        init_rescale=ESACL_DEFAULTS["init_rescale"],
+        # Deprecated alias of the top-level `sparse_start` (True: "rescaled", False:
+        # "magnitude"), read with one warning line; unset (None) leaves `sparse_start` in charge.
+        init_rescale=config_dict.placeholder(bool),
         mask_update_every_steps=0,  # > 0: also every k optimizer steps, inside sdp_transform
         prune_fraction=ESACL_DEFAULTS["prune_fraction"], score=ESACL_DEFAULTS["score"],
         score_lambda=ESACL_DEFAULTS["score_lambda"], ema_decay=ESACL_DEFAULTS["ema_decay"],
@@ -145,7 +165,8 @@ def _sparcl_section() -> ml_collections.ConfigDict:
     """SparCL's knobs (TDM, DGM, DDR)."""
     # SparCL (sparcl with base below; sparcl_ewc / sparcl_er / sparcl_derpp fix the base)
     return ml_collections.ConfigDict(dict(
-        sparsity=0.75, distribution="uniform", base="derpp",  # ewc | er | derpp (co2l: sparcl_co2l)
+        sparsity=DEFAULT_SPARSITY, distribution="uniform",
+        base="derpp",  # ewc | er | derpp (co2l: sparcl_co2l)
         # TDM: updates at epochs 0, tdm_every, ... before the freeze epoch
         # F = floor(tdm_freeze_fraction * epochs + 0.5) (45 of 50): prune to s + tdm_extra, regrow
         # at random to s; at F: prune to s, no regrowth, mask fixed for the rest of the task.
@@ -197,7 +218,7 @@ def _prune_retrain_section() -> ml_collections.ConfigDict:
     # magnitude prune-then-retrain: dense base training, per-task magnitude pruning to sparsity
     # and retrain_epochs of masked retraining on the task's data (mask refreshed every task)
     return ml_collections.ConfigDict(dict(
-        sparsity=0.9, distribution="uniform", retrain_epochs=1,
+        sparsity=DEFAULT_SPARSITY, distribution="uniform", retrain_epochs=1,
         base="derpp",  # finetune | ewc | er | derpp
     ))
 
@@ -363,6 +384,51 @@ BENCHMARK_PROTOCOLS: dict[str, tuple[dict, dict]] = {
     "split_cifar100": (dict(_RESNET, epochs=50), CIFAR_METHODS),
     "split_tiny_imagenet": (dict(_RESNET, epochs=100), CIFAR_METHODS),
 }
+
+
+def _stored_init_rescale(config: Mapping | ml_collections.ConfigDict) -> Any:
+    """``esacl.init_rescale`` of a config or its plain dict (None where absent)."""
+    esacl = config.get("esacl")
+    return esacl.get("init_rescale") if isinstance(esacl, (Mapping,
+                                                           ml_collections.ConfigDict)) else None
+
+
+def sparse_start_of(config: Mapping | ml_collections.ConfigDict, warn: bool = False) -> str:
+    """The sparse start a config asks for (`SPARSE_STARTS`), the deprecated alias applied.
+
+    A config from before `sparse_start` existed (a stored results.json) has EsaCL's
+    ``esacl.init_rescale`` (default True) as EsaCL's start, and "magnitude" for every other
+    method. Otherwise ``esacl.init_rescale``, when set on an EsaCL run, maps to the start.
+
+    Args:
+      config: a ConfigDict or its plain dict (``results.json["config"]``).
+      warn: log the deprecation of ``esacl.init_rescale`` (one line) when it is set.
+
+    Returns:
+      "magnitude" or "rescaled".
+
+    Raises:
+      ValueError: a value not in `SPARSE_STARTS`, or ``esacl.init_rescale=False`` together with
+        ``sparse_start="rescaled"``.
+    """
+    is_esacl = config.get("method") == "esacl"
+    alias = _stored_init_rescale(config)
+    if "sparse_start" not in config:  # stored before the field: init_rescale was EsaCL's own
+        return "rescaled" if is_esacl and alias in (True, None) else "magnitude"
+    start = config.get("sparse_start")
+    if start not in SPARSE_STARTS:
+        raise ValueError(f"sparse_start must be one of {', '.join(SPARSE_STARTS)}, got "
+                         f"{start!r}{_closest(str(start), list(SPARSE_STARTS))}")
+    if alias is None or not is_esacl:
+        return start
+    if alias is False and start == "rescaled":
+        raise ValueError("esacl.init_rescale=False contradicts sparse_start='rescaled': drop "
+                         "esacl.init_rescale (deprecated) and set sparse_start alone")
+    new = "rescaled" if alias else "magnitude"
+    if warn:
+        logging.getLogger("esacl_jax").warning(
+            "config.esacl.init_rescale=%r is deprecated: use config.sparse_start=%r", alias, new)
+    return new
 
 
 def closest_name(name: str, known: list[str]) -> str | None:

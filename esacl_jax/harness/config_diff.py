@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from esacl_jax.harness.config import NON_COMPUTATIONAL_FIELDS
+from esacl_jax.harness.config import NON_COMPUTATIONAL_FIELDS, sparse_start_of
 
 
 def plain_config(config: ml_collections.ConfigDict) -> dict:
@@ -36,8 +36,15 @@ def _section_readers() -> dict[str, frozenset[str]]:
 _OLD_PRUNE_SCOPES = {"all_but_classifier": "all_but_output", "sparcl": "by_layer_name"}
 
 
-def _upgraded(stored: Mapping) -> Mapping:
-    """A stored top-level config in today's spelling (`prune_scope` -> `prunable`)."""
+def _upgraded(stored: Mapping, planned: Mapping) -> Mapping:
+    """A stored top-level config in today's spelling (`prune_scope` -> `prunable`; a config
+    from before `sparse_start`, compared with one that has it: the start it ran,
+    `config.sparse_start_of`, with ``esacl.init_rescale`` unset)."""
+    if "sparse_start" not in stored and "sparse_start" in planned:
+        stored = {**stored, "sparse_start": sparse_start_of(stored)}
+        esacl = stored.get("esacl")
+        if isinstance(esacl, Mapping) and "init_rescale" in esacl:
+            stored["esacl"] = {**esacl, "init_rescale": None}
     if "prunable" in stored or stored.get("prune_scope") not in _OLD_PRUNE_SCOPES:
         return stored
     return {**stored, "prunable": _OLD_PRUNE_SCOPES[stored["prune_scope"]], "prune_scope": ""}
@@ -52,7 +59,7 @@ def config_differences(planned: Mapping, stored: Mapping, prefix: str = "") -> l
     """
     diffs = []
     if not prefix:
-        stored = _upgraded(stored)
+        stored = _upgraded(stored, planned)
     readers = _section_readers() if not prefix else {}
     method = planned.get("method") if not prefix else None
     for key in sorted(planned.keys() | stored.keys()):

@@ -28,6 +28,7 @@ from esacl_jax.harness import atomic_io, compilation, distributed, export_model
 from esacl_jax.harness import flops as flops_lib
 from esacl_jax.harness import memory as memory_lib
 from esacl_jax.harness import results as results_lib
+from esacl_jax.harness.config import sparse_start_of
 from esacl_jax.harness.data import Benchmark, class_mask, load_benchmark, preprocess
 from esacl_jax.harness.methods import (
     Method,
@@ -70,6 +71,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(every >= 0, f"checkpoint_every_steps must be >= 0 (0: at task ends only), got {every}")
     need(0.0 <= config.validation_fraction < 1.0,
          f"validation_fraction must be in [0, 1), got {config.validation_fraction}")
+    sparse_start_of(config, warn=True)  # refuses a misspelt start or a conflicting alias
     if config.get("seeds"):
         from esacl_jax.harness import seed_group
 

@@ -29,7 +29,10 @@
 #        one untimed run)  WITH_ESACL=1 (also time our EsaCL, cold and warm)
 #        MAMMOTH_THREADS=1 (torch intra-op threads; the current release hard-codes
 #        torch.set_num_threads(2): a sitecustomize on PYTHONPATH caps it; empty: as shipped)
-#        MAMMOTH_WORKERS= (its DataLoader --num_workers; empty: its default, min(8, CPUs))
+#        MAMMOTH_WORKERS=0 (its DataLoader --num_workers: 0 loads batches in the training
+#        process, mammoth's fastest on a 2-core machine, where worker processes compete with
+#        training for the cores; set empty for mammoth's own default, min(8, CPUs), which every
+#        row of docs/speed/time_vs_mammoth*.csv up to e75a491 was measured with)
 #        PIN_CPU= (e.g. 0: run every process, ours and mammoth, under `taskset -c 0`)
 #        OUT_CSV=timings.csv  KEEP_LOGS=0 (1: keep run logs)
 #        OURS_EXTRA="--config.tensorboard=False --config.progress=False" (as experiments/bench/runs.py)
@@ -42,7 +45,7 @@ SEED0="${SEED0:-0}"
 WITH_CACHE="${WITH_CACHE:-1}"
 WITH_ESACL="${WITH_ESACL:-1}"
 MAMMOTH_THREADS="${MAMMOTH_THREADS-1}"
-MAMMOTH_WORKERS="${MAMMOTH_WORKERS:-}"
+MAMMOTH_WORKERS="${MAMMOTH_WORKERS-0}"
 MAMMOTH_STUB_OPEN_CLIP="${MAMMOTH_STUB_OPEN_CLIP:-1}"
 PIN_CPU="${PIN_CPU:-}"
 OUT_CSV="${OUT_CSV:-timings.csv}"
@@ -72,6 +75,9 @@ fi
 [[ "$N" =~ ^[1-9][0-9]*$ ]] || { echo "N must be a positive integer, got '$N'" >&2; exit 2; }
 [[ -z "$MAMMOTH_THREADS" || "$MAMMOTH_THREADS" =~ ^[1-9][0-9]*$ ]] || {
   echo "MAMMOTH_THREADS must be a positive integer or empty, got '$MAMMOTH_THREADS'" >&2; exit 2; }
+[[ -z "$MAMMOTH_WORKERS" || "$MAMMOTH_WORKERS" =~ ^[0-9]+$ ]] || {
+  echo "MAMMOTH_WORKERS must be a number of workers (0: none) or empty, got '$MAMMOTH_WORKERS'" >&2
+  exit 2; }
 [[ -z "$PIN_CPU" || "$PIN_CPU" =~ ^[0-9]+$ ]] || {
   echo "PIN_CPU must be a CPU number or empty, got '$PIN_CPU'" >&2; exit 2; }
 

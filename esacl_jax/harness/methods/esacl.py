@@ -11,8 +11,9 @@ model. Three cost variants are configurations of the one step:
   C: (default) the ascent (clean) pass uses only the top-gamma examples by the per-example score
      table filled by earlier passes; descent on the whole current batch + replay; no extra
      forward.
-The sparse start is the magnitude mask of the random init with, by default, each unit's kept
-weights rescaled to its dense norm (`esacl_jax.sparse_start`, esacl.init_rescale). The optimizer
+The sparse start is the magnitude mask of the random init (`esacl_jax.sparse_start`), its kept
+weights as they are or, with config.sparse_start="rescaled", each unit's rescaled to its dense
+norm (the same start every sparse method reads from config.sparse_start). The optimizer
 is `esacl_jax.esacl_optimizer(sgd)` = `keep_sparse(chain(sdp_transform(...), sgd))`, exactly what
 users chain in their own loops. BatchNorm running statistics come from the clean pass only.
 """
@@ -31,6 +32,7 @@ import optax
 from esacl_jax import esacl as esacl_lib
 from esacl_jax import ids, masks, replay, sdp
 from esacl_jax.harness import compilation, losses
+from esacl_jax.harness.config import sparse_start_of
 from esacl_jax.harness.methods.base import (
     Batch,
     Pass,
@@ -134,8 +136,9 @@ class EsaCL(ReplayMethod):
     def init(self, key: jax.Array) -> TrainState:
         state = super().init(key)
         # Start from the exactly sparse magnitude-pruned network the transform's masks describe.
+        rescale = sparse_start_of(self.config) == "rescaled"
         return state.replace(params=esacl_lib.sparse_start(state.params, state.opt_state,
-                                                           rescale=self.esacl.init_rescale))
+                                                           rescale=rescale))
 
     # ----- replay -----
     def replay_loss(self, params, batch_stats, state, key):

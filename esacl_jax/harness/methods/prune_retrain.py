@@ -28,6 +28,7 @@ import numpy as np
 
 from esacl_jax import masks as masks_lib
 from esacl_jax.harness import flops as flops_lib
+from esacl_jax.harness.config import sparse_start_of
 from esacl_jax.harness.methods.base import (
     Batch,
     Pass,
@@ -94,12 +95,17 @@ class PruneRetrain(SparseWrapperMethod):
         return state.replace(method_state=ms)
 
     def prune(self, state: TrainState) -> TrainState:
-        """Per-layer magnitude pruning of the current weights to `prune_retrain.sparsity`."""
+        """Per-layer magnitude pruning of the current weights to `prune_retrain.sparsity`; with
+        config.sparse_start="rescaled" each unit's kept weights are rescaled to the unit's norm
+        before the pruning (the sparse start, applied where this method sets its sparse
+        weights)."""
         prunable = masks_lib.prunable_tree(state.params, self.prunable)
         sparsities = masks_lib.layer_sparsities(state.params, self.pr.sparsity,
                                                 self.pr.distribution, prunable)
         weight_masks = masks_lib.magnitude_masks(state.params, sparsities, prunable)
-        return state.replace(params=masks_lib.apply_masks(state.params, weight_masks),
+        rescale = sparse_start_of(self.config) == "rescaled"
+        return state.replace(params=masks_lib.masked_start(state.params, weight_masks,
+                                                           rescale=rescale),
                              method_state=state.method_state._replace(
                                  masks=weight_masks, pruned=jnp.ones((), bool)))
 

@@ -59,6 +59,7 @@ from esacl_jax import ids
 from esacl_jax import masks as masks_lib
 from esacl_jax.harness import flops as flops_lib
 from esacl_jax.harness import losses
+from esacl_jax.harness.config import sparse_start_of
 from esacl_jax.harness.methods.base import (
     Batch,
     SparseWrapperMethod,
@@ -247,7 +248,7 @@ class SparCL(SparseWrapperMethod):
     def init_method_state(self, params: Any) -> Any:
         weight_masks = masks_lib.magnitude_masks(params, self.sparsities(params),
                                                  self.prunable_flags(params))
-        sparse_params = masks_lib.apply_masks(params, weight_masks)
+        sparse_params = self.sparse_start(params, weight_masks)
         state = widen(SparCLState, self.base.init_method_state(sparse_params), masks=weight_masks)
         state = state._replace(last_grad=jax.tree.map(
             lambda w, m: jnp.zeros(w.shape, jnp.float32) if _is_sparse_leaf(m)
@@ -261,8 +262,21 @@ class SparCL(SparseWrapperMethod):
 
     def init(self, key: jax.Array) -> TrainState:
         state = super().init(key)
-        return state.replace(params=masks_lib.apply_masks(state.params,
-                                                          state.method_state.masks))
+        return state.replace(params=self.sparse_start(state.params, state.method_state.masks))
+
+    def sparse_start(self, params: Any, weight_masks: Any) -> Any:
+        """The first sparse weights: `params` magnitude-pruned by `weight_masks`, the kept ones
+        rescaled to each unit's dense norm when config.sparse_start is "rescaled".
+
+        Args:
+          params: the dense initial params.
+          weight_masks: their magnitude masks.
+
+        Returns:
+          The sparse initial params.
+        """
+        return masks_lib.masked_start(params, weight_masks,
+                                      rescale=sparse_start_of(self.config) == "rescaled")
 
     # ----- the compiled step -----
     def sparse_update(self, state: TrainState, grads: Any) -> tuple[Any, Any, dict]:

@@ -11,14 +11,18 @@ the main method. Each group becomes one `Row` holding mean ± sample std over it
 - `paired`: differences paired by seed against a reference group, with standard errors;
 - `plots`: the accuracy-matrix heatmap and the accuracy-vs-FLOPs figure;
 - `paper`: the paper's comparison layout (accuracy per sparsity, FLOPs relative to DER++,
-  memory footprint with the compact export's bytes, paired differences).
+  memory footprint with the compact export's bytes, paired differences);
+- `records`: a run's compact record (``records.jsonl``, one per study) and `load_records`,
+  which gives the same run dicts as `load_runs`;
+- `build`: the report `experiments.report` writes (`build_report`), from results.json files or
+  a records file, and rebuilding a study in place from its report.json (`rebuild_study`).
 
 Units inside a `Row`: accuracies and forgetting in percent, training FLOPs in FLOPs, memory in
 bytes, wall time in seconds. Keys a results.json lacks (``training_flops``, ``memory``) give
 ``None`` statistics, shown as blank cells. This package reads no flags.
 """
 
-from esacl_jax.harness.reporting import paper
+from esacl_jax.harness.reporting import build, paper, records
 from esacl_jax.harness.reporting.collect import (
     METRICS,
     VARIANT_KNOBS,
@@ -56,6 +60,7 @@ from esacl_jax.harness.reporting.tables import (
 
 __all__ = [
     "METHOD_ORDER", "METRICS", "MiB", "PairedRow", "Row", "Stat", "VARIANT_KNOBS", "aggregate",
+    "build", "records",
     "benchmark_of", "benchmarks_of", "buffer_of", "commit_of", "csv_header", "csv_text",
     "flops_exponent", "format_sparsity", "format_stat", "group_of", "group_runs", "load_runs",
     "method_family", "method_label", "method_of", "paired_markdown", "paired_rows",

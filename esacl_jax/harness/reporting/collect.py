@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 VARIANT_KNOBS: dict[str, tuple[str, dict[str, Any]]] = {
     "esacl": ("esacl", {"step_variant": "C", "gamma": 0.25, "rho": 0.01, "sdp": True,
                         "replay": "derpp", "ids_score": "sharpness", "replay_at": "perturbed",
-                        "init_rescale": True, "mask_update_every_steps": 0,
+                        "mask_update_every_steps": 0,
                         "ids_unseen": "mean", "dense_to_sparse": False}),
     "sparcl": ("sparcl", {"base": "derpp", "ddr": True, "dgm": True}),
     "sparcl_ewc": ("sparcl", {"ddr": True, "dgm": True}),
@@ -128,8 +128,24 @@ def _finite(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+# A run loaded from a record (`records.load_records`) carries the facts the sweep recorded under
+# this key; the accessors below return those before deriving them from the config.
+RECORDED = "recorded"
+
+
+def _recorded(result: dict, name: str) -> tuple[bool, Any]:
+    """(True, value) when `result` is a loaded record holding `name`, else (False, None)."""
+    recorded = result.get(RECORDED)
+    if isinstance(recorded, dict) and name in recorded:
+        return True, recorded[name]
+    return False, None
+
+
 def benchmark_of(result: dict) -> str:
     """The benchmark's name (results.json stores a dict; hand-made files may hold a string)."""
+    found, value = _recorded(result, "benchmark")
+    if found:
+        return str(value)
     protocol = _config(result).get("protocol")
     if protocol:  # the protocol row (e.g. split_mnist_w400), finer than the dataset benchmark
         return str(protocol)
@@ -164,6 +180,9 @@ def commit_of(result: dict) -> str | None:
 
 def sparsity_of(result: dict) -> float:
     """Target sparsity from the method's sparsity field; 0.0 for dense methods."""
+    found, value = _recorded(result, "sparsity")
+    if found:
+        return float(value)
     key = _sparsity_key(method_of(result))
     if key is None:
         return 0.0
@@ -172,6 +191,9 @@ def sparsity_of(result: dict) -> float:
 
 def buffer_of(result: dict) -> int | None:
     """Replay-buffer size, or None for methods that use no buffer."""
+    found, value = _recorded(result, "buffer")
+    if found:
+        return None if value is None else int(value)
     method, config = method_of(result), _config(result)
     if _uses_buffer(method) is False:
         return None
@@ -206,8 +228,12 @@ def method_label(result: dict) -> str:
     any architecture field set away from the protocol's (``derpp[mlp_widths=62-62]``).
 
     Knobs and defaults are listed in `VARIANT_KNOBS`; a knob missing from the config counts as
-    its default. Knobs appear in `VARIANT_KNOBS` order.
+    its default. Knobs appear in `VARIANT_KNOBS` order, then a sparse method's start when it is
+    not "magnitude" (``sparse_start=rescaled``), then the architecture fields.
     """
+    found, value = _recorded(result, "label")
+    if found:
+        return str(value)
     method = method_of(result)
     parts = []
     if method in VARIANT_KNOBS:
@@ -215,8 +241,33 @@ def method_label(result: dict) -> str:
         sub = _get(_config(result), section) or {}
         parts = [_format_knob(name, sub[name]) for name, default in defaults.items()
                  if name in sub and _differs(sub[name], default)]
+    start = sparse_start_label(result)
+    if start and _sparsity_key(method) is not None and start != "magnitude":
+        parts.append(f"sparse_start={start}")
     parts += _architecture_knobs(result)
     return f"{method}[{','.join(parts)}]" if parts else method
+
+
+def sparse_start_label(result: dict) -> str | None:
+    """The sparse start a run's config asks for (`config.sparse_start_of`: a config from before
+    `sparse_start` existed ran EsaCL's ``esacl.init_rescale``); None when the config records
+    neither (a hand-made results.json).
+
+    Args:
+      result: one results.json dict.
+
+    Returns:
+      "magnitude", "rescaled", the recorded value when it is not one of those, or None.
+    """
+    from esacl_jax.harness.config import sparse_start_of
+
+    config = _config(result)
+    if "sparse_start" not in config and not isinstance(config.get("esacl"), dict):
+        return None
+    try:
+        return sparse_start_of({**config, "method": method_of(result)})
+    except ValueError:
+        return str(config.get("sparse_start"))
 
 
 # Config fields that change the network; a run that sets them away from its protocol's values

@@ -1,7 +1,8 @@
 """Figures of runs: a run's accuracy-matrix heatmap, accuracy against training FLOPs.
 
 Figures are drawn with matplotlib's object API on the Agg canvas (never the global pyplot
-backend) and saved as PNG through `esacl_jax.harness.atomic_io`.
+backend) and saved as PNG through `esacl_jax.harness.atomic_io`, without the software-version
+metadata, so the same figure gives the same bytes.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ log = logging.getLogger(__name__)
 
 
 def _save_figure(fig: Any, path: str | os.PathLike) -> None:
+    """The figure as PNG, its bytes a function of the figure alone (no software version in the
+    metadata): a report rebuilt from the same records is byte for byte the same."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
     write_bytes_atomic(path, buf.getvalue())
 
 

@@ -12,7 +12,8 @@ results.json of the same config and failing (never silently reusing) those made 
 - `execute`: `run_all` with a launcher and a progress printer;
 - `ray_launcher`: the "ray" launcher, a Ray task per run on a local Ray instance or a cluster
   (Ray is the optional ``cluster`` extra, imported only when that launcher runs);
-- `provenance`: the results of a sweep and the provenance header of its reports;
+- `provenance`: the results of a sweep, their per-run records (`write_records`:
+  records.jsonl beside the report) and the provenance header of its reports;
 - `cli`: the flags and exit codes the sweep programs share.
 
 Launchers (`run_all(..., launcher=...)`, ``--launcher`` on the command line): "local" runs in
@@ -70,6 +71,7 @@ from esacl_jax.harness.sweep.provenance import (
     provenance_csv,
     provenance_markdown,
     read_csv_records,
+    write_records,
 )
 from esacl_jax.harness.sweep.reuse import check_existing, config_differences
 
@@ -82,4 +84,5 @@ __all__ = [
     "load_results",
     "nodes_summary", "one_line", "parse_overrides", "parse_value", "plain_config", "provenance",
     "provenance_csv", "provenance_markdown", "read_csv_records", "run_all", "run_program",
+    "write_records",
 ]

@@ -1,6 +1,7 @@
 """What a sweep's report is made from and where it came from.
 
-`load_results` reads the results.json of planned runs; `provenance` describes what produced a
+`load_results` reads the results.json of planned runs; `write_records` writes their per-run
+records (records.jsonl, what the report is rebuilt from); `provenance` describes what produced a
 report (command, commit, machine, evaluation split, launcher, and the nodes that ran the runs
 of a Ray sweep), and `provenance_markdown` / `provenance_csv` turn that into a report's header.
 Each run's own node is in its results.json (``"node"``: launcher, host, ip, Ray node id).
@@ -12,6 +13,7 @@ import csv
 import datetime
 import json
 import os
+import pathlib
 import platform
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -30,6 +32,23 @@ def load_results(runs: Iterable[Run]) -> list[tuple[Run, dict]]:
             result["path"] = str(run.results_path)
             out.append((run, result))
     return out
+
+
+def write_records(results: Sequence[dict], out: str | os.PathLike) -> pathlib.Path:
+    """The study's per-run records, ``<out>/records.jsonl``, beside its report: what every table
+    of it is rebuilt from (`esacl_jax.harness.reporting.records`; ``python -m
+    experiments.report --records=<out>/records.jsonl --out=DIR``).
+
+    Args:
+      results: the study's results.json dicts, each with its ``"path"`` (`load_results`).
+      out: the sweep's output folder (record paths are relative to it).
+
+    Returns:
+      The records file's path.
+    """
+    from esacl_jax.harness.reporting.records import write_records as write
+
+    return write(results, out)
 
 
 def nodes_summary(results: Sequence[dict]) -> str:
