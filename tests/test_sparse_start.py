@@ -60,7 +60,7 @@ def _dense_and_start(method_name: str, config) -> tuple[np.ndarray, np.ndarray, 
     dense_state = Method.init(method, key)
     if method_name == "prune_retrain":  # its start is its first pruning, after dense training
         state = method.prune(dense_state)
-        mask = state.method_state["masks"][LAYER]["kernel"]
+        mask = state.method_state.masks[LAYER]["kernel"]
     else:
         state = method.init(key)
         if method_name == "esacl":
@@ -68,7 +68,7 @@ def _dense_and_start(method_name: str, config) -> tuple[np.ndarray, np.ndarray, 
 
             mask = sdp.find_sdp_state(state.opt_state).masks[LAYER]["kernel"]
         else:
-            mask = state.method_state["masks"][LAYER]["kernel"]
+            mask = state.method_state.masks[LAYER]["kernel"]
     return (np.asarray(dense_state.params[LAYER]["kernel"]),
             np.asarray(state.params[LAYER]["kernel"]), np.asarray(mask))
 
