@@ -175,8 +175,9 @@ def sparse_start(params: PyTree, opt_state: Any, *,
       params: the dense initial params.
       opt_state: `tx.init(params)` of a transform holding one `sdp_transform` (its masks are the
         magnitude masks of `params`).
-      rescale: keep each unit's dense incoming norm by rescaling its kept weights (EsaCL's
-        start, `masks.masked_start`); False only zeroes the pruned weights.
+      rescale: keep each unit's dense incoming norm by rescaling its kept weights
+        (`masks.masked_start`); False (the default, the harness's `sparse_start="magnitude"`)
+        only zeroes the pruned weights.
 
     Returns:
       The params with every pruned weight exactly 0.

@@ -280,7 +280,7 @@ def test_sparse_init_keeps_each_units_dense_norm():
     m = masks.magnitude_masks(params, masks.layer_sparsities(params, 0.75))
     plain = masks.sparse_init(params, m, rescale=False)
     jax.tree.map(np.testing.assert_array_equal, plain, masks.apply_masks(params, m))
-    out = masks.sparse_init(params, m)
+    out = masks.sparse_init(params, m, rescale=True)
     for (path, w), o, mask in zip(
         jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(out), jax.tree.leaves(m),
         strict=True,
@@ -304,7 +304,7 @@ def test_sparse_init_keeps_each_units_dense_norm():
 def test_sparse_init_dtype_and_empty_unit():
     w = jnp.array([[1.0, 0.0], [2.0, 0.0]], jnp.bfloat16)
     m = jnp.array([[False, True], [True, True]])
-    out = masks.sparse_init({"hidden": {"kernel": w}}, {"hidden": {"kernel": m}})
+    out = masks.sparse_init({"hidden": {"kernel": w}}, {"hidden": {"kernel": m}}, rescale=True)
     out = out["hidden"]["kernel"]
     assert out.dtype == jnp.bfloat16
     # unit 0 keeps 2.0 of norm^2 5 -> sqrt(5); unit 1 is all zeros and stays 0 (no NaN)
