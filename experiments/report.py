@@ -35,6 +35,10 @@ _REBUILD = flags.DEFINE_string(
     "rebuild", None, "Rebuild every study under this folder (each folder holding report.json) "
     "in place from its records, e.g. docs (`make report`).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: RUNS/report).")
+_WRITE_RECORDS = flags.DEFINE_string(
+    "write_records", None, "With --runs: also write the records of every run found (paths "
+    "relative to --runs) to this file: one study from several sweeps' output folders placed "
+    "under one --runs folder (e.g. RUNS/magnitude and RUNS/rescaled).")
 _BENCHMARK = flags.DEFINE_string("benchmark", None, "Only report runs of this benchmark.")
 _PAIRED_WITH = flags.DEFINE_string(
     "paired_with", None, "Also write paired.md: every run group (its directory under --runs "
@@ -77,6 +81,10 @@ def _from_runs() -> tuple[str, pathlib.Path]:
     if not runs:
         fail(f"no readable results.json under {runs_dir}")
     out = pathlib.Path(_OUT.value) if _OUT.value else runs_dir / "report"
+    if _WRITE_RECORDS.value:
+        from esacl_jax.harness.reporting.records import write_records
+
+        print(f"records: {write_records(runs, runs_dir, _WRITE_RECORDS.value)}")
     command = portable_command(" ".join(["python -m experiments.report", *sys.argv[1:]]))
     source = Source(command, runs_dir, _shown(runs_dir))
     return reporting.build.build_report(runs, out, _options(), source), out
