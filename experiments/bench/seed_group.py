@@ -178,6 +178,14 @@ def measure_warm_groups(benchmark: str, method: str, sizes: list[int], root: pat
     return rows
 
 
+def same_sitting(rows: list[dict], group: dict, kind: str, seeds: list[int]) -> list[dict]:
+    """The `kind` runs of `seeds` beside `group`: those of its sitting (the same note) when
+    that sitting timed every seed, else every such run (sittings that timed each seed once)."""
+    found = [r for r in rows if r["kind"] == kind and int(r["seeds"]) in seeds]
+    same = [r for r in found if r["note"] == group["note"]]
+    return same if len(same) == len(seeds) else found
+
+
 def summary_rows(records: list[dict]) -> list[dict]:
     """Per (benchmark, method, N): the group's wall time against N cold and N warm separate
     runs (the sums over seeds 0..N-1), and where the group's time went."""
@@ -187,10 +195,8 @@ def summary_rows(records: list[dict]) -> list[dict]:
         mine = [r for r in records if (r["benchmark"], r["method"]) == (bench, method)]
         for g in (r for r in mine if r["kind"] == "group_cold"):
             seeds = [int(s) for s in g["seeds"].split()]
-            cold = [r for r in mine if r["kind"] == "cold_separate"
-                    and int(r["seeds"]) in seeds]
-            warm = [r for r in mine if r["kind"] == "warm_separate"
-                    and int(r["seeds"]) in seeds]
+            cold = same_sitting(mine, g, "cold_separate", seeds)
+            warm = same_sitting(mine, g, "warm_separate", seeds)
             if len(cold) != len(seeds) or len(warm) != len(seeds):
                 continue
             cold_s = sum(float(r["wall_s"]) for r in cold)
@@ -198,9 +204,9 @@ def summary_rows(records: list[dict]) -> list[dict]:
             wall = float(g["wall_s"])
             train, evaluation = float(g["train_s"]), float(g["eval_s"])
             warm_group = next((float(r["wall_s"]) for r in mine if r["kind"] == "group_warm"
-                               and r["seeds"] == g["seeds"]), None)
+                               and r["seeds"] == g["seeds"] and r["note"] == g["note"]), None)
             beside = [float(r["wall_s"]) for r in mine if r["kind"] == "warm_separate_w"
-                      and int(r["seeds"]) in seeds]
+                      and int(r["seeds"]) in seeds and r["note"] == g["note"]]
             warm_beside = sum(beside) if len(beside) == len(seeds) else None
             out.append({"benchmark": bench, "method": method, "n": len(seeds), "group_s": wall,
                         "cold_s": cold_s, "warm_s": warm_s, "vs_cold": wall / cold_s,
@@ -208,7 +214,8 @@ def summary_rows(records: list[dict]) -> list[dict]:
                         "warm_group_s": warm_group, "warm_beside_s": warm_beside,
                         "rest_s": wall - train - evaluation,
                         "sep_train_s": sum(float(r["train_s"]) for r in cold),
-                        "equal": g["matrices_equal_to_separate"], "commit": g["commit"]})
+                        "equal": g["matrices_equal_to_separate"], "commit": g["commit"],
+                        "note": g["note"]})
     return out
 
 
@@ -218,7 +225,7 @@ def se(x: np.ndarray) -> float:
 
 
 def paired_table(records: list[dict]) -> list[str]:
-    """Class-IL of each (benchmark, method)'s largest group, paired by seed with the seeds'
+    """Class-IL of each measured group, paired by seed with the seeds'
     separate runs: the per-seed differences, their mean with its SE, and both means +- SE."""
     groups = [r for r in records if r["kind"] == "group_cold" and r.get("class_il_group")]
     if not groups:
@@ -229,12 +236,9 @@ def paired_table(records: list[dict]) -> list[str]:
              "| benchmark | method | seeds | group mean +- SE | separate mean +- SE | "
              "diff by seed | mean diff +- SE | max abs diff |",
              "|---|---|---:|---|---|---|---|---:|"]
-    largest: dict = {}
-    for r in groups:
-        key = (r["benchmark"], r["method"])
-        if key not in largest or len(r["seeds"].split()) > len(largest[key]["seeds"].split()):
-            largest[key] = r
-    for (bench, method), r in sorted(largest.items()):
+    for r in sorted(groups, key=lambda r: (r["benchmark"], r["method"],
+                                           len(r["seeds"].split()))):
+        bench, method = r["benchmark"], r["method"]
         group = 100 * np.asarray(r["class_il_group"].split(), float)
         separate = 100 * np.asarray(r["class_il_separate"].split(), float)
         diff = group - separate
@@ -270,7 +274,8 @@ def markdown(records: list[dict]) -> str:
         "seeds).",
         "",
         f"Machine: {'; '.join(machines)}. Commit: {', '.join(commits)}.",
-        *([f"Conditions: {' '.join(notes)}"] if notes else []),
+        *([f"Conditions, by sitting: {'; '.join(f'({k + 1}) {n}' for k, n in enumerate(notes))}"]
+          if notes else []),
         "",
         "Each timing is one fresh `python -m experiments.main` process timed from outside "
         "(import, data, compilation, training, evaluation, results). N separate runs: the sum "
@@ -284,8 +289,9 @@ def markdown(records: list[dict]) -> str:
         "",
         "| benchmark | method | N | group (s) | N cold (s) | N warm (s) | group / cold | "
         "group / warm | warm group (s) | N warm beside it (s) | warm group / N warm | "
-        "group: train / eval / rest (s) | N separate: train (s) | matrices = separate |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        "group: train / eval / rest (s) | N separate: train (s) | matrices = separate | "
+        "sitting |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
     ]
     for r in rows:
         lines.append(
@@ -295,7 +301,8 @@ def markdown(records: list[dict]) -> str:
             f"{fmt(r['warm_beside_s'], '.1f')} | "
             f"{fmt(ratio(r['warm_group_s'], r['warm_beside_s']), '.2f')} | "
             f"{r['train_s']:.1f} / {r['eval_s']:.1f} / "
-            f"{r['rest_s']:.1f} | {r['sep_train_s']:.1f} | {r['equal']} |")
+            f"{r['rest_s']:.1f} | {r['sep_train_s']:.1f} | {r['equal']} | "
+            f"{notes.index(r['note']) + 1 if r['note'] in notes else ''} |")
     lines += paired_table(records)
     lines += [
         "",
