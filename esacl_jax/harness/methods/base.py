@@ -21,6 +21,7 @@ import optax
 from esacl_jax import masks as masks_lib
 from esacl_jax.harness import flops as flops_lib
 from esacl_jax.harness import losses
+from esacl_jax.harness.config import sparse_start_of
 from esacl_jax.harness.data.augment import augment_batch
 from esacl_jax.harness.data.base import Benchmark, class_mask, preprocess
 from esacl_jax.harness.methods import state as state_lib
@@ -384,6 +385,21 @@ class SparseWrapperMethod(Method):
 
     def step_activation_bytes(self, state: TrainState, per_example: int, batch_size: int) -> int:
         return self.base.step_activation_bytes(state, per_example, batch_size)
+
+    def sparse_start(self, params: Any, weight_masks: Any) -> Any:
+        """The sparse weights where the method first sets them (SparCL at initialisation,
+        prune-then-retrain at each pruning): `params` magnitude-pruned by `weight_masks`, the
+        kept ones rescaled to each unit's dense norm when config.sparse_start is "rescaled".
+
+        Args:
+          params: the dense params.
+          weight_masks: their magnitude masks.
+
+        Returns:
+          The sparse params.
+        """
+        return masks_lib.masked_start(params, weight_masks,
+                                      rescale=sparse_start_of(self.config) == "rescaled")
 
     def sparse_masks(self, state: TrainState) -> Any:
         """The weight masks (method_state.masks, every wrapper's state has them): the memory

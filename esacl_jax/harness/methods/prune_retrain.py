@@ -28,7 +28,6 @@ import numpy as np
 
 from esacl_jax import masks as masks_lib
 from esacl_jax.harness import flops as flops_lib
-from esacl_jax.harness.config import sparse_start_of
 from esacl_jax.harness.methods.base import (
     Batch,
     Pass,
@@ -103,9 +102,7 @@ class PruneRetrain(SparseWrapperMethod):
         sparsities = masks_lib.layer_sparsities(state.params, self.pr.sparsity,
                                                 self.pr.distribution, prunable)
         weight_masks = masks_lib.magnitude_masks(state.params, sparsities, prunable)
-        rescale = sparse_start_of(self.config) == "rescaled"
-        return state.replace(params=masks_lib.masked_start(state.params, weight_masks,
-                                                           rescale=rescale),
+        return state.replace(params=self.sparse_start(state.params, weight_masks),
                              method_state=state.method_state._replace(
                                  masks=weight_masks, pruned=jnp.ones((), bool)))
 

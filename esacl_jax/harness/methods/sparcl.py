@@ -59,7 +59,6 @@ from esacl_jax import ids
 from esacl_jax import masks as masks_lib
 from esacl_jax.harness import flops as flops_lib
 from esacl_jax.harness import losses
-from esacl_jax.harness.config import sparse_start_of
 from esacl_jax.harness.methods.base import (
     Batch,
     SparseWrapperMethod,
@@ -263,20 +262,6 @@ class SparCL(SparseWrapperMethod):
     def init(self, key: jax.Array) -> TrainState:
         state = super().init(key)
         return state.replace(params=self.sparse_start(state.params, state.method_state.masks))
-
-    def sparse_start(self, params: Any, weight_masks: Any) -> Any:
-        """The first sparse weights: `params` magnitude-pruned by `weight_masks`, the kept ones
-        rescaled to each unit's dense norm when config.sparse_start is "rescaled".
-
-        Args:
-          params: the dense initial params.
-          weight_masks: their magnitude masks.
-
-        Returns:
-          The sparse initial params.
-        """
-        return masks_lib.masked_start(params, weight_masks,
-                                      rescale=sparse_start_of(self.config) == "rescaled")
 
     # ----- the compiled step -----
     def sparse_update(self, state: TrainState, grads: Any) -> tuple[Any, Any, dict]:
