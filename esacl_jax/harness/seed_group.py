@@ -611,8 +611,8 @@ class _Group:
         if not self.shared_tests:
             return [loop.evaluate(run.method, self.predict, one, run.benchmark, task_id, batch)
                     for run, one in zip(self.runs, slices, strict=True)]
-        params, batch_stats = stack([run.method.eval_variables(one)
-                                     for run, one in zip(self.runs, slices, strict=True)])
+        # The seeds' evaluation variables taken from the stacked state (no restacking).
+        params, batch_stats = jax.vmap(self.lead.eval_variables)(self.state)
         benchmark = self.runs[0].benchmark
         logits = [loop.predict_logits(self.predict_seeds, params, batch_stats, task.x_test,
                                       batch, axis=1) for task in benchmark.tasks]
