@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from esacl_jax.harness import compilation
+from esacl_jax.harness import compilation, loop
 from esacl_jax.harness.checkpoint import CheckpointError
 from esacl_jax.harness.loop import train_and_evaluate
 from experiments.bench import soak_stops
@@ -95,6 +95,34 @@ def _config(method: str, num_tasks: int = 2, epochs: int = 2):
     if method == "esacl":
         config.esacl.mask_update_every_epochs = 1
     return config
+
+
+def test_a_run_keeps_an_ignored_sigint_ignored_and_stops_on_one_sigterm():
+    """A sweep's worker ignores SIGINT (its parent turns Ctrl-C into one SIGTERM): the run's
+    handlers leave SIGINT ignored, so that SIGTERM is the first signal (stop at the next chunk),
+    not a second one raising KeyboardInterrupt wherever the worker happens to be. Where SIGINT is
+    not ignored it is taken, and a second signal interrupts at once."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with loop._StopSignals() as stops:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # handlers run between bytecodes of the main thread
+            assert stops.pending() == signal.SIGTERM
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with loop._StopSignals() as stops:
+            assert signal.getsignal(signal.SIGINT) == stops._handle
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert stops.pending() == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_run_that_fails_early_leaves_no_background_thread(tmp_path):

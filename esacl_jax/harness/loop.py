@@ -353,7 +353,9 @@ class RunInterrupted(KeyboardInterrupt):
 class _StopSignals:
     """While active, SIGINT and SIGTERM only set `signum`; the loop checks it after every compiled
     chunk, saves and stops. A second signal interrupts at once (KeyboardInterrupt). Handlers are
-    installed only in the main thread (the only one Python delivers signals to)."""
+    installed only in the main thread (the only one Python delivers signals to), and not for a
+    signal the process ignores (SIG_IGN: a sweep's worker process, whose parent turns Ctrl-C into
+    one SIGTERM; taking SIGINT there too would make that SIGTERM a second signal)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -375,6 +377,8 @@ class _StopSignals:
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handle)
                 # A signal recorded by the handler this one replaces (an entry point's, before
                 # the run started: `experiments.main`) is taken over, not lost.
