@@ -20,7 +20,7 @@ import pytest
 
 import esacl_jax
 from esacl_jax import ids, sdp
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, xla_flags
 
 SIZES = (6, 32, 32, 4)
 
@@ -215,7 +215,7 @@ def test_on_a_mesh_of_8_cpu_devices_it_matches_one_device():
                                        rtol=2e-5, atol=1e-6)
         print("MESH_OK")
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"),
            "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
                          capture_output=True, text=True, timeout=300)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, xla_flags
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_eight_device_data_parallel_matches_one_device(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"),
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -68,7 +68,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
         except ValueError as err:
             print("ERR", err)
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8"),
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=300)

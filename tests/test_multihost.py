@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, xla_flags
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +60,8 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu"}
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": xla_flags(f"--xla_force_host_platform_device_count={devices}")}
 
 
 def _result(stdout: str) -> dict:
