@@ -514,3 +514,31 @@ def test_paper_table_layout_costs_and_paired_differences(tmp_path):
     assert proc.returncode == 0, proc.stderr
     written = (tmp_path / "out" / "paper_table.md").read_text()
     assert "results from commit(s): abc123" in written and text in written
+
+
+def test_provenance_reads_a_checkout_without_writing_its_index(tmp_path):
+    """`results.git_commit` (called by every run) says "-dirty" for a modified tracked file and
+    leaves .git/index untouched: a plain `git status` would refresh the index under
+    .git/index.lock, and a `git commit` in the same checkout during a sweep would then fail."""
+    from esacl_jax.harness import results
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("one\n")
+    git("add", "a.txt")
+    git("commit", "-q", "-m", "one")
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert results.git_commit(tmp_path) == sha
+    # Same content, new mtime: the index's stat data is stale, which `git status` would refresh.
+    index = tmp_path / ".git" / "index"
+    os.utime(tmp_path / "a.txt", (1e9, 1e9))
+    before = index.read_bytes()
+    assert results.git_commit(tmp_path) == sha
+    assert index.read_bytes() == before
+    (tmp_path / "a.txt").write_text("two\n")
+    assert results.git_commit(tmp_path) == sha + "-dirty"
+    assert index.read_bytes() == before

@@ -20,14 +20,20 @@ _PACKAGES = ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "tensorflow-data
              "ml_collections", "esacl_jax")
 
 
+# Local changes, without taking the index lock (git status refreshes the index under
+# .git/index.lock otherwise): a run's provenance must not make a `git commit` in the same
+# checkout fail.
+GIT_DIRTY = ("git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
+
+
 def git_commit(repo: pathlib.Path | None = None) -> str:
     """The checkout's commit (with '-dirty' when it has local changes), or 'unknown'."""
     cwd = repo or pathlib.Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
                              text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(GIT_DIRTY, cwd=cwd, capture_output=True, text=True,
+                               timeout=5).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

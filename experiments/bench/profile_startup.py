@@ -38,6 +38,10 @@ _COMPILE_EVENTS = {
 }
 
 
+# Local changes without taking .git/index.lock (esacl_jax.harness.results.GIT_DIRTY).
+_GIT_DIRTY = ("git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
+
+
 def _child(method: str, workdir: str, data_dir: str, out_json: str) -> None:
     """Runs one split_mnist experiment in this process, timing its phases; writes out_json."""
     t0 = time.perf_counter()
@@ -192,8 +196,8 @@ def main() -> None:
                             _measure(method, f.data_dir, cache_dir))
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                                 capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(_GIT_DIRTY, cwd=REPO, capture_output=True,
+                               text=True).stdout.strip()
         head = (f"# Start-up profile (split_mnist)\n\n- command: `python -m "
                 f"experiments.bench.profile_startup {_portable(' '.join(sys.argv[1:]))}`\n"
                 f"- commit: {commit}"
