@@ -125,6 +125,67 @@ def test_a_run_keeps_an_ignored_sigint_ignored_and_stops_on_one_sigterm():
         signal.signal(signal.SIGINT, previous)
 
 
+_GC_INTERRUPT = """
+import contextlib, gc, os, signal, sys, time
+from esacl_jax.harness import interrupts
+raised = []
+def handler(signum, frame):
+    raised.append(signum)
+    raise KeyboardInterrupt
+def callback(phase, info):
+    if phase == "start" and not raised:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):  # the handler runs at one of these bytecodes
+            pass
+signal.signal(signal.SIGINT, handler)
+gc.callbacks.append(callback)
+caught = False
+with interrupts.redelivered() if sys.argv[1] == "1" else contextlib.nullcontext():
+    try:
+        gc.collect()
+        time.sleep(2)
+    except KeyboardInterrupt:
+        caught = True
+print("caught" if caught else "lost")
+"""
+
+
+@pytest.mark.parametrize("redeliver", [True, False])
+def test_an_interrupt_raised_inside_a_gc_callback_is_raised_again_outside(redeliver):
+    """Ctrl-C whose handler raises inside a garbage-collection callback (JAX has one): Python
+    prints "Exception ignored" and drops it (a sweep then ran on to exit 0). Under
+    `interrupts.redelivered()` nothing is printed and the interrupt is raised again outside
+    the callback. In a fresh interpreter (pytest installs its own unraisable hook)."""
+    out = subprocess.run([sys.executable, "-c", _GC_INTERRUPT, "1" if redeliver else "0"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == ("caught" if redeliver else "lost")
+    assert ("Exception ignored" in out.stderr) != redeliver, out.stderr[-2000:]
+
+
+def test_progress_bars_create_no_multiprocessing_semaphore():
+    """A run's progress bars (on or off) take a thread lock, not tqdm's default multiprocessing
+    RLock: a named semaphore that a sweep worker stopped by SIGTERM leaves behind, and that
+    multiprocessing's resource tracker then reports on stderr under the sweep's one-line exit.
+    In a fresh process, since tqdm's lock is process-wide."""
+    code = (
+        "import multiprocessing.synchronize as s\n"
+        "made = []\n"
+        "init = s.SemLock.__init__\n"
+        "def counting(self, *a, **k):\n"
+        "    init(self, *a, **k)\n"
+        "    made.append(type(self).__name__)\n"
+        "s.SemLock.__init__ = counting\n"
+        "from esacl_jax.harness.loop import progress_bar\n"
+        "for disable in (True, False):\n"
+        "    progress_bar(total=2, disable=disable).close()\n"
+        "print(made)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 def test_a_run_that_fails_early_leaves_no_background_thread(tmp_path):
     """A damaged checkpoint found while the chunk and the prediction still compile."""
     train_and_evaluate(_config("esacl", 1, 1), tmp_path / "done")  # a checkpoint to damage

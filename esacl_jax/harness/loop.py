@@ -24,7 +24,7 @@ import numpy as np
 import tqdm
 
 from esacl_jax import metrics as metrics_lib
-from esacl_jax.harness import atomic_io, compilation, distributed, export_model
+from esacl_jax.harness import atomic_io, compilation, distributed, export_model, interrupts
 from esacl_jax.harness import flops as flops_lib
 from esacl_jax.harness import memory as memory_lib
 from esacl_jax.harness import results as results_lib
@@ -340,6 +340,17 @@ def format_summary(result: dict) -> str:
 TaskEndCallback = Callable[[int, Any, Any], None]
 
 
+def progress_bar(**kwargs: Any) -> tqdm.tqdm:
+    """`tqdm.tqdm(**kwargs)` under a thread lock. tqdm's default lock holds a multiprocessing RLock,
+    a named semaphore registered with multiprocessing's resource tracker: a sweep's worker that
+    is stopped by SIGTERM leaves it behind, and the tracker prints "leaked semaphore" lines under
+    the sweep's one-line exit. A run's bars are one process's, so a thread lock is all they need;
+    a lock the program already set (`tqdm.tqdm.set_lock`) is kept."""
+    if getattr(tqdm.tqdm, "_lock", None) is None:
+        tqdm.tqdm.set_lock(threading.RLock())
+    return tqdm.tqdm(**kwargs)
+
+
 class RunInterrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped the run at a chunk boundary (after saving a checkpoint when
     checkpointing is on). `exit_code` is the shell's 128 + signal number (130, 143)."""
@@ -428,6 +439,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     # an interpreter finalizing during an XLA compilation aborts) and closes the run's writers,
     # then restores the signal handlers, then releases the lock.
     with _workdir_lock(workdir), _StopSignals() as stop, contextlib.ExitStack() as resources:
+        resources.enter_context(interrupts.redelivered())  # a second signal inside a GC callback
         resources.enter_context(compilation.owned_threads())
         if config.get("seeds"):  # several seeds as one program (`seed_group`)
             from esacl_jax.harness import seed_group
@@ -729,8 +741,8 @@ def _train_task(run: _Run, state: TrainState, task_id: int,
         first_epoch = 0
     else:  # the restored state is past begin_task (and the epoch's begin_epoch)
         task.examples_seen, first_epoch = mid["examples_seen"], mid["epoch"]
-    bar = tqdm.tqdm(desc=f"task {task_id + 1}/{run.benchmark.num_tasks}", unit="step",
-                    disable=not run.progress, file=sys.stdout, leave=True, dynamic_ncols=True)
+    bar = progress_bar(desc=f"task {task_id + 1}/{run.benchmark.num_tasks}", unit="step",
+                       disable=not run.progress, file=sys.stdout, leave=True, dynamic_ncols=True)
     for epoch in range(first_epoch, run.config.epochs):
         first = epoch == first_epoch
         state = _train_epoch(run, state, task, epoch, mid if first else None, bar, first)

@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
 from esacl_jax.harness import atomic_io, compilation, distributed
 from esacl_jax.harness import flops as flops_lib
@@ -474,9 +473,9 @@ class _Group:
             first_epoch = 0
         else:
             first_epoch = mid["epoch"]
-        bar = tqdm.tqdm(desc=f"task {task_id + 1}/{self.t_count} ({len(self.runs)} seeds)",
-                        unit="step", disable=not self.progress, file=sys.stdout, leave=True,
-                        dynamic_ncols=True)
+        bar = self.loop.progress_bar(
+            desc=f"task {task_id + 1}/{self.t_count} ({len(self.runs)} seeds)", unit="step",
+            disable=not self.progress, file=sys.stdout, leave=True, dynamic_ncols=True)
         for epoch in range(first_epoch, config.epochs):
             resumed = mid is not None and epoch == mid["epoch"]
             self._train_epoch(task_id, epoch, host, x_dev, y_dev, shared, ctx, bar,

@@ -131,6 +131,7 @@ def exit_with(run: Callable[[], int], early: Any = None) -> None:
       early: the program's `experiments.early_signals.EarlySignals` (a signal that came
         during its imports stops the sweep before it starts), or None.
     """
+    from esacl_jax.harness import interrupts
     from esacl_jax.harness.data import DataError
 
     previous = {}
@@ -139,9 +140,10 @@ def exit_with(run: Callable[[], int], early: Any = None) -> None:
             if signal.getsignal(sig) is not signal.SIG_IGN:
                 previous[sig] = signal.signal(sig, _interrupt)
     try:
-        if early is not None:
-            early.exit_if_signalled()
-        code = run()
+        with interrupts.redelivered():  # an interrupt raised inside a GC callback is not lost
+            if early is not None:
+                early.exit_if_signalled()
+            code = run()
     except (ValueError, DataError) as err:
         hint = " (here: --data_dir=DIR)" if isinstance(err, DataError) else ""
         print(f"error: {err}{hint}", file=sys.stderr)
