@@ -38,10 +38,6 @@ _COMPILE_EVENTS = {
 }
 
 
-# Local changes without taking .git/index.lock (esacl_jax.harness.results.GIT_DIRTY).
-_GIT_DIRTY = ("git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
-
-
 def _child(method: str, workdir: str, data_dir: str, out_json: str) -> None:
     """Runs one split_mnist experiment in this process, timing its phases; writes out_json."""
     t0 = time.perf_counter()
@@ -194,9 +190,11 @@ def main() -> None:
                     for label, cache_dir in (("cold", None), ("warm cache", cache)):
                         rows.setdefault((method, label), []).append(
                             _measure(method, f.data_dir, cache_dir))
+        from esacl_jax.harness.results import GIT_DIRTY  # after the measured children
+
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                                 capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(_GIT_DIRTY, cwd=REPO, capture_output=True,
+        dirty = subprocess.run(GIT_DIRTY, cwd=REPO, capture_output=True,
                                text=True).stdout.strip()
         head = (f"# Start-up profile (split_mnist)\n\n- command: `python -m "
                 f"experiments.bench.profile_startup {_portable(' '.join(sys.argv[1:]))}`\n"

@@ -60,15 +60,13 @@ FIELDS = ["benchmark", "method", "kind", "seeds", "wall_s", "train_s", "eval_s",
           "machine", "note"]
 
 
-# Local changes without taking .git/index.lock (esacl_jax.harness.results.GIT_DIRTY).
-_GIT_DIRTY = ("git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
-
-
 def commit() -> str:
     """The repository's HEAD commit (short), with "+dirty" for uncommitted changes."""
+    from esacl_jax.harness.results import GIT_DIRTY
+
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                           capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(_GIT_DIRTY, cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(GIT_DIRTY, cwd=REPO, capture_output=True, text=True).stdout.strip()
     return head + ("+dirty" if dirty else "")
 
 
